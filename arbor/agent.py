@@ -1,0 +1,162 @@
+"""The `Agent` base class that user agents extend."""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class AgentContext(Protocol):
+    """What an agent sees of the runtime through ``self.context``.
+
+    The runtime provides the implementation; this protocol fixes its surface.
+    """
+
+    @property
+    def name(self) -> str:
+        """The agent's cluster-wide name."""
+
+    @property
+    def incarnation(self) -> int:
+        """The epoch of the running incarnation; it grows on every restart."""
+
+    @property
+    def capabilities(self) -> list[str]:
+        """The capabilities this agent holds."""
+
+    def get(self, name: str) -> Any:
+        """Return an `AgentRef` to another agent; messages carry this agent as sender."""
+
+    def spawn(self, agent_class: type[Agent], name: str, **kwargs: Any) -> Any:
+        """Spawn another agent and return its `AgentRef`."""
+
+    def stop(self, name: str, purge: bool = False) -> None:
+        """Stop another agent."""
+
+    async def checkpoint(self) -> int:
+        """Commit a checkpoint now, in the middle of a handler; returns its version."""
+
+
+class Agent:
+    """Base class of a stateful agent; each public method is a message handler.
+
+    An agent's state is whatever `snapshot` returns: by default its public attributes.
+    State must be JSON: dicts with string keys, lists, strings, finite numbers, booleans
+    and None. After a crash, Arbor builds the instance without calling ``__init__`` and
+    passes the last checkpoint to `restore`; put set-up that every incarnation needs (open
+    clients, caches) in `on_start`, which runs after ``__init__`` or `restore`.
+
+    Example:
+        >>> class Counter(arbor.Agent):
+        ...     def __init__(self, start: int = 0):
+        ...         self.count = start
+        ...     def add(self, n: int) -> int:
+        ...         self.count += n
+        ...         return self.count
+        >>> ref = arbor.spawn(Counter, name="c1", start=5)
+        >>> ref.ask("add", 3)
+        8
+    """
+
+    _arbor_context: AgentContext | None = None
+
+    @property
+    def context(self) -> AgentContext:
+        """The runtime context: own name, incarnation, and a way to reach other agents."""
+        if self._arbor_context is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.context is only available inside a running agent; "
+                "create agents with arbor.spawn(), not by calling the class"
+            )
+        return self._arbor_context
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the state to checkpoint; the default is every public attribute."""
+        return {key: value for key, value in vars(self).items() if not key.startswith("_")}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load state produced by `snapshot`; the default sets each key as an attribute."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def on_start(self) -> None:
+        """Run after ``__init__`` or `restore`, once per incarnation; override for set-up."""
+
+
+# Methods of the base class that are part of the runtime contract, never handlers.
+_RESERVED = frozenset(name for name in vars(Agent) if not name.startswith("_"))
+
+
+@lru_cache(maxsize=None)
+def handler_names(agent_class: type[Agent]) -> frozenset[str]:
+    """Return the names of the public methods of ``agent_class`` that are message handlers."""
+    names = set()
+    for name, member in inspect.getmembers(agent_class):
+        if name.startswith("_") or name in _RESERVED:
+            continue
+        if inspect.isfunction(member) or inspect.ismethod(member):
+            names.add(name)
+    return frozenset(names)
+
+
+def resolve_handler(agent: Agent, name: str) -> Callable[..., Any]:
+    """Return the bound handler ``name`` of ``agent``.
+
+    Raises:
+        UnknownHandler: ``name`` is private, reserved, or not a method of the agent.
+    """
+    from arbor.errors import UnknownHandler
+
+    agent_class = type(agent)
+    available = sorted(handler_names(agent_class))
+    if not isinstance(name, str) or name.startswith("_"):
+        raise UnknownHandler(
+            f"{agent_class.__name__}: {name!r} is private and cannot be called as a message; "
+            f"handlers: {', '.join(available) or '(none)'}"
+        )
+    if name not in available:
+        raise UnknownHandler(
+            f"{agent_class.__name__} has no handler {name!r}; "
+            f"handlers: {', '.join(available) or '(none)'}"
+        )
+    handler: Callable[..., Any] = getattr(agent, name)
+    return handler
+
+
+def type_path(agent_class: type) -> str:
+    """Return ``module:QualName``, the import path the store keeps for an agent class."""
+    return f"{agent_class.__module__}:{agent_class.__qualname__}"
+
+
+def import_type(path: str) -> type[Agent]:
+    """Import an agent class from a ``module:QualName`` path.
+
+    Raises:
+        AgentTypeNotImportable: the module or attribute is missing, or it is no Agent.
+    """
+    import importlib
+
+    from arbor.errors import AgentTypeNotImportable
+
+    module_name, _, qualname = path.partition(":")
+    if not module_name or not qualname or "<locals>" in qualname or module_name == "__main__":
+        raise AgentTypeNotImportable(
+            f"agent type {path!r} cannot be imported by path; define agent classes at the "
+            "top level of an importable module to let Arbor recreate them"
+        )
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise AgentTypeNotImportable(
+            f"agent type {path!r} cannot be imported ({error}); install its module on every "
+            "Ray node or add it to the agent's runtime_env"
+        ) from error
+    if not (isinstance(target, type) and issubclass(target, Agent)):
+        raise AgentTypeNotImportable(f"{path!r} is not a subclass of arbor.Agent")
+    return target

@@ -1,0 +1,257 @@
+"""The public Python API: connect, spawn, look up, list, stop and restore agents."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from arbor.agent import Agent
+from arbor.config import NAMESPACE, REGISTRY_NAME, Settings, get_settings, reset_settings
+from arbor.errors import AgentNotFound, ArborError, ClusterUnavailable
+from arbor.persistence import CheckpointInfo, absolute_database_url, open_store
+from arbor.registry.info import AgentInfo
+from arbor.registry.spec import build_spawn_spec, validate_name
+from arbor.runtime.ref import AgentRef
+
+logger = logging.getLogger(__name__)
+
+# Seconds to wait for registry calls that touch only the store.
+_REGISTRY_TIMEOUT_S = 60.0
+
+_started_ray = False
+
+
+def init(
+    address: str | None = None,
+    *,
+    database_url: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+) -> None:
+    """Connect to (or start) Ray and make sure the registry runs.
+
+    Args:
+        address: Ray cluster address; default ``ARBOR_RAY_ADDRESS``, else the latest
+            cluster started on this machine with ``arbor up`` or ``ray start``, else a new
+            local cluster listening on 127.0.0.1 only.
+        database_url: checkpoint store; default ``ARBOR_DATABASE_URL``.
+        num_cpus: CPUs of a new local cluster; passing it always starts a new one.
+        object_store_memory: object store bytes of a new local cluster.
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+        ClusterUnavailable: no Ray cluster runs at ``address``.
+
+    Example:
+        >>> arbor.init()
+    """
+    global _started_ray
+
+    url = absolute_database_url(database_url or get_settings().database_url)
+    os.environ["ARBOR_DATABASE_URL"] = url
+    reset_settings()
+    settings = get_settings()
+
+    # Fail here with the store's own message rather than inside the registry actor.
+    open_store(url, settings).close()
+
+    if not ray.is_initialized():
+        target = address or settings.ray_address
+        options: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING}
+        if num_cpus is not None or object_store_memory is not None:
+            target = target or "local"
+        if target in (None, "local"):
+            options.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
+            options.update(include_dashboard=settings.dashboard, dashboard_host="127.0.0.1")
+            _warn_if_network_bound()
+        try:
+            context = ray.init(address=target, **options)
+        except ConnectionError as error:
+            raise ClusterUnavailable(
+                f"no Ray cluster at {target!r}: {error}; start one with `arbor up`"
+            ) from error
+        _started_ray = context.address_info.get("node_id") is not None and target in (None, "local")
+    ensure_registry(settings)
+
+
+def ensure_registry(settings: Settings | None = None) -> Any:
+    """Return the registry actor, creating it if this cluster has none yet."""
+    from arbor.registry.actor import Registry
+
+    settings = settings or get_settings()
+    try:
+        handle = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+    except ValueError:
+        handle = (
+            ray.remote(Registry)
+            .options(
+                name=REGISTRY_NAME,
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                max_restarts=-1,
+                max_task_retries=-1,
+                max_concurrency=1000,
+                num_cpus=0,
+            )
+            .remote(settings.model_dump())
+        )
+    info = _call(handle.ping.remote(), timeout=settings.spawn_timeout_s)
+    if info["database_url"] != _redacted(settings.database_url):
+        logger.warning(
+            "the running registry uses %s, not %s; it keeps its store until the cluster stops",
+            info["database_url"],
+            _redacted(settings.database_url),
+        )
+    return handle
+
+
+def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> AgentRef:
+    """Start a new agent as a detached Ray actor and return its reference.
+
+    Args:
+        agent_class: a subclass of `arbor.Agent`, importable by module path so the
+            reconciler can recreate it.
+        name: cluster-wide unique name: segments of letters, digits, ``.``, ``_``, ``-``
+            separated by ``/``.
+        *args: positional arguments for ``agent_class.__init__``.
+        **kwargs: keyword arguments for ``__init__``, except these placement options,
+            which go to Ray: ``num_cpus``, ``num_gpus``, ``memory`` (bytes), ``resources``,
+            ``runtime_env``, ``spread=True``, ``node_id`` with ``node_affinity`` ``"soft"``
+            (default) or ``"hard"``, and ``durability`` (``"durable"`` or ``"periodic"``).
+
+    Raises:
+        NameTaken: an agent with this name exists (stopped agents keep their name).
+        InvalidAgentName: the name is malformed.
+        InvalidArguments: an option is invalid.
+        HandlerError: the agent's ``__init__`` raised.
+
+    Example:
+        >>> ref = arbor.spawn(Counter, name="c1", start=5)
+    """
+    spec = build_spawn_spec(agent_class, name, args, kwargs)
+    registry = _registry()
+    _call(registry.spawn.remote(spec), timeout=get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S)
+    return AgentRef(name)
+
+
+def get(name: str) -> AgentRef:
+    """Return a reference to the agent called ``name``.
+
+    Raises:
+        AgentNotFound: no agent has this name, or it is stopped.
+    """
+    validate_name(name)
+    try:
+        return AgentRef(name, handle=ray.get_actor(name, namespace=NAMESPACE))
+    except ValueError:
+        pass
+    status = _call(_registry().status.remote(name), timeout=_REGISTRY_TIMEOUT_S)
+    if status is None:
+        raise AgentNotFound(name)
+    if status == "stopped":
+        raise AgentNotFound(name, f"it is stopped; arbor.stop({name!r}, purge=True) frees the name")
+    # Registered and meant to run: the reconciler is bringing its actor back.
+    return AgentRef(name)
+
+
+def list_agents(status: str | None = None) -> list[AgentInfo]:
+    """Return every registered agent (optionally only one status), ordered by name."""
+    result: list[AgentInfo] = _call(_registry().list_agents.remote(status), timeout=_REGISTRY_TIMEOUT_S)
+    return result
+
+
+def stop(name: str, purge: bool = False) -> None:
+    """Stop an agent after it commits its state.
+
+    Args:
+        name: the agent.
+        purge: also delete its checkpoints and free the name.
+
+    Raises:
+        AgentNotFound: no agent has this name.
+    """
+    _call(_registry().stop.remote(name, purge), timeout=_REGISTRY_TIMEOUT_S)
+
+
+def restore(name: str, version: int) -> AgentInfo:
+    """Roll an agent back to checkpoint ``version`` and restart it on that state.
+
+    Raises:
+        AgentNotFound: no agent has this name.
+        CheckpointNotFound: the version was never written or has been pruned.
+    """
+    result: AgentInfo = _call(
+        _registry().restore.remote(name, version),
+        timeout=get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S,
+    )
+    return result
+
+
+def list_checkpoints(name: str) -> list[CheckpointInfo]:
+    """Return the kept checkpoint versions of an agent, newest first."""
+    result: list[CheckpointInfo] = _call(_registry().checkpoints.remote(name), timeout=_REGISTRY_TIMEOUT_S)
+    return result
+
+
+def reconcile() -> list[str]:
+    """Run one reconciler pass now; returns the names of the agents it recreated."""
+    result: list[str] = _call(_registry().reconcile.remote(), timeout=_REGISTRY_TIMEOUT_S)
+    return result
+
+
+def shutdown() -> None:
+    """Disconnect from Ray; a local cluster this process started stops with it.
+
+    Agents in a cluster that outlives this process keep running; their state is in the
+    store either way.
+    """
+    global _started_ray
+    if ray.is_initialized():
+        ray.shutdown()
+    _started_ray = False
+
+
+def _registry() -> Any:
+    if not ray.is_initialized():
+        raise ClusterUnavailable("Arbor is not connected; call arbor.init() first")
+    try:
+        return ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return ensure_registry()
+
+
+def _call(object_ref: Any, timeout: float) -> Any:
+    """Wait for a registry call and re-raise an Arbor error as itself, not wrapped by Ray."""
+    try:
+        return ray.get(object_ref, timeout=timeout)
+    except RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, ArborError):
+            raise cause from None
+        raise
+    except GetTimeoutError:
+        raise ArborError(f"the registry did not answer within {timeout} s; check `arbor status`") from None
+    except RayActorError as error:
+        raise ArborError(f"the registry actor failed: {error}") from error
+
+
+def _warn_if_network_bound() -> None:
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        logger.warning(
+            "this local Ray cluster will listen on the machine's network address because "
+            "Ray was imported before arbor; import arbor first or set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep it on 127.0.0.1"
+        )
+
+
+def _redacted(url: str) -> str:
+    from arbor.config import redact_url
+
+    return redact_url(url)

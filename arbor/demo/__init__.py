@@ -1,0 +1,1 @@
+"""The arbor demo workload: a distributed static analysis of a Python source tree."""

@@ -1,0 +1,145 @@
+"""Exceptions raised by Arbor; every message names the agent or setting and the next step."""
+
+from __future__ import annotations
+
+
+class ArborError(Exception):
+    """Base class of every error Arbor raises on purpose."""
+
+
+class AgentNotFound(ArborError, LookupError):
+    """No agent with this name is registered."""
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        self.name = name
+        message = f"agent {name!r} not found"
+        message += f": {detail}" if detail else "; arbor.list_agents() shows the registered names"
+        super().__init__(message)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.name,))
+
+
+class NameTaken(ArborError, ValueError):
+    """An agent with this name already exists."""
+
+    def __init__(self, name: str, status: str = "running") -> None:
+        self.name = name
+        self.status = status
+        hint = (
+            f"call arbor.stop({name!r}, purge=True) to delete its state and free the name"
+            if status == "stopped"
+            else "choose another name or use arbor.get() to reach the existing agent"
+        )
+        super().__init__(f"agent name {name!r} is already taken (status {status}); {hint}")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.name, self.status))
+
+
+class InvalidAgentName(ArborError, ValueError):
+    """An agent name is empty, too long, or uses characters outside the allowed set."""
+
+
+class UnknownHandler(ArborError, AttributeError):
+    """A message names a handler the agent does not have, or a private method."""
+
+
+class InvalidArguments(ArborError, TypeError):
+    """A message's arguments do not match the handler's signature."""
+
+
+class HandlerError(ArborError):
+    """A handler raised; the agent keeps running and the caller gets this error.
+
+    Attributes:
+        agent: name of the agent whose handler raised.
+        handler: the handler name.
+        error_type: qualified name of the original exception class.
+        traceback: the original traceback text, formatted in the agent's process.
+    """
+
+    def __init__(
+        self, agent: str, handler: str, error_type: str, message: str, traceback: str
+    ) -> None:
+        self.agent = agent
+        self.handler = handler
+        self.error_type = error_type
+        self.error_message = message
+        self.traceback = traceback
+        super().__init__(
+            f"agent {agent!r} handler {handler!r} raised {error_type}: {message}\n"
+            f"--- traceback in the agent ---\n{traceback}"
+        )
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (
+            type(self),
+            (self.agent, self.handler, self.error_type, self.error_message, self.traceback),
+        )
+
+
+class AskTimeout(ArborError, TimeoutError):
+    """An ask got no reply within its timeout; the message may still be processed later."""
+
+
+class StateNotSerializable(ArborError, ValueError):
+    """An agent's snapshot holds a value that a JSON checkpoint cannot store."""
+
+    def __init__(self, agent: str, path: str, reason: str) -> None:
+        self.agent = agent
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"agent {agent!r}: cannot checkpoint {path}: {reason}; checkpoints hold JSON only, "
+            "so convert the value in snapshot() (and back in restore())"
+        )
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.agent, self.path, self.reason))
+
+
+class CheckpointConflict(ArborError):
+    """A checkpoint write came from an incarnation whose epoch is no longer current."""
+
+    def __init__(self, agent: str, epoch: int, current_epoch: int | None) -> None:
+        self.agent = agent
+        self.epoch = epoch
+        self.current_epoch = current_epoch
+        super().__init__(
+            f"agent {agent!r}: checkpoint from epoch {epoch} rejected because epoch "
+            f"{current_epoch} is current; a newer incarnation owns this agent, so this one "
+            "stops taking messages"
+        )
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.agent, self.epoch, self.current_epoch))
+
+
+class CheckpointNotFound(ArborError, LookupError):
+    """A requested checkpoint version does not exist (or was pruned)."""
+
+
+class StoreUnavailable(ArborError):
+    """The checkpoint database could not be reached after all retries."""
+
+
+class CapabilityDenied(ArborError, PermissionError):
+    """A principal lacks the capability an action needs."""
+
+    def __init__(self, principal: str, uri: str, missing: str) -> None:
+        self.principal = principal
+        self.uri = uri
+        self.missing = missing
+        super().__init__(f"{principal!r} may not {missing} on {uri}: no capability grants it")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.principal, self.uri, self.missing))
+
+
+class ClusterUnavailable(ArborError):
+    """No Ray cluster is running where Arbor was told to look."""
+
+
+class AgentTypeNotImportable(ArborError):
+    """An agent class cannot be imported by path, so it cannot be recreated from the store."""

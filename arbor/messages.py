@@ -1,0 +1,63 @@
+"""Message envelopes passed to agents and the replies they return."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def new_message_id() -> str:
+    """Return a fresh, globally unique message id."""
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Envelope:
+    """One message to an agent.
+
+    Attributes:
+        handler: name of the public method to call.
+        args: positional arguments for the handler.
+        kwargs: keyword arguments for the handler.
+        kind: ``ask`` expects a reply; ``send`` is fire-and-forget.
+        message_id: unique id; a retried message keeps its id so the agent applies it once.
+        sender: name of the sending agent, or ``None`` for a client outside any agent.
+        sent_at: Unix time the sender created the envelope.
+        headers: propagated context such as W3C ``traceparent``; free-form strings.
+    """
+
+    handler: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: Literal["ask", "send"] = "ask"
+    message_id: str = field(default_factory=new_message_id)
+    sender: str | None = None
+    sent_at: float = field(default_factory=time.time)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ErrorInfo:
+    """An error raised while processing a message, in a form that crosses processes."""
+
+    kind: Literal[
+        "handler", "unknown_handler", "invalid_arguments", "state", "conflict", "store", "stopped"
+    ]
+    error_type: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass
+class Reply:
+    """The outcome of one message: a value, or the error that replaced it."""
+
+    message_id: str
+    value: Any = None
+    error: ErrorInfo | None = None
+    duplicate: bool = False
+    # The Arbor exception behind ``error``, when the runtime rather than a handler raised;
+    # never stored, only carried back to the caller.
+    exception: Exception | None = None

@@ -1,0 +1,208 @@
+"""The checkpoint store interface shared by the PostgreSQL and SQLite implementations."""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any, TypeVar
+
+from arbor.errors import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Agent statuses kept in the store. "running" means Arbor wants the agent up; the
+# reconciler recreates a running agent whose Ray actor is gone.
+STARTING = "starting"
+RUNNING = "running"
+STOPPED = "stopped"
+FAILED = "failed"
+
+# Delays between retries never exceed this, in seconds, so a long outage is still probed
+# often enough to resume soon after the database comes back.
+MAX_BACKOFF_S = 5.0
+
+
+@dataclass
+class AgentRecord:
+    """One agent as the store keeps it."""
+
+    name: str
+    type_path: str
+    status: str
+    spawn_id: str
+    options: dict[str, Any] = field(default_factory=dict)
+    node_id: str | None = None
+    epoch: int = 0
+    checkpoint_version: int = 0
+    last_error: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    checkpointed_at: datetime | None = None
+
+
+@dataclass
+class Checkpoint:
+    """One committed checkpoint of an agent."""
+
+    agent: str
+    version: int
+    epoch: int
+    state: Any
+    processed: list[list[Any]]
+    created_at: datetime
+
+
+@dataclass
+class CheckpointInfo:
+    """A checkpoint's version and origin, without its state."""
+
+    version: int
+    epoch: int
+    created_at: datetime
+
+
+class CheckpointStore(ABC):
+    """Durable storage for agent records, epochs and checkpoints.
+
+    Every method retries transient database errors with exponential backoff and raises
+    `StoreUnavailable` once the attempts are spent; other errors propagate at once.
+    """
+
+    dialect: str = ""
+
+    def __init__(self, url: str, retry_attempts: int, retry_backoff_s: float) -> None:
+        self.url = url
+        self.retry_attempts = retry_attempts
+        self.retry_backoff_s = retry_backoff_s
+
+    @abstractmethod
+    def migrate(self) -> list[int]:
+        """Apply pending schema migrations; returns the versions applied."""
+
+    @abstractmethod
+    def create_agent(self, record: AgentRecord) -> AgentRecord:
+        """Insert ``record``; a retry with the same ``spawn_id`` returns the stored row.
+
+        Raises:
+            NameTaken: another spawn already holds the name.
+        """
+
+    @abstractmethod
+    def get_agent(self, name: str) -> AgentRecord | None:
+        """Return the agent's record, or None."""
+
+    @abstractmethod
+    def list_agents(self, status: str | None = None) -> list[AgentRecord]:
+        """Return every record (optionally only one status), ordered by name."""
+
+    @abstractmethod
+    def set_status(self, name: str, status: str, last_error: str | None = None) -> None:
+        """Set the agent's status and, when given, its last error."""
+
+    @abstractmethod
+    def update_options(self, name: str, options: dict[str, Any]) -> None:
+        """Replace the agent's stored spawn options."""
+
+    @abstractmethod
+    def begin_incarnation(self, name: str, node_id: str | None) -> int:
+        """Take the next epoch for a starting incarnation and mark the agent running.
+
+        Raises:
+            AgentNotFound: no record has this name.
+        """
+
+    @abstractmethod
+    def fence(self, name: str) -> int:
+        """Take the next epoch without starting an incarnation, cutting off the current one."""
+
+    @abstractmethod
+    def write_checkpoint(
+        self, name: str, epoch: int, state_json: str, processed: list[list[Any]], keep: int
+    ) -> int:
+        """Commit a checkpoint if ``epoch`` is current and prune all but ``keep`` versions.
+
+        Returns:
+            The new version number.
+
+        Raises:
+            CheckpointConflict: a newer epoch exists, so the writer is a stale incarnation.
+        """
+
+    @abstractmethod
+    def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:
+        """Return the latest checkpoint, or the given version; None if there is none."""
+
+    @abstractmethod
+    def list_checkpoints(self, name: str) -> list[CheckpointInfo]:
+        """Return the kept checkpoints of an agent, newest first."""
+
+    @abstractmethod
+    def delete_agent(self, name: str) -> bool:
+        """Delete the record and every checkpoint; returns whether a record existed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    @abstractmethod
+    def _is_transient(self, error: BaseException) -> bool:
+        """Whether ``error`` is worth retrying (connection lost, database busy)."""
+
+    def _retry(self, operation: str, step: Callable[[], T]) -> T:
+        """Run ``step``, retrying transient errors with exponential backoff."""
+        from arbor.config import redact_url
+
+        delay = self.retry_backoff_s
+        for attempt in range(1, self.retry_attempts + 1):
+            try:
+                return step()
+            except Exception as error:
+                if not self._is_transient(error):
+                    raise
+                if attempt == self.retry_attempts:
+                    raise StoreUnavailable(
+                        f"{operation} failed on {redact_url(self.url)} after {attempt} "
+                        f"attempts: {type(error).__name__}: {_one_line(error)}; check that the "
+                        "database is running and ARBOR_DATABASE_URL is right"
+                    ) from error
+                logger.warning(
+                    "store %s failed on attempt %d/%d (%s: %s); retrying in %.2f s",
+                    operation,
+                    attempt,
+                    self.retry_attempts,
+                    type(error).__name__,
+                    _one_line(error),
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+        raise AssertionError("unreachable")
+
+
+def migration_scripts(dialect: str) -> list[tuple[int, str]]:
+    """Return ``(version, sql)`` for every migration shipped for ``dialect``, in order."""
+    folder = resources.files("arbor.persistence").joinpath("migrations", dialect)
+    scripts = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            scripts.append((version, entry.read_text(encoding="utf-8")))
+    return sorted(scripts)
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration script on ``;`` at line ends; the scripts keep one statement per ``;``."""
+    body = "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
+    return [statement.strip() for statement in body.split(";") if statement.strip()]
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

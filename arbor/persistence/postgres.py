@@ -1,0 +1,303 @@
+"""The PostgreSQL checkpoint store for clusters (psycopg 3 with a connection pool)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from arbor.errors import AgentNotFound, CheckpointConflict, NameTaken
+from arbor.persistence.base import (
+    RUNNING,
+    AgentRecord,
+    Checkpoint,
+    CheckpointInfo,
+    CheckpointStore,
+    migration_scripts,
+    split_statements,
+)
+
+# Seconds to wait for a pooled connection before the attempt counts as failed and is
+# retried; short, because the retry loop, not the pool, owns the overall patience.
+POOL_TIMEOUT_S = 3.0
+
+# Any fixed key serialises concurrent migrations across processes; this one spells "arbor".
+MIGRATION_LOCK_KEY = 0x6172626F72
+
+_AGENT_COLUMNS = (
+    "name, type_path, status, spawn_id, options, node_id, epoch, checkpoint_version, "
+    "last_error, created_at, updated_at, started_at, checkpointed_at"
+)
+
+
+class PostgresStore(CheckpointStore):
+    """Checkpoint store in PostgreSQL; state is kept as jsonb."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, pool_max: int, retry_attempts: int, retry_backoff_s: float) -> None:
+        super().__init__(url, retry_attempts, retry_backoff_s)
+        self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_max,
+            timeout=POOL_TIMEOUT_S,
+            # A connection the server dropped while idle is replaced before use, instead
+            # of failing the first statement of the next transaction.
+            check=ConnectionPool.check_connection,
+            kwargs={"connect_timeout": 5},
+            open=False,
+            name="arbor",
+        )
+        self._pool.open(wait=False)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        with self._pool.connection() as connection, connection.transaction():
+            yield connection
+
+    def _is_transient(self, error: BaseException) -> bool:
+        return isinstance(error, psycopg.OperationalError | PoolTimeout)
+
+    def migrate(self) -> list[int]:
+        def step() -> list[int]:
+            with self._transaction() as connection:
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+                connection.execute(
+                    "CREATE TABLE IF NOT EXISTS arbor_schema_migrations "
+                    "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                )
+                done = {row[0] for row in connection.execute(
+                    "SELECT version FROM arbor_schema_migrations"
+                )}
+                applied = []
+                for version, sql in migration_scripts(self.dialect):
+                    if version in done:
+                        continue
+                    for statement in split_statements(sql):
+                        connection.execute(statement.encode())
+                    connection.execute(
+                        "INSERT INTO arbor_schema_migrations (version) VALUES (%s)", (version,)
+                    )
+                    applied.append(version)
+                return applied
+
+        return self._retry("migrate", step)
+
+    def create_agent(self, record: AgentRecord) -> AgentRecord:
+        def step() -> AgentRecord:
+            with self._transaction() as connection:
+                row = connection.execute(
+                    "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, "
+                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, now(), now()) "
+                    f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
+                    (
+                        record.name,
+                        record.type_path,
+                        record.status,
+                        record.spawn_id,
+                        Jsonb(record.options),
+                    ),
+                ).fetchone()
+                if row is not None:
+                    return _record(row)
+                row = connection.execute(
+                    f"SELECT {_AGENT_COLUMNS} FROM arbor_agents WHERE name = %s", (record.name,)
+                ).fetchone()
+            if row is None:
+                # Deleted between the two statements; the next attempt inserts it.
+                raise psycopg.OperationalError("agent row vanished during create; retrying")
+            existing = _record(row)
+            if existing.spawn_id == record.spawn_id:
+                return existing
+            raise NameTaken(record.name, existing.status)
+
+        return self._retry("create_agent", step)
+
+    def get_agent(self, name: str) -> AgentRecord | None:
+        def step() -> AgentRecord | None:
+            with self._pool.connection() as connection:
+                row = connection.execute(
+                    f"SELECT {_AGENT_COLUMNS} FROM arbor_agents WHERE name = %s", (name,)
+                ).fetchone()
+            return _record(row) if row else None
+
+        return self._retry("get_agent", step)
+
+    def list_agents(self, status: str | None = None) -> list[AgentRecord]:
+        def step() -> list[AgentRecord]:
+            with self._pool.connection() as connection:
+                if status is None:
+                    rows = connection.execute(
+                        f"SELECT {_AGENT_COLUMNS} FROM arbor_agents ORDER BY name"
+                    ).fetchall()
+                else:
+                    rows = connection.execute(
+                        f"SELECT {_AGENT_COLUMNS} FROM arbor_agents WHERE status = %s "
+                        "ORDER BY name",
+                        (status,),
+                    ).fetchall()
+            return [_record(row) for row in rows]
+
+        return self._retry("list_agents", step)
+
+    def set_status(self, name: str, status: str, last_error: str | None = None) -> None:
+        def step() -> None:
+            with self._transaction() as connection:
+                connection.execute(
+                    "UPDATE arbor_agents SET status = %s, last_error = COALESCE(%s, last_error), "
+                    "updated_at = now() WHERE name = %s",
+                    (status, last_error, name),
+                )
+
+        self._retry("set_status", step)
+
+    def update_options(self, name: str, options: dict[str, Any]) -> None:
+        def step() -> None:
+            with self._transaction() as connection:
+                connection.execute(
+                    "UPDATE arbor_agents SET options = %s, updated_at = now() WHERE name = %s",
+                    (Jsonb(options), name),
+                )
+
+        self._retry("update_options", step)
+
+    def begin_incarnation(self, name: str, node_id: str | None) -> int:
+        def step() -> int:
+            with self._transaction() as connection:
+                row = connection.execute(
+                    "UPDATE arbor_agents SET epoch = epoch + 1, status = %s, node_id = %s, "
+                    "started_at = now(), updated_at = now() WHERE name = %s RETURNING epoch",
+                    (RUNNING, node_id, name),
+                ).fetchone()
+            if row is None:
+                raise AgentNotFound(name, "its record was deleted; spawn it again")
+            return int(row[0])
+
+        return self._retry("begin_incarnation", step)
+
+    def fence(self, name: str) -> int:
+        def step() -> int:
+            with self._transaction() as connection:
+                row = connection.execute(
+                    "UPDATE arbor_agents SET epoch = epoch + 1, updated_at = now() "
+                    "WHERE name = %s RETURNING epoch",
+                    (name,),
+                ).fetchone()
+            if row is None:
+                raise AgentNotFound(name)
+            return int(row[0])
+
+        return self._retry("fence", step)
+
+    def write_checkpoint(
+        self, name: str, epoch: int, state_json: str, processed: list[list[Any]], keep: int
+    ) -> int:
+        processed_json = json.dumps(processed, separators=(",", ":"))
+
+        def step() -> int:
+            with self._transaction() as connection:
+                # The row lock orders this write after any concurrent begin_incarnation, so
+                # the epoch compared here is the newest one.
+                row = connection.execute(
+                    "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = %s "
+                    "FOR UPDATE",
+                    (name,),
+                ).fetchone()
+                if row is None or int(row[0]) != epoch:
+                    raise CheckpointConflict(name, epoch, int(row[0]) if row else None)
+                version = int(row[1]) + 1
+                connection.execute(
+                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
+                    "created_at) VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, now())",
+                    (name, version, epoch, state_json, processed_json),
+                )
+                connection.execute(
+                    "UPDATE arbor_agents SET checkpoint_version = %s, checkpointed_at = now(), "
+                    "updated_at = now() WHERE name = %s",
+                    (version, name),
+                )
+                connection.execute(
+                    "DELETE FROM arbor_checkpoints WHERE agent = %s AND version <= %s",
+                    (name, version - keep),
+                )
+                return version
+
+        return self._retry("write_checkpoint", step)
+
+    def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:
+        def step() -> Checkpoint | None:
+            columns = "agent, version, epoch, state, processed, created_at"
+            with self._pool.connection() as connection:
+                if version is None:
+                    row = connection.execute(
+                        f"SELECT {columns} FROM arbor_checkpoints WHERE agent = %s "
+                        "ORDER BY version DESC LIMIT 1",
+                        (name,),
+                    ).fetchone()
+                else:
+                    row = connection.execute(
+                        f"SELECT {columns} FROM arbor_checkpoints WHERE agent = %s "
+                        "AND version = %s",
+                        (name, version),
+                    ).fetchone()
+            if row is None:
+                return None
+            return Checkpoint(
+                agent=row[0],
+                version=int(row[1]),
+                epoch=int(row[2]),
+                state=row[3],
+                processed=row[4],
+                created_at=row[5],
+            )
+
+        return self._retry("load_checkpoint", step)
+
+    def list_checkpoints(self, name: str) -> list[CheckpointInfo]:
+        def step() -> list[CheckpointInfo]:
+            with self._pool.connection() as connection:
+                rows = connection.execute(
+                    "SELECT version, epoch, created_at FROM arbor_checkpoints WHERE agent = %s "
+                    "ORDER BY version DESC",
+                    (name,),
+                ).fetchall()
+            return [CheckpointInfo(int(r[0]), int(r[1]), r[2]) for r in rows]
+
+        return self._retry("list_checkpoints", step)
+
+    def delete_agent(self, name: str) -> bool:
+        def step() -> bool:
+            with self._transaction() as connection:
+                connection.execute("DELETE FROM arbor_checkpoints WHERE agent = %s", (name,))
+                cursor = connection.execute("DELETE FROM arbor_agents WHERE name = %s", (name,))
+                return cursor.rowcount > 0
+
+        return self._retry("delete_agent", step)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _record(row: tuple[Any, ...]) -> AgentRecord:
+    return AgentRecord(
+        name=row[0],
+        type_path=row[1],
+        status=row[2],
+        spawn_id=row[3],
+        options=row[4],
+        node_id=row[5],
+        epoch=int(row[6]),
+        checkpoint_version=int(row[7]),
+        last_error=row[8],
+        created_at=row[9],
+        updated_at=row[10],
+        started_at=row[11],
+        checkpointed_at=row[12],
+    )

@@ -1,0 +1,304 @@
+"""The ``arbor-registry`` actor: agent names and records, spawning, stopping and reconciling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from arbor.agent import import_type
+from arbor.config import NAMESPACE, Settings
+from arbor.errors import (
+    AgentNotFound,
+    AgentTypeNotImportable,
+    ArborError,
+    CheckpointNotFound,
+    HandlerError,
+)
+from arbor.persistence import (
+    FAILED,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    AgentRecord,
+    CheckpointInfo,
+    open_store,
+)
+from arbor.registry.info import AgentInfo
+from arbor.registry.spec import SpawnSpec, ray_actor_options
+from arbor.runtime.actor import create_agent_actor
+
+logger = logging.getLogger(__name__)
+
+# Seconds the registry waits for a stopping agent to commit its final checkpoint.
+STOP_TIMEOUT_S = 30.0
+
+
+class Registry:
+    """Owns agent names and records; its state lives in the store, so a restart loses nothing.
+
+    A background reconciler compares the agents the store says should run with the actors
+    Ray has, and recreates missing ones from their last checkpoint.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self._settings = Settings(**settings)
+        self._store = open_store(self._settings.database_url, self._settings)
+        self._inflight: set[str] = set()
+        self._reconcile_lock = asyncio.Lock()
+        self._passes = 0
+        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
+        logger.info("registry started (pid %d)", os.getpid())
+
+    async def ping(self) -> dict[str, Any]:
+        """Return the registry's process id, store URL and reconciler pass count."""
+        from arbor.config import redact_url
+
+        return {
+            "pid": os.getpid(),
+            "database_url": redact_url(self._settings.database_url),
+            "reconciler_passes": self._passes,
+        }
+
+    async def spawn(self, spec: SpawnSpec) -> AgentInfo:
+        """Reserve the name, create the agent's actor and wait until it has restored.
+
+        A retried request with the same ``spawn_id`` finishes the first one instead of
+        failing with `NameTaken`.
+        """
+        self._inflight.add(spec.name)
+        try:
+            record = AgentRecord(
+                name=spec.name,
+                type_path=spec.type_path,
+                status=STARTING,
+                spawn_id=spec.spawn_id,
+                options=spec.options,
+            )
+            await asyncio.to_thread(self._store.create_agent, record)
+            handle = self._create_or_get(spec)
+            try:
+                await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
+            except RayActorError as error:
+                await asyncio.to_thread(self._store.delete_agent, spec.name)
+                raise _spawn_error(spec.name, error) from None
+            except asyncio.TimeoutError:
+                ray.kill(handle, no_restart=True)
+                await asyncio.to_thread(self._store.delete_agent, spec.name)
+                raise ArborError(
+                    f"agent {spec.name!r} did not start within {self._settings.spawn_timeout_s} s; "
+                    f"check that the cluster has the resources it asks for ({spec.options or 'defaults'}) "
+                    "or raise ARBOR_SPAWN_TIMEOUT_S"
+                ) from None
+        finally:
+            self._inflight.discard(spec.name)
+        logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
+        return await self.info(spec.name)
+
+    async def stop(self, name: str, purge: bool = False) -> None:
+        """Stop an agent after it commits its state; ``purge`` also deletes the state."""
+        record = await asyncio.to_thread(self._store.get_agent, name)
+        if record is None:
+            raise AgentNotFound(name)
+        await asyncio.to_thread(self._store.set_status, name, STOPPED)
+        try:
+            handle = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            handle = None
+        if handle is not None:
+            try:
+                await asyncio.wait_for(handle.stop.remote(), STOP_TIMEOUT_S)
+            except (RayActorError, asyncio.TimeoutError) as error:
+                logger.warning("agent %s did not stop cleanly (%s); killing it", name, error)
+            ray.kill(handle, no_restart=True)
+        if purge:
+            await asyncio.to_thread(self._store.delete_agent, name)
+        logger.info("stopped agent %s%s", name, " and purged its state" if purge else "")
+
+    async def restore(self, name: str, version: int) -> AgentInfo:
+        """Make checkpoint ``version`` the agent's latest state and restart it on that state."""
+        record = await asyncio.to_thread(self._store.get_agent, name)
+        if record is None:
+            raise AgentNotFound(name)
+        checkpoint = await asyncio.to_thread(self._store.load_checkpoint, name, version)
+        if checkpoint is None:
+            kept = await asyncio.to_thread(self._store.list_checkpoints, name)
+            raise CheckpointNotFound(
+                f"agent {name!r} has no checkpoint version {version}; kept versions: "
+                f"{[info.version for info in kept]} (ARBOR_CHECKPOINT_KEEP sets how many are kept)"
+            )
+        # Fencing first means the running incarnation can no longer commit over the
+        # restored state; the restart below then loads it.
+        epoch = await asyncio.to_thread(self._store.fence, name)
+        await asyncio.to_thread(
+            self._store.write_checkpoint,
+            name,
+            epoch,
+            json.dumps(checkpoint.state),
+            checkpoint.processed,
+            self._settings.checkpoint_keep,
+        )
+        if record.status == RUNNING:
+            try:
+                handle = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                handle = None
+            if handle is not None:
+                ray.kill(handle, no_restart=False)
+                await self._wait_ready(handle)
+        logger.info("agent %s restored to checkpoint version %d", name, version)
+        return await self.info(name)
+
+    async def info(self, name: str) -> AgentInfo:
+        """Return the agent's record.
+
+        Raises:
+            AgentNotFound: no agent has this name.
+        """
+        record = await asyncio.to_thread(self._store.get_agent, name)
+        if record is None:
+            raise AgentNotFound(name)
+        return AgentInfo.from_record(record)
+
+    async def status(self, name: str) -> str | None:
+        """Return the agent's status, or None if no agent has this name."""
+        record = await asyncio.to_thread(self._store.get_agent, name)
+        return record.status if record else None
+
+    async def list_agents(self, status: str | None = None) -> list[AgentInfo]:
+        """Return every agent, optionally only those with ``status``, ordered by name."""
+        records = await asyncio.to_thread(self._store.list_agents, status)
+        return [AgentInfo.from_record(record) for record in records]
+
+    async def checkpoints(self, name: str) -> list[CheckpointInfo]:
+        """Return the kept checkpoint versions of an agent, newest first."""
+        if await asyncio.to_thread(self._store.get_agent, name) is None:
+            raise AgentNotFound(name)
+        return await asyncio.to_thread(self._store.list_checkpoints, name)
+
+    async def reconcile(self) -> list[str]:
+        """Run one reconciler pass now; returns the names of the agents it recreated."""
+        async with self._reconcile_lock:
+            records = await asyncio.to_thread(self._store.list_agents)
+            alive_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+            recreated = []
+            for record in records:
+                if await self._needs_recreation(record, alive_nodes):
+                    if await self._recreate(record, alive_nodes):
+                        recreated.append(record.name)
+            self._passes += 1
+            return recreated
+
+    async def _needs_recreation(self, record: AgentRecord, alive_nodes: set[str]) -> bool:
+        if record.name in self._inflight or record.status not in (RUNNING, STARTING):
+            return False
+        if record.status == STARTING and record.updated_at is not None:
+            age = time.time() - record.updated_at.timestamp()
+            if age < self._settings.reconcile_grace_s:
+                return False
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, record.name, NAMESPACE)
+        except ValueError:
+            return True
+        options = record.options
+        pinned_node = options.get("node_id")
+        if options.get("node_affinity") == "hard" and pinned_node not in alive_nodes:
+            # Ray cannot schedule this actor again, so replace it with one placed elsewhere.
+            logger.warning(
+                "agent %s is pinned to node %s, which is gone; recreating it on another node",
+                record.name,
+                pinned_node,
+            )
+            ray.kill(handle, no_restart=True)
+            await self._wait_name_free(record.name)
+            return True
+        return False
+
+    async def _recreate(self, record: AgentRecord, alive_nodes: set[str]) -> bool:
+        try:
+            agent_class = import_type(record.type_path)
+        except AgentTypeNotImportable as error:
+            await self._fail(record.name, str(error))
+            return False
+        if record.checkpoint_version == 0:
+            await self._fail(
+                record.name,
+                "the spawn did not finish and no checkpoint exists; stop the agent with "
+                "purge=True and spawn it again",
+            )
+            return False
+        options = record.options
+        node_alive = options.get("node_id") in alive_nodes if options.get("node_id") else True
+        try:
+            create_agent_actor(
+                record.name,
+                agent_class,
+                self._settings,
+                ray_actor_options(options, node_alive=node_alive),
+                None,
+                None,
+                options.get("durability", self._settings.durability),
+            )
+        except ValueError:
+            # Another pass or a spawn created it since the check; nothing to do.
+            return False
+        logger.info(
+            "reconciler recreated agent %s from checkpoint version %d",
+            record.name,
+            record.checkpoint_version,
+        )
+        return True
+
+    async def _fail(self, name: str, reason: str) -> None:
+        logger.error("agent %s cannot be recreated: %s", name, reason)
+        await asyncio.to_thread(self._store.set_status, name, FAILED, reason)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception:
+                logger.exception("reconciler pass failed; retrying in %.1f s", self._settings.reconcile_interval_s)
+            await asyncio.sleep(self._settings.reconcile_interval_s)
+
+    def _create_or_get(self, spec: SpawnSpec) -> Any:
+        try:
+            return create_agent_actor(
+                spec.name,
+                spec.agent_class,
+                self._settings,
+                ray_actor_options(spec.options),
+                spec.init_args,
+                spec.init_kwargs,
+                spec.options.get("durability", self._settings.durability),
+            )
+        except ValueError:
+            # A retried spawn after a registry restart: the first attempt's actor exists.
+            return ray.get_actor(spec.name, namespace=NAMESPACE)
+
+    async def _wait_ready(self, handle: Any) -> None:
+        try:
+            await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
+        except (RayActorError, asyncio.TimeoutError) as error:
+            logger.warning("agent did not come back after restore: %s", error)
+
+    async def _wait_name_free(self, name: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.to_thread(ray.get_actor, name, NAMESPACE)
+            except ValueError:
+                return
+            await asyncio.sleep(0.1)
+
+
+def _spawn_error(name: str, error: RayActorError) -> HandlerError:
+    text = str(error)
+    summary = text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+    return HandlerError(name, "__init__", type(error).__name__, summary, text)

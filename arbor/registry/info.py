@@ -1,0 +1,53 @@
+"""`AgentInfo`, the public description of one agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from arbor.persistence import AgentRecord
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What the registry knows of one agent.
+
+    Attributes:
+        name: cluster-wide agent name.
+        type: the agent class as ``module:QualName``.
+        status: ``starting``, ``running``, ``stopped`` or ``failed``.
+        node_id: Ray node of the latest incarnation.
+        incarnation: epoch of the latest incarnation; it grows on every restart.
+        checkpoint_version: latest committed checkpoint version.
+        created_at: when the agent was first spawned.
+        started_at: when the latest incarnation started.
+        checkpointed_at: when the latest checkpoint was committed.
+        last_error: the last recovery error, if any.
+    """
+
+    name: str
+    type: str
+    status: str
+    node_id: str | None
+    incarnation: int
+    checkpoint_version: int
+    created_at: datetime | None
+    started_at: datetime | None
+    checkpointed_at: datetime | None
+    last_error: str | None
+
+    @classmethod
+    def from_record(cls, record: AgentRecord) -> AgentInfo:
+        """Build the public view of a store record."""
+        return cls(
+            name=record.name,
+            type=record.type_path,
+            status=record.status,
+            node_id=record.node_id,
+            incarnation=record.epoch,
+            checkpoint_version=record.checkpoint_version,
+            created_at=record.created_at,
+            started_at=record.started_at,
+            checkpointed_at=record.checkpointed_at,
+            last_error=record.last_error,
+        )

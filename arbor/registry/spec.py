@@ -1,0 +1,153 @@
+"""Spawn requests: agent names, placement options and how they map onto Ray actor options."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from arbor.agent import Agent, type_path
+from arbor.errors import InvalidAgentName, InvalidArguments
+
+# Segments of letters, digits, '.', '_' and '-' joined by '/', so names can form paths
+# such as "workers/eu/7" that capability patterns match segment by segment.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+MAX_NAME_LENGTH = 200
+
+# Spawn keywords that configure placement and durability; every other keyword goes to
+# the agent's __init__.
+PLACEMENT_KEYS = frozenset(
+    {
+        "num_cpus",
+        "num_gpus",
+        "memory",
+        "resources",
+        "runtime_env",
+        "node_id",
+        "node_affinity",
+        "spread",
+        "durability",
+    }
+)
+
+
+@dataclass
+class SpawnSpec:
+    """Everything the registry needs to create an agent."""
+
+    name: str
+    agent_class: type[Agent]
+    type_path: str
+    init_args: tuple[Any, ...]
+    init_kwargs: dict[str, Any]
+    options: dict[str, Any]
+    spawn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid agent name.
+
+    Raises:
+        InvalidAgentName: with the rule the name breaks.
+    """
+    if not isinstance(name, str):
+        raise InvalidAgentName(f"agent name must be a string, got {type(name).__name__}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidAgentName(f"agent name {name[:40]!r}... is longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME_PATTERN.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
+        raise InvalidAgentName(
+            f"agent name {name!r} is invalid; use segments of letters, digits, '.', '_' and "
+            "'-' separated by '/', such as 'workers/7'"
+        )
+    if name.startswith("arbor-"):
+        raise InvalidAgentName(f"agent name {name!r} is invalid; the prefix 'arbor-' is reserved")
+    return name
+
+
+def build_spawn_spec(
+    agent_class: type[Agent], name: str, init_args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> SpawnSpec:
+    """Split spawn keywords into placement options and ``__init__`` arguments, and check both.
+
+    Raises:
+        InvalidAgentName: the name is malformed.
+        InvalidArguments: the class is no Agent, or an option has a wrong type or value.
+    """
+    if not (isinstance(agent_class, type) and issubclass(agent_class, Agent)):
+        raise InvalidArguments(
+            f"spawn expects a subclass of arbor.Agent, got {agent_class!r}; "
+            "define the agent as `class MyAgent(arbor.Agent)`"
+        )
+    validate_name(name)
+    options = {key: kwargs.pop(key) for key in list(kwargs) if key in PLACEMENT_KEYS}
+    _check_options(options)
+    return SpawnSpec(
+        name=name,
+        agent_class=agent_class,
+        type_path=type_path(agent_class),
+        init_args=tuple(init_args),
+        init_kwargs=kwargs,
+        options={key: value for key, value in options.items() if value is not None},
+    )
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for key in ("num_cpus", "num_gpus"):
+        value = options.get(key)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):
+            raise InvalidArguments(f"{key}={value!r} is invalid; pass a number >= 0")
+    memory = options.get("memory")
+    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0):
+        raise InvalidArguments(f"memory={memory!r} is invalid; pass a number of bytes > 0")
+    resources = options.get("resources")
+    if resources is not None and (
+        not isinstance(resources, dict)
+        or not all(isinstance(k, str) and isinstance(v, int | float) and v >= 0 for k, v in resources.items())
+    ):
+        raise InvalidArguments(f"resources={resources!r} is invalid; pass a dict of name -> amount >= 0")
+    runtime_env = options.get("runtime_env")
+    if runtime_env is not None and not isinstance(runtime_env, dict):
+        raise InvalidArguments(f"runtime_env={runtime_env!r} is invalid; pass a dict as Ray expects")
+    node_id = options.get("node_id")
+    if node_id is not None and (not isinstance(node_id, str) or not re.fullmatch(r"[0-9a-f]{56}", node_id)):
+        raise InvalidArguments(
+            f"node_id={node_id!r} is invalid; pass a Ray node id (56 hex digits, see ray.nodes())"
+        )
+    affinity = options.get("node_affinity")
+    if affinity is not None:
+        if affinity not in ("soft", "hard"):
+            raise InvalidArguments(f"node_affinity={affinity!r} is invalid; use 'soft' or 'hard'")
+        if node_id is None:
+            raise InvalidArguments("node_affinity needs node_id; pass the Ray node id to pin to")
+    spread = options.get("spread")
+    if spread is not None and not isinstance(spread, bool):
+        raise InvalidArguments(f"spread={spread!r} is invalid; pass True or False")
+    if spread and node_id is not None:
+        raise InvalidArguments("spread=True and node_id cannot be combined; choose one placement")
+    durability = options.get("durability")
+    if durability is not None and durability not in ("durable", "periodic"):
+        raise InvalidArguments(f"durability={durability!r} is invalid; use 'durable' or 'periodic'")
+
+
+def ray_actor_options(options: dict[str, Any], *, node_alive: bool = True) -> dict[str, Any]:
+    """Map Arbor placement options one to one onto Ray actor options.
+
+    Args:
+        options: validated placement options.
+        node_alive: False when the pinned node is gone; hard affinity then becomes soft,
+            so the agent can come back elsewhere instead of never being scheduled.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ray_options: dict[str, Any] = {}
+    for key in ("num_cpus", "num_gpus", "memory", "resources", "runtime_env"):
+        if options.get(key) is not None:
+            ray_options[key] = options[key]
+    if options.get("spread"):
+        ray_options["scheduling_strategy"] = "SPREAD"
+    node_id = options.get("node_id")
+    if node_id is not None:
+        soft = options.get("node_affinity", "soft") == "soft" or not node_alive
+        ray_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=soft)
+    return ray_options

@@ -1,0 +1,186 @@
+"""The dedicated placement: one detached Ray actor per agent, named after the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import ray
+
+from arbor.agent import Agent
+from arbor.config import NAMESPACE, Settings
+from arbor.messages import Envelope, Reply
+from arbor.persistence import open_store
+from arbor.runtime.cell import AgentCell
+from arbor.runtime.context import RuntimeContext
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class AgentActor:
+    """Ray actor body that runs one agent cell.
+
+    Ray calls ``__init__`` again in every restarted incarnation, so each restart takes a
+    new epoch and restores the latest checkpoint before the first message runs.
+
+    The actor is a synchronous one on purpose: Ray runs a synchronous actor's tasks from
+    one caller in submission order, which an async actor does not promise. The cell's
+    coroutines (async handlers, checkpoint writes) run on an event loop in a thread of
+    their own, one message at a time.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        agent_class: type[Agent],
+        settings: dict[str, Any],
+        init_args: tuple[Any, ...] | None,
+        init_kwargs: dict[str, Any] | None,
+        durability: str,
+    ) -> None:
+        self._settings = Settings(**settings)
+        self._name = name
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name=f"arbor-agent-{name}", daemon=True
+        )
+        self._loop_thread.start()
+        self._store = open_store(self._settings.database_url, self._settings)
+        self._context = RuntimeContext(name)
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._cell = AgentCell(
+            name,
+            agent_class,
+            self._store,
+            self._context,
+            init_args=init_args,
+            init_kwargs=init_kwargs,
+            node_id=self._node_id,
+            durability=durability,  # type: ignore[arg-type]
+            checkpoint_keep=self._settings.checkpoint_keep,
+            dedup_window=self._settings.dedup_window,
+        )
+        self._context.attach(self._cell)
+        self._periodic: Any = None
+        if durability == "periodic":
+            self._periodic = asyncio.run_coroutine_threadsafe(
+                _checkpoint_periodically(self._cell, self._settings.checkpoint_interval_s),
+                self._loop,
+            )
+
+    def handle(self, envelope: Envelope) -> Reply:
+        """Apply one message; a fenced-off incarnation exits so Ray retries on the current one."""
+        reply = self._run(self._cell.handle(envelope))
+        if self._cell.fenced:
+            _exit_fenced(self._cell)
+        return reply
+
+    def info(self) -> dict[str, Any]:
+        """Return the process id, node, epoch and checkpoint version of this incarnation."""
+        return {
+            "name": self._name,
+            "pid": os.getpid(),
+            "node_id": self._node_id,
+            "incarnation": self._cell.epoch,
+            "checkpoint_version": self._cell.checkpoint_version,
+            "messages_processed": self._cell.messages_processed,
+        }
+
+    def stop(self) -> None:
+        """Commit pending state and refuse further messages; the registry then kills the actor."""
+        if self._periodic is not None:
+            self._periodic.cancel()
+        self._run(self._cell.stop())
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def __repr__(self) -> str:
+        # Ray prefixes this actor's log lines with its repr.
+        return f"{type(self).__name__}({self._name})"
+
+
+# Module-level coroutines, not methods: Ray treats an actor class with any coroutine
+# method as an async actor, which gives up per-caller ordering.
+async def _checkpoint_periodically(cell: AgentCell, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await cell.flush()
+        except Exception:
+            logger.exception(
+                "agent %s incarnation %d periodic checkpoint failed; retrying in %.1f s",
+                cell.name,
+                cell.epoch,
+                interval,
+            )
+        if cell.fenced:
+            _exit_fenced(cell)
+
+
+def _exit_fenced(cell: AgentCell) -> None:
+    logger.error(
+        "agent %s incarnation %d exits because a newer incarnation owns the agent",
+        cell.name,
+        cell.epoch,
+    )
+    # Exiting without a reply makes Ray retry in-flight messages on the current
+    # incarnation, so no caller sees this zombie's refusal.
+    os._exit(1)
+
+
+_actor_classes: dict[type[Agent], Any] = {}
+
+
+def actor_class_for(agent_class: type[Agent]) -> Any:
+    """Return the Ray actor class for ``agent_class``, named like it for the Ray dashboard."""
+    remote_class = _actor_classes.get(agent_class)
+    if remote_class is None:
+        body = type(
+            agent_class.__name__,
+            (AgentActor,),
+            {"__module__": AgentActor.__module__, "__qualname__": agent_class.__name__},
+        )
+        remote_class = ray.remote(body)
+        _actor_classes[agent_class] = remote_class
+    return remote_class
+
+
+def create_agent_actor(
+    name: str,
+    agent_class: type[Agent],
+    settings: Settings,
+    ray_options: dict[str, Any],
+    init_args: tuple[Any, ...] | None,
+    init_kwargs: dict[str, Any] | None,
+    durability: str,
+) -> Any:
+    """Create the detached actor that runs agent ``name``; returns its handle at once.
+
+    Raises:
+        ValueError: an actor with this name already exists in the ``arbor`` namespace.
+    """
+    remote_class = actor_class_for(agent_class)
+    return remote_class.options(
+        name=name,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        # Restart forever and resubmit in-flight messages to the new incarnation; the
+        # cell's deduplication makes a resubmitted message apply once.
+        max_restarts=-1,
+        max_task_retries=-1,
+        **ray_options,
+    ).remote(
+        name,
+        agent_class,
+        settings.model_dump(),
+        init_args,
+        init_kwargs,
+        durability,
+    )

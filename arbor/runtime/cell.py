@@ -1,0 +1,291 @@
+"""The in-process unit that runs one agent: mailbox, dispatch, deduplication, checkpoints.
+
+A cell does not know whether it is alone in its Ray actor; the dedicated placement wraps
+one cell in one actor, and a hosted placement can put many cells in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import traceback
+from collections import OrderedDict
+from typing import Any, Literal
+
+from arbor.agent import Agent, resolve_handler
+from arbor.errors import (
+    CheckpointConflict,
+    InvalidArguments,
+    StateNotSerializable,
+    StoreUnavailable,
+    UnknownHandler,
+)
+from arbor.messages import Envelope, ErrorInfo, Reply
+from arbor.persistence import CheckpointStore
+from arbor.persistence.jsonstate import encode_reply, encode_state
+
+logger = logging.getLogger(__name__)
+
+# How a processed message's outcome is kept in a checkpoint for deduplication.
+_VALUE = "v"
+_ERROR = "e"
+_NOT_KEPT = "n"
+
+
+class AgentCell:
+    """Runs one agent incarnation: restores it, then applies messages one at a time.
+
+    Construction takes a new epoch from the store before reading the checkpoint, so any
+    older incarnation still running can no longer commit.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        agent_class: type[Agent],
+        store: CheckpointStore,
+        context: Any,
+        *,
+        init_args: tuple[Any, ...] | None = None,
+        init_kwargs: dict[str, Any] | None = None,
+        node_id: str | None = None,
+        durability: Literal["durable", "periodic"] = "durable",
+        checkpoint_keep: int = 10,
+        dedup_window: int = 256,
+    ) -> None:
+        self.name = name
+        self.agent_class = agent_class
+        self.store = store
+        self.durability = durability
+        self.checkpoint_keep = checkpoint_keep
+        self.dedup_window = dedup_window
+        self.fenced = False
+        self.stopped = False
+        self.checkpoint_version = 0
+        self.messages_processed = 0
+        self._lock = asyncio.Lock()
+        self._processed: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._signatures: dict[str, inspect.Signature] = {}
+
+        self.epoch = store.begin_incarnation(name, node_id)
+        checkpoint = store.load_checkpoint(name)
+
+        instance = agent_class.__new__(agent_class)
+        instance._arbor_context = context
+        if checkpoint is not None:
+            instance.restore(checkpoint.state)
+            self.checkpoint_version = checkpoint.version
+            for message_id, outcome in checkpoint.processed:
+                self._processed[message_id] = outcome
+            self._committed_json = encode_state(name, instance.snapshot())
+            logger.info(
+                "agent %s incarnation %d restored checkpoint version %d",
+                name,
+                self.epoch,
+                checkpoint.version,
+            )
+        elif init_args is None and init_kwargs is None:
+            raise StoreUnavailable(
+                f"agent {name!r} has no checkpoint and no spawn arguments to rebuild it from; "
+                f"stop it with arbor.stop({name!r}, purge=True) and spawn it again"
+            )
+        else:
+            instance.__init__(*(init_args or ()), **(init_kwargs or {}))  # type: ignore[misc]
+            # The first checkpoint makes every later incarnation independent of the spawn
+            # arguments, so the reconciler can rebuild the agent from the store alone.
+            self._committed_json = encode_state(name, instance.snapshot())
+            self.checkpoint_version = store.write_checkpoint(
+                name, self.epoch, self._committed_json, [], checkpoint_keep
+            )
+            logger.info("agent %s incarnation %d started fresh", name, self.epoch)
+        self.agent = instance
+        instance.on_start()
+
+    @property
+    def dirty(self) -> bool:
+        """Whether the agent's state differs from the last committed checkpoint."""
+        return self._snapshot_json() != self._committed_json
+
+    async def handle(self, envelope: Envelope) -> Reply:
+        """Apply one message and return its reply; never raises for a handler's error."""
+        async with self._lock:
+            if self.fenced or self.stopped:
+                return self._unavailable_reply(envelope)
+            kept = self._processed.get(envelope.message_id)
+            if kept is not None:
+                return self._replay(envelope, kept)
+            return await self._apply(envelope)
+
+    async def checkpoint(self) -> int:
+        """Commit the current state now; callable from inside a handler (holds no lock)."""
+        state_json = self._snapshot_json()
+        await self._commit(state_json)
+        return self.checkpoint_version
+
+    async def flush(self) -> None:
+        """Commit the state if it changed since the last checkpoint, under the mailbox lock."""
+        async with self._lock:
+            if self.fenced or self.stopped:
+                return
+            state_json = self._snapshot_json()
+            if state_json != self._committed_json:
+                await self._commit(state_json)
+
+    async def stop(self) -> None:
+        """Commit any pending state and refuse further messages."""
+        await self.flush()
+        async with self._lock:
+            self.stopped = True
+
+    async def _apply(self, envelope: Envelope) -> Reply:
+        try:
+            handler = resolve_handler(self.agent, envelope.handler)
+            self._bind(envelope, handler)
+        except UnknownHandler as error:
+            wrapped = UnknownHandler(f"agent {self.name!r}: {error}")
+            return self._error_reply(envelope, "unknown_handler", wrapped)
+        except TypeError as error:
+            signature = self._signatures.get(envelope.handler, "(...)")
+            invalid = InvalidArguments(
+                f"agent {self.name!r} handler {envelope.handler}{signature}: {error}"
+            )
+            return self._error_reply(envelope, "invalid_arguments", invalid)
+
+        value: Any = None
+        error_info: ErrorInfo | None = None
+        try:
+            value = handler(*envelope.args, **envelope.kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as error:
+            error_info = ErrorInfo(
+                kind="handler",
+                error_type=f"{type(error).__module__}.{type(error).__qualname__}",
+                message=str(error),
+                traceback=traceback.format_exc(),
+            )
+            logger.warning(
+                "agent %s incarnation %d handler %s raised %s: %s",
+                self.name,
+                self.epoch,
+                envelope.handler,
+                type(error).__name__,
+                error,
+            )
+
+        self._remember(envelope.message_id, value, error_info)
+        try:
+            state_json = encode_state(self.name, self.agent.snapshot())
+        except StateNotSerializable as error:
+            self._forget(envelope.message_id)
+            self._roll_back()
+            return self._error_reply(envelope, "state", error)
+
+        if self.durability == "durable" and state_json != self._committed_json:
+            try:
+                await self._commit(state_json)
+            except CheckpointConflict as error:
+                return self._error_reply(envelope, "conflict", error)
+            except StoreUnavailable as error:
+                # Not committed, so not acknowledged: undo the change so that a retry of
+                # this message applies it again instead of replaying an uncommitted reply.
+                self._forget(envelope.message_id)
+                self._roll_back()
+                return self._error_reply(envelope, "store", error)
+
+        self.messages_processed += 1
+        return Reply(envelope.message_id, value=value, error=error_info)
+
+    async def _commit(self, state_json: str) -> None:
+        processed = [[message_id, outcome] for message_id, outcome in self._processed.items()]
+        try:
+            self.checkpoint_version = await asyncio.to_thread(
+                self.store.write_checkpoint,
+                self.name,
+                self.epoch,
+                state_json,
+                processed,
+                self.checkpoint_keep,
+            )
+        except CheckpointConflict:
+            self.fenced = True
+            logger.error(
+                "agent %s incarnation %d was fenced off by a newer epoch; it stops taking "
+                "messages",
+                self.name,
+                self.epoch,
+            )
+            raise
+        self._committed_json = state_json
+
+    def _bind(self, envelope: Envelope, handler: Any) -> None:
+        signature = self._signatures.get(envelope.handler)
+        if signature is None:
+            try:
+                signature = inspect.signature(handler, eval_str=True)
+            except (NameError, SyntaxError, TypeError):
+                # Annotations that name types not importable here stay as strings.
+                signature = inspect.signature(handler)
+            self._signatures[envelope.handler] = signature
+        signature.bind(*envelope.args, **envelope.kwargs)
+
+    def _snapshot_json(self) -> str:
+        return encode_state(self.name, self.agent.snapshot())
+
+    def _remember(self, message_id: str, value: Any, error: ErrorInfo | None) -> None:
+        if self.dedup_window == 0:
+            return
+        outcome: dict[str, Any]
+        if error is not None:
+            outcome = {_ERROR: [error.kind, error.error_type, error.message, error.traceback]}
+        else:
+            kept = encode_reply(value)
+            outcome = {_VALUE: kept} if kept is not None or value is None else {_NOT_KEPT: 1}
+        self._processed[message_id] = outcome
+        while len(self._processed) > self.dedup_window:
+            self._processed.popitem(last=False)
+
+    def _forget(self, message_id: str) -> None:
+        self._processed.pop(message_id, None)
+
+    def _roll_back(self) -> None:
+        import json
+
+        self.agent.restore(json.loads(self._committed_json))
+
+    def _replay(self, envelope: Envelope, outcome: dict[str, Any]) -> Reply:
+        logger.debug("agent %s replays the reply to duplicate message %s", self.name, envelope.message_id)
+        if _ERROR in outcome:
+            kind, error_type, message, trace = outcome[_ERROR]
+            error = ErrorInfo(kind=kind, error_type=error_type, message=message, traceback=trace)
+            return Reply(envelope.message_id, error=error, duplicate=True)
+        if _NOT_KEPT in outcome:
+            error = ErrorInfo(
+                kind="handler",
+                error_type="arbor.errors.ReplyNotKept",
+                message=(
+                    f"message {envelope.message_id} was already applied, but its reply was "
+                    "not JSON and was not kept; return JSON values from handlers to get "
+                    "the original reply on a retry"
+                ),
+            )
+            return Reply(envelope.message_id, error=error, duplicate=True)
+        return Reply(envelope.message_id, value=outcome[_VALUE], duplicate=True)
+
+    def _error_reply(self, envelope: Envelope, kind: Any, error: Exception) -> Reply:
+        info = ErrorInfo(
+            kind=kind,
+            error_type=f"{type(error).__module__}.{type(error).__qualname__}",
+            message=str(error),
+        )
+        return Reply(envelope.message_id, error=info, exception=error)
+
+    def _unavailable_reply(self, envelope: Envelope) -> Reply:
+        reason = "was fenced off by a newer incarnation" if self.fenced else "is stopped"
+        info = ErrorInfo(
+            kind="conflict" if self.fenced else "stopped",
+            error_type="arbor.errors.AgentNotFound",
+            message=f"agent {self.name!r} incarnation {self.epoch} {reason}",
+        )
+        return Reply(envelope.message_id, error=info)

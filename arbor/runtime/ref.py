@@ -1,0 +1,242 @@
+"""`AgentRef`, the handle through which clients and agents message an agent by name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from arbor.config import NAMESPACE, REGISTRY_NAME, get_settings
+from arbor.errors import (
+    AgentNotFound,
+    AskTimeout,
+    HandlerError,
+    InvalidArguments,
+    UnknownHandler,
+)
+from arbor.messages import Envelope, Reply
+
+logger = logging.getLogger(__name__)
+
+# Seconds between lookups while an agent's actor is missing (being recreated by the
+# reconciler, or restarting on another node).
+_RESOLVE_POLL_S = 0.2
+
+# Seconds a registry lookup may take before the caller gives up on it.
+_REGISTRY_TIMEOUT_S = 30.0
+
+
+class AgentRef:
+    """A reference to an agent by name; cheap to create, safe to pass between processes.
+
+    Example:
+        >>> ref = arbor.get("c1")
+        >>> ref.ask("add", 3)
+        8
+    """
+
+    def __init__(self, name: str, sender: str | None = None, handle: Any = None) -> None:
+        self._name = name
+        self._sender = sender
+        self._handle = handle
+
+    @property
+    def name(self) -> str:
+        """The agent's cluster-wide name."""
+        return self._name
+
+    def ask(
+        self,
+        handler: str,
+        *args: Any,
+        timeout: float | None = None,
+        message_id: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Send a message and wait for the handler's return value.
+
+        Args:
+            handler: name of a public method of the agent.
+            *args: positional arguments for the handler.
+            timeout: seconds to wait; defaults to ``ARBOR_ASK_TIMEOUT_S``.
+            message_id: idempotency key; reusing one returns the first reply without
+                applying the message again.
+            **kwargs: keyword arguments for the handler.
+
+        Raises:
+            HandlerError: the handler raised; the agent keeps running.
+            UnknownHandler: no public handler has that name.
+            InvalidArguments: the arguments do not fit the handler's signature.
+            AskTimeout: no reply within ``timeout``.
+            AgentNotFound: the agent does not exist or was stopped.
+        """
+        envelope = self._envelope("ask", handler, args, kwargs, message_id)
+        deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
+        while True:
+            actor = self._resolve(deadline)
+            object_ref = actor.handle.remote(envelope)
+            try:
+                reply = ray.get(object_ref, timeout=max(deadline - time.monotonic(), 0.0))
+            except GetTimeoutError:
+                raise AskTimeout(self._timeout_message(handler, timeout)) from None
+            except RayActorError as error:
+                self._lost_actor(error)
+                continue
+            return self._unwrap(handler, reply)
+
+    async def ask_async(
+        self,
+        handler: str,
+        *args: Any,
+        timeout: float | None = None,
+        message_id: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Awaitable `ask`, for async handlers and other asyncio code."""
+        envelope = self._envelope("ask", handler, args, kwargs, message_id)
+        deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
+        while True:
+            actor = self._resolve(deadline)
+            object_ref = actor.handle.remote(envelope)
+            try:
+                reply = await asyncio.wait_for(
+                    object_ref, timeout=max(deadline - time.monotonic(), 0.0)
+                )
+            except asyncio.TimeoutError:
+                raise AskTimeout(self._timeout_message(handler, timeout)) from None
+            except RayActorError as error:
+                self._lost_actor(error)
+                await asyncio.sleep(_RESOLVE_POLL_S)
+                continue
+            return self._unwrap(handler, reply)
+
+    def send(self, handler: str, *args: Any, message_id: str | None = None, **kwargs: Any) -> str:
+        """Send a message without waiting; returns its message id.
+
+        Ray redelivers the message if the agent's process crashes before applying it,
+        and the agent applies a message id at most once.
+        """
+        envelope = self._envelope("send", handler, args, kwargs, message_id)
+        actor = self._resolve(time.monotonic() + _default_timeout())
+        actor.handle.remote(envelope)
+        return envelope.message_id
+
+    def info(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Return the running incarnation's process id, node, epoch and checkpoint version."""
+        deadline = time.monotonic() + timeout
+        while True:
+            actor = self._resolve(deadline)
+            try:
+                result: dict[str, Any] = ray.get(
+                    actor.info.remote(), timeout=max(deadline - time.monotonic(), 0.0)
+                )
+                return result
+            except GetTimeoutError:
+                raise AskTimeout(f"agent {self._name!r} did not report its info in {timeout} s") from None
+            except RayActorError as error:
+                self._lost_actor(error)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AgentRef, (self._name, self._sender))
+
+    def __repr__(self) -> str:
+        return f"AgentRef({self._name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AgentRef) and other._name == self._name
+
+    def __hash__(self) -> int:
+        return hash(("AgentRef", self._name))
+
+    def _envelope(
+        self,
+        kind: Any,
+        handler: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        message_id: str | None,
+    ) -> Envelope:
+        envelope = Envelope(handler=handler, args=args, kwargs=kwargs, kind=kind, sender=self._sender)
+        if message_id is not None:
+            envelope.message_id = message_id
+        return envelope
+
+    def _resolve(self, deadline: float) -> Any:
+        """Return the agent's actor handle, waiting while a recreation is under way."""
+        if self._handle is not None:
+            return self._handle
+        while True:
+            try:
+                self._handle = ray.get_actor(self._name, namespace=NAMESPACE)
+                return self._handle
+            except ValueError:
+                pass
+            status = _registered_status(self._name)
+            if status is None:
+                raise AgentNotFound(self._name)
+            if status == "stopped":
+                raise AgentNotFound(
+                    self._name, f"it is stopped; spawn it again after arbor.stop({self._name!r}, purge=True)"
+                )
+            if status == "failed":
+                raise AgentNotFound(
+                    self._name, "its recreation failed; arbor.list_agents() shows the error"
+                )
+            if time.monotonic() >= deadline:
+                raise AskTimeout(
+                    f"agent {self._name!r} is registered but has no running actor yet; the "
+                    "reconciler recreates it, so retry shortly or check `arbor status`"
+                )
+            time.sleep(_RESOLVE_POLL_S)
+
+    def _lost_actor(self, error: RayActorError) -> None:
+        logger.info("agent %s actor is gone (%s); looking it up again", self._name, type(error).__name__)
+        self._handle = None
+
+    def _unwrap(self, handler: str, reply: Reply) -> Any:
+        error = reply.error
+        if error is None:
+            return reply.value
+        if reply.exception is not None:
+            raise reply.exception
+        if error.kind == "unknown_handler":
+            raise UnknownHandler(error.message)
+        if error.kind == "invalid_arguments":
+            raise InvalidArguments(f"agent {self._name!r} handler {handler!r}: {error.message}")
+        if error.kind == "stopped":
+            self._handle = None
+            raise AgentNotFound(self._name, error.message)
+        raise HandlerError(self._name, handler, error.error_type, error.message, error.traceback)
+
+    def _timeout_message(self, handler: str, timeout: float | None) -> str:
+        seconds = timeout if timeout is not None else _default_timeout()
+        return (
+            f"agent {self._name!r} handler {handler!r} did not reply within {seconds} s; the "
+            "message may still be applied, so retry with the same message_id to stay idempotent"
+        )
+
+
+def _default_timeout() -> float:
+    return get_settings().ask_timeout_s
+
+
+def registry_handle() -> Any:
+    """Return the registry actor's handle.
+
+    Raises:
+        ValueError: no registry is running in this Ray cluster.
+    """
+    return ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+
+
+def _registered_status(name: str) -> str | None:
+    try:
+        registry = registry_handle()
+    except ValueError:
+        return None
+    status: str | None = ray.get(registry.status.remote(name), timeout=_REGISTRY_TIMEOUT_S)
+    return status

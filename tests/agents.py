@@ -1,0 +1,90 @@
+"""Agent classes used by the tests; importable so Ray workers and the reconciler find them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import arbor
+
+
+class Counter(arbor.Agent):
+    """Counts; the workhorse of the recovery tests."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.count = start
+        self.log: list[Any] = []
+
+    def add(self, n: int) -> int:
+        self.count += n
+        return self.count
+
+    def get(self) -> int:
+        return self.count
+
+    def append(self, item: Any) -> int:
+        self.log.append(item)
+        return len(self.log)
+
+    def items(self) -> list[Any]:
+        return self.log
+
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    def store_value(self, value: Any) -> None:
+        self.log.append(value)
+
+    def environment(self, key: str) -> str | None:
+        return os.environ.get(key)
+
+    def whoami(self) -> dict[str, Any]:
+        return {"name": self.context.name, "incarnation": self.context.incarnation}
+
+    def _private(self) -> str:
+        return "hidden"
+
+
+class Parent(arbor.Agent):
+    """Spawns and messages a child agent through its context."""
+
+    def __init__(self) -> None:
+        self.children: list[str] = []
+
+    def make_child(self, name: str, start: int) -> str:
+        self.context.spawn(Counter, name, start=start)
+        self.children.append(name)
+        return name
+
+    async def add_to_child(self, name: str, n: int) -> int:
+        result: int = await self.context.get(name).ask_async("add", n)
+        return result
+
+
+class Explicit(arbor.Agent):
+    """Uses snapshot/restore instead of public attributes."""
+
+    def __init__(self) -> None:
+        self._total = 0
+        self.restored = False
+
+    def add(self, n: int) -> int:
+        self._total += n
+        return self._total
+
+    def state(self) -> dict[str, Any]:
+        return {"total": self._total, "restored": self.restored}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"total": self._total}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._total = state["total"]
+        self.restored = True
+
+
+class BrokenInit(arbor.Agent):
+    """Raises in __init__."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("cannot start without a license key")
