@@ -16,10 +16,10 @@ def encode_state(agent: str, state: Any, root: str = "state") -> str:
     """Validate ``state`` and return it as JSON text.
 
     Raises:
-        StateNotSerializable: a value is NaN or infinite, bytes, a string or key holding
-            U+0000 or a surrogate code point (jsonb rejects both), a dict with a non-string
-            key, a reference cycle, or any other non-JSON type. The error names the key
-            path, such as ``state['a'][2]``.
+        StateNotSerializable: a value is NaN or infinite, bytes, a string or key containing
+            U+0000 or a surrogate code point (jsonb cannot store either as given), a dict
+            with a non-string key, a reference cycle, or any other non-JSON type. The error
+            names the key path, such as ``state['a'][2]``.
     """
     _check(agent, state, root, set())
     return json.dumps(state, allow_nan=False, separators=(",", ":"))

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorError
 
 from arbor.config import NAMESPACE, REGISTRY_NAME, get_settings
 from arbor.errors import (
@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 # Seconds between lookups while an agent's actor is missing (being recreated by the
 # reconciler, or restarting on another node).
 _RESOLVE_POLL_S = 0.2
+
+# Errors that mean this actor will not answer again; the agent is looked up anew, since
+# the reconciler replaces an actor that is dead or pinned to a node that is gone.
+_ACTOR_LOST = (RayActorError, ActorUnschedulableError)
 
 # Seconds a registry lookup may take before the caller gives up on it.
 _REGISTRY_TIMEOUT_S = 30.0
@@ -83,7 +87,7 @@ class AgentRef:
                 reply = ray.get(object_ref, timeout=max(deadline - time.monotonic(), 0.0))
             except GetTimeoutError:
                 raise AskTimeout(self._timeout_message(handler, timeout)) from None
-            except RayActorError as error:
+            except _ACTOR_LOST as error:
                 self._lost_actor(error)
                 continue
             return self._unwrap(handler, reply)
@@ -108,7 +112,7 @@ class AgentRef:
                 )
             except asyncio.TimeoutError:
                 raise AskTimeout(self._timeout_message(handler, timeout)) from None
-            except RayActorError as error:
+            except _ACTOR_LOST as error:
                 self._lost_actor(error)
                 await asyncio.sleep(_RESOLVE_POLL_S)
                 continue
@@ -137,7 +141,7 @@ class AgentRef:
                 return result
             except GetTimeoutError:
                 raise AskTimeout(f"agent {self._name!r} did not report its info in {timeout} s") from None
-            except RayActorError as error:
+            except _ACTOR_LOST as error:
                 self._lost_actor(error)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -193,7 +197,7 @@ class AgentRef:
                 )
             time.sleep(_RESOLVE_POLL_S)
 
-    def _lost_actor(self, error: RayActorError) -> None:
+    def _lost_actor(self, error: Exception) -> None:
         logger.info("agent %s actor is gone (%s); looking it up again", self._name, type(error).__name__)
         self._handle = None
 

@@ -1,0 +1,87 @@
+"""Node loss in a multi-node Ray cluster on one machine."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterator
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import arbor
+from tests.agents import Counter
+
+# Faster node-death detection than Ray's default (3 s x 5 missed checks), so the test
+# spends its time on Arbor's recovery rather than on waiting.
+FAST_HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 1024**2, "node_ip_address": "127.0.0.1"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(module_pg_url: str) -> Iterator[Cluster]:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 80 * 1024**2,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "_system_config": FAST_HEALTH_CHECKS,
+        },
+    )
+    workers = [cluster.add_node(**NODE_ARGS) for _ in range(3)]
+    cluster.wait_for_nodes()
+    arbor.init(address=cluster.address, database_url=module_pg_url)
+    yield cluster
+    arbor.shutdown()
+    for node in workers:
+        if node in cluster.worker_nodes:
+            cluster.remove_node(node)
+    cluster.shutdown()
+
+
+def wait_for_answers(names: list[str], expected: dict[str, int], timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    values: dict[str, int] = {}
+    for name in names:
+        values[name] = arbor.get(name).ask("get", timeout=max(deadline - time.monotonic(), 1.0))
+    return values
+
+
+def test_node_loss_brings_agents_back_with_state(cluster: Cluster) -> None:
+    names = [f"mn/agent-{index}" for index in range(6)]
+    expected = {}
+    for index, name in enumerate(names):
+        ref = arbor.spawn(Counter, name, spread=True)
+        expected[name] = ref.ask("add", 10 + index)
+    placement = {name: arbor.get(name).info()["node_id"] for name in names}
+    by_node = collections.Counter(placement.values())
+    doomed_id, _ = by_node.most_common(1)[0]
+    doomed = next(node for node in cluster.worker_nodes if node.node_id == doomed_id)
+    moved = [name for name in names if placement[name] == doomed_id]
+
+    cluster.remove_node(doomed)
+    values = wait_for_answers(names, expected, timeout=120)
+
+    assert values == expected
+    for name in moved:
+        assert arbor.get(name).info()["node_id"] != doomed_id
+    cluster.add_node(**NODE_ARGS)
+
+
+def test_hard_pinned_agent_moves_when_its_node_dies(cluster: Cluster) -> None:
+    target = cluster.worker_nodes[-1] if isinstance(cluster.worker_nodes, list) else list(cluster.worker_nodes)[-1]
+    ref = arbor.spawn(Counter, "mn/pinned", node_id=target.node_id, node_affinity="hard")
+    ref.ask("add", 42)
+    assert ref.info()["node_id"] == target.node_id
+
+    cluster.remove_node(target)
+
+    assert ref.ask("get", timeout=120) == 42
+    info = ref.info()
+    assert info["node_id"] != target.node_id
+    assert info["node_id"] in {node["NodeID"] for node in ray.nodes() if node["Alive"]}
