@@ -10,12 +10,21 @@ Example:
 
 import os as _os
 
-# A local development cluster has no reason to be reachable from the network. Ray reads
-# this variable when it is first imported, so it is set here, before anything imports
-# Ray; a process that joins a multi-machine cluster sets RAY_ADDRESS or
-# ARBOR_RAY_ADDRESS, or sets the variable to 1 itself.
-if not (_os.environ.get("RAY_ADDRESS") or _os.environ.get("ARBOR_RAY_ADDRESS")):
-    _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+def _keep_ray_on_loopback() -> None:
+    """Make Ray bind to 127.0.0.1 unless the configured cluster is on another host.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is first imported, so this runs
+    before anything imports Ray. Without it, Ray on Linux binds to the machine's network
+    address and rewrites 127.0.0.1 in addresses to that address.
+    """
+    address = _os.environ.get("ARBOR_RAY_ADDRESS") or _os.environ.get("RAY_ADDRESS") or ""
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    if host in ("", "auto", "local", "127.0.0.1", "localhost", "[::1]", "::1"):
+        _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+_keep_ray_on_loopback()
 
 from arbor.agent import Agent  # noqa: E402
 from arbor.client import (  # noqa: E402

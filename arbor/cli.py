@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import os
 import shutil
 import socket
@@ -14,14 +15,10 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-# A cluster that `arbor up` starts is for this machine only; Ray reads the variable at
-# import time, so it is set before anything imports Ray.
-if not (os.environ.get("RAY_ADDRESS") or os.environ.get("ARBOR_RAY_ADDRESS")):
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import arbor  # noqa: E402
-from arbor.config import get_settings, redact_url  # noqa: E402
-from arbor.errors import ArborError, ClusterUnavailable  # noqa: E402
+# Importing arbor before Ray keeps a local cluster on 127.0.0.1 (see arbor/__init__.py).
+import arbor
+from arbor.config import get_settings, redact_url
+from arbor.errors import ArborError, ClusterUnavailable
 
 # Ray's own default port is often taken by Redis, so `arbor up` starts on a free one.
 DEFAULT_DASHBOARD_PORT = 8265
@@ -31,6 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``arbor`` command line; returns the process exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    # Retries and recoveries are logged as warnings; the command line shows only the
+    # outcome unless --verbose asks for the story.
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     console = Console()
     try:
         code: int = args.run(args, console)
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arbor", description="Durable, long-lived agents on Ray."
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log retries and recoveries")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="start or join a local Ray cluster and the registry")
@@ -93,10 +97,12 @@ def _positive(text: str) -> int:
 
 
 def _connect_existing() -> None:
-    address = get_settings().ray_address or "auto"
+    address = get_settings().ray_address
     try:
-        arbor.init(address=address)
+        arbor.init(address=address or "auto")
     except ClusterUnavailable:
+        if address:
+            raise
         raise ClusterUnavailable("no Ray cluster is running; start one with `arbor up`") from None
 
 

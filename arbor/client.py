@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import ray
@@ -21,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 # Seconds to wait for registry calls that touch only the store.
 _REGISTRY_TIMEOUT_S = 60.0
+
+# Seconds to wait for a TCP connection to a cluster address before calling it down.
+_PROBE_TIMEOUT_S = 3.0
 
 _started_ray = False
 
@@ -68,6 +72,7 @@ def init(
             options.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
             options.update(include_dashboard=settings.dashboard, dashboard_host="127.0.0.1")
             _warn_if_network_bound()
+        _probe(target)
         try:
             context = ray.init(address=target, **options)
         except ConnectionError as error:
@@ -213,7 +218,10 @@ def shutdown() -> None:
     global _started_ray
     if ray.is_initialized():
         ray.shutdown()
-    _started_ray = False
+    # Seconds to wait for a TCP connection to a cluster address before calling it down.
+_PROBE_TIMEOUT_S = 3.0
+
+_started_ray = False
 
 
 def _registry() -> Any:
@@ -238,6 +246,21 @@ def _call(object_ref: Any, timeout: float) -> Any:
         raise ArborError(f"the registry did not answer within {timeout} s; check `arbor status`") from None
     except RayActorError as error:
         raise ArborError(f"the registry actor failed: {error}") from error
+
+
+def _probe(address: str | None) -> None:
+    """Fail fast on a ``host:port`` nobody listens on; ``ray.init`` would wait minutes."""
+    if address is None or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as error:
+        raise ClusterUnavailable(
+            f"no Ray cluster at {address!r} ({error}); start one with `arbor up` or fix "
+            "ARBOR_RAY_ADDRESS"
+        ) from None
 
 
 def _warn_if_network_bound() -> None:

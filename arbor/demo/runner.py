@@ -164,7 +164,8 @@ def _follow(
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("files", total=progress["files"], completed=progress["files_done"])
         while progress["batches_done"] < progress["batches"]:
-            if options.kill_one and killed_pid is None and progress["batches_done"] >= 1:
+            if options.kill_one and killed_pid is None:
+                # Right after dispatch, so the analyzer dies with batches still queued.
                 killed_pid = _kill_analyzer(console)
             if on_progress is not None:
                 on_progress(progress)

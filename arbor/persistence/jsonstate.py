@@ -25,8 +25,19 @@ def encode_state(agent: str, state: Any, root: str = "state") -> str:
     return json.dumps(state, allow_nan=False, separators=(",", ":"))
 
 
+# Python refuses to turn an int of more than 4,300 digits into text (see
+# sys.set_int_max_str_digits), so json.dumps would fail on it; this many bits stays below.
+_MAX_INT_BITS = 14_000
+
+
 def _check(agent: str, value: Any, path: str, active: set[int]) -> None:
-    if value is None or isinstance(value, bool | int):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if value.bit_length() > _MAX_INT_BITS:
+            raise StateNotSerializable(
+                agent, path, "the integer has over 4,000 digits; store it as a string"
+            )
         return
     if isinstance(value, float):
         if not math.isfinite(value):

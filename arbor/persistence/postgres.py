@@ -43,6 +43,9 @@ class PostgresStore(CheckpointStore):
 
     def __init__(self, url: str, pool_max: int, retry_attempts: int, retry_backoff_s: float) -> None:
         super().__init__(url, retry_attempts, retry_backoff_s)
+        # One direct connection first: an unreachable server then fails through the retry
+        # loop with psycopg's own message, not with a pool timeout after background noise.
+        self._retry("connect", lambda: psycopg.connect(url, connect_timeout=5).close())
         self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
             url,
             min_size=1,

@@ -1,0 +1,108 @@
+"""The arbor command line, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ARBOR = [sys.executable, "-m", "arbor.cli"]
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_arbor(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*ARBOR, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("arbor: error:")]
+
+
+def test_status_without_cluster_prints_one_error_line(tmp_path: Path) -> None:
+    env = {
+        "ARBOR_RAY_ADDRESS": f"127.0.0.1:{closed_port()}",
+        "ARBOR_DATABASE_URL": f"sqlite:///{tmp_path}/arbor.db",
+    }
+    result = run_arbor("status", env=env)
+    assert result.returncode == 1
+    assert len(error_lines(result)) == 1
+    assert "no Ray cluster at" in error_lines(result)[0]
+    assert "arbor up" in error_lines(result)[0]
+
+
+def test_unreachable_database_error_redacts_password() -> None:
+    env = {
+        "ARBOR_DATABASE_URL": f"postgresql://arbor:s3cret@127.0.0.1:{closed_port()}/arbor",
+        "ARBOR_DB_RETRY_ATTEMPTS": "2",
+    }
+    result = run_arbor("agents", env=env)
+    assert result.returncode == 1
+    assert "s3cret" not in result.stderr + result.stdout
+    assert len(error_lines(result)) == 1
+    assert "postgresql://arbor:***@127.0.0.1" in error_lines(result)[0]
+
+
+def test_unsupported_database_scheme_is_named(tmp_path: Path) -> None:
+    result = run_arbor("agents", env={"ARBOR_DATABASE_URL": "mysql://localhost/arbor"})
+    assert result.returncode == 1
+    assert "'mysql' is not supported" in error_lines(result)[0]
+
+
+def test_demo_rejects_zero_workers() -> None:
+    result = run_arbor("demo", "--workers", "0", env={})
+    assert result.returncode == 2
+    assert "0 is invalid" in result.stderr
+
+
+@pytest.mark.slow
+def test_up_agents_status_down(tmp_path: Path) -> None:
+    env = {
+        "ARBOR_DATABASE_URL": f"sqlite:///{tmp_path}/arbor.db",
+        "RAY_ADDRESS": "",
+        "ARBOR_RAY_ADDRESS": "",
+    }
+    dashboard_port = str(closed_port())
+    up = run_arbor("up", "--num-cpus", "1", "--dashboard-port", dashboard_port, env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "Ray address:  127.0.0.1:" in up.stdout
+        assert f"http://127.0.0.1:{dashboard_port}" in up.stdout
+
+        spawn = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import arbor; from tests.agents import Counter; arbor.init(address='auto'); "
+                "print(arbor.spawn(Counter, 'cli/counter', start=4).ask('add', 1))",
+            ],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert spawn.stdout.strip().splitlines()[-1] == "5", spawn.stderr
+
+        agents = run_arbor("agents", env=env)
+        assert agents.returncode == 0, agents.stderr
+        assert "cli/counter" in agents.stdout
+        assert "tests.agents:Counter" in agents.stdout
+        assert "running" in agents.stdout
+
+        status = run_arbor("status", env=env)
+        assert status.returncode == 0, status.stderr
+        assert "1 running" in status.stdout
+    finally:
+        down = run_arbor("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert "agent state stays in" in down.stdout
