@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -11,7 +10,7 @@ if TYPE_CHECKING:
 
 
 class AgentContext(Protocol):
-    """What an agent sees of the runtime through ``self.context``.
+    """The runtime interface an agent reaches through ``self.context``.
 
     The runtime provides the implementation; this protocol fixes its surface.
     """
@@ -91,16 +90,23 @@ class Agent:
 _RESERVED = frozenset(name for name in vars(Agent) if not name.startswith("_"))
 
 
-@lru_cache(maxsize=None)
+_handler_names: dict[type[Agent], frozenset[str]] = {}
+
+
 def handler_names(agent_class: type[Agent]) -> frozenset[str]:
     """Return the names of the public methods of ``agent_class`` that are message handlers."""
+    cached = _handler_names.get(agent_class)
+    if cached is not None:
+        return cached
     names = set()
     for name, member in inspect.getmembers(agent_class):
         if name.startswith("_") or name in _RESERVED:
             continue
         if inspect.isfunction(member) or inspect.ismethod(member):
             names.add(name)
-    return frozenset(names)
+    result = frozenset(names)
+    _handler_names[agent_class] = result
+    return result
 
 
 def resolve_handler(agent: Agent, name: str) -> Callable[..., Any]:
@@ -112,19 +118,17 @@ def resolve_handler(agent: Agent, name: str) -> Callable[..., Any]:
     from arbor.errors import UnknownHandler
 
     agent_class = type(agent)
-    available = sorted(handler_names(agent_class))
+    names = handler_names(agent_class)
+    if isinstance(name, str) and name in names:
+        handler: Callable[..., Any] = getattr(agent, name)
+        return handler
+    available = ", ".join(sorted(names)) or "(none)"
     if not isinstance(name, str) or name.startswith("_"):
         raise UnknownHandler(
             f"{agent_class.__name__}: {name!r} is private and cannot be called as a message; "
-            f"handlers: {', '.join(available) or '(none)'}"
+            f"handlers: {available}"
         )
-    if name not in available:
-        raise UnknownHandler(
-            f"{agent_class.__name__} has no handler {name!r}; "
-            f"handlers: {', '.join(available) or '(none)'}"
-        )
-    handler: Callable[..., Any] = getattr(agent, name)
-    return handler
+    raise UnknownHandler(f"{agent_class.__name__} has no handler {name!r}; handlers: {available}")
 
 
 def type_path(agent_class: type) -> str:

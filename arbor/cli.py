@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    console = Console()
+    console = Console(soft_wrap=True)
     try:
         code: int = args.run(args, console)
         return code
@@ -52,39 +52,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="arbor", description="Durable, long-lived agents on Ray."
-    )
+    parser = argparse.ArgumentParser(prog="arbor", description="Durable, long-lived agents on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log retries and recoveries")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="start or join a local Ray cluster and the registry")
-    up.add_argument("--port", type=int, default=0, help="GCS port of a new cluster (default: a free port)")
-    up.add_argument("--num-cpus", type=int, default=None, help="CPUs the new head node offers to Ray")
+    up.add_argument(
+        "--port", type=int, default=0, help="GCS port of a new cluster (default: a free port)"
+    )
+    up.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs the new head node offers to Ray"
+    )
     up.add_argument(
         "--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT, help="Ray dashboard port"
     )
     up.set_defaults(run=_up)
 
-    down = commands.add_parser("down", help="stop the local Ray cluster; agent state stays in the store")
+    down = commands.add_parser(
+        "down", help="stop the local Ray cluster; agent state stays in the store"
+    )
     down.set_defaults(run=_down)
 
     status = commands.add_parser("status", help="show the cluster, the registry and agent counts")
     status.set_defaults(run=_status)
 
     agents = commands.add_parser("agents", help="list agents as a table")
-    agents.add_argument("--status", default=None, help="only agents with this status (running, stopped, failed)")
+    agents.add_argument(
+        "--status", default=None, help="only agents with this status (running, stopped, failed)"
+    )
     agents.set_defaults(run=_agents)
 
     demo = commands.add_parser(
         "demo", help="analyze a Python source tree with a coordinator and analyzer agents"
     )
-    demo.add_argument("--source", default=None, help="folder to analyze (default: the Python standard library)")
+    demo.add_argument(
+        "--source", default=None, help="folder to analyze (default: the Python standard library)"
+    )
     demo.add_argument("--workers", type=_positive, default=4, help="number of analyzer agents")
-    demo.add_argument("--batch-size", type=_positive, default=25, help="files per message to an analyzer")
-    demo.add_argument("--kill-one", action="store_true", help="SIGKILL one analyzer's process mid-run")
+    demo.add_argument(
+        "--batch-size", type=_positive, default=25, help="files per message to an analyzer"
+    )
+    demo.add_argument(
+        "--kill-one", action="store_true", help="SIGKILL one analyzer's process mid-run"
+    )
     demo.add_argument("--output", default="arbor-report.json", help="path of the JSON report")
-    demo.add_argument("--fresh", action="store_true", help="discard an interrupted run instead of resuming it")
+    demo.add_argument(
+        "--fresh", action="store_true", help="discard an interrupted run instead of resuming it"
+    )
     demo.set_defaults(run=_demo)
     return parser
 
@@ -173,8 +187,12 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     nodes = [node for node in ray.nodes() if node["Alive"]]
     registry = ray.get(ensure_registry().ping.remote(), timeout=30)
     counts = collections.Counter(info.status for info in arbor.list_agents())
-    console.print(f"Ray address:  {ray.get_runtime_context().gcs_address} ({len(nodes)} nodes alive)")
-    console.print(f"registry:     pid {registry['pid']}, {registry['reconciler_passes']} reconciler passes")
+    console.print(
+        f"Ray address:  {ray.get_runtime_context().gcs_address} ({len(nodes)} nodes alive)"
+    )
+    console.print(
+        f"registry:     pid {registry['pid']}, {registry['reconciler_passes']} reconciler passes"
+    )
     console.print(f"store:        {registry['database_url']}")
     summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "none"
     console.print(f"agents:       {summary}")
@@ -184,7 +202,15 @@ def _status(args: argparse.Namespace, console: Console) -> int:
 def _agents(args: argparse.Namespace, console: Console) -> int:
     _connect_existing()
     table = Table()
-    for column in ("name", "type", "status", "node", "incarnation", "checkpoint", "last checkpoint"):
+    for column in (
+        "name",
+        "type",
+        "status",
+        "node",
+        "incarnation",
+        "checkpoint",
+        "last checkpoint",
+    ):
         table.add_column(column)
     for info in arbor.list_agents(args.status):
         table.add_row(

@@ -166,7 +166,9 @@ def get(name: str) -> AgentRef:
 
 def list_agents(status: str | None = None) -> list[AgentInfo]:
     """Return every registered agent (optionally only one status), ordered by name."""
-    result: list[AgentInfo] = _call(_registry().list_agents.remote(status), timeout=_REGISTRY_TIMEOUT_S)
+    result: list[AgentInfo] = _call(
+        _registry().list_agents.remote(status), timeout=_REGISTRY_TIMEOUT_S
+    )
     return result
 
 
@@ -199,7 +201,9 @@ def restore(name: str, version: int) -> AgentInfo:
 
 def list_checkpoints(name: str) -> list[CheckpointInfo]:
     """Return the kept checkpoint versions of an agent, newest first."""
-    result: list[CheckpointInfo] = _call(_registry().checkpoints.remote(name), timeout=_REGISTRY_TIMEOUT_S)
+    result: list[CheckpointInfo] = _call(
+        _registry().checkpoints.remote(name), timeout=_REGISTRY_TIMEOUT_S
+    )
     return result
 
 
@@ -219,6 +223,8 @@ def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
     # Seconds to wait for a TCP connection to a cluster address before calling it down.
+
+
 _PROBE_TIMEOUT_S = 3.0
 
 _started_ray = False
@@ -243,13 +249,15 @@ def _call(object_ref: Any, timeout: float) -> Any:
             raise cause from None
         raise
     except GetTimeoutError:
-        raise ArborError(f"the registry did not answer within {timeout} s; check `arbor status`") from None
+        raise ArborError(
+            f"the registry did not respond within {timeout} s; check `arbor status`"
+        ) from None
     except RayActorError as error:
         raise ArborError(f"the registry actor failed: {error}") from error
 
 
 def _probe(address: str | None) -> None:
-    """Fail fast on a ``host:port`` nobody listens on; ``ray.init`` would wait minutes."""
+    """Fail fast on a ``host:port`` where no server listens, because ``ray.init`` waits minutes."""
     if address is None or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")

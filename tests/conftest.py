@@ -23,7 +23,9 @@ os.environ.setdefault("ARBOR_DASHBOARD", "false")
 os.environ.setdefault("ARBOR_RECONCILE_INTERVAL_S", "0.5")
 
 # The server that CI and the development machines run; trust authentication.
-PG_ADMIN_URL = os.environ.get("ARBOR_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "ARBOR_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def create_pg_database() -> str:

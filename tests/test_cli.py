@@ -19,7 +19,9 @@ def closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def run_arbor(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_arbor(
+    *args: str, env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*ARBOR, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
     )

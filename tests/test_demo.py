@@ -19,7 +19,9 @@ from arbor.demo.runner import DemoOptions, run_demo
 def source(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The standard library's email package plus one file that does not parse."""
     root = tmp_path_factory.mktemp("source") / "tree"
-    shutil.copytree(os.path.dirname(email.__file__), root, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        os.path.dirname(email.__file__), root, ignore=shutil.ignore_patterns("__pycache__")
+    )
     (root / "broken.py").write_text("def broken(:\n    pass\n", encoding="utf-8")
     return str(root)
 
@@ -52,7 +54,9 @@ def expected_report(source: str) -> dict[str, object]:
             "imports": sum(result["imports"] for result in results),  # type: ignore[misc]
         },
         "top_functions": functions[:10],
-        "failed": sorted([result["path"], result["error"]] for result in results if result["error"]),
+        "failed": sorted(
+            [result["path"], result["error"]] for result in results if result["error"]
+        ),
     }
 
 

@@ -22,7 +22,11 @@ def store(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[Checkpoi
     else:
         url = request.getfixturevalue("pg_url")
     store = open_store(url, Settings(database_url=url))
-    store.create_agent(AgentRecord(name="zombie", type_path="tests.agents:Counter", status="starting", spawn_id="s1"))
+    store.create_agent(
+        AgentRecord(
+            name="zombie", type_path="tests.agents:Counter", status="starting", spawn_id="s1"
+        )
+    )
     yield store
     store.close()
 

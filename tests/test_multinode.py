@@ -74,7 +74,11 @@ def test_node_loss_brings_agents_back_with_state(cluster: Cluster) -> None:
 
 
 def test_hard_pinned_agent_moves_when_its_node_dies(cluster: Cluster) -> None:
-    target = cluster.worker_nodes[-1] if isinstance(cluster.worker_nodes, list) else list(cluster.worker_nodes)[-1]
+    target = (
+        cluster.worker_nodes[-1]
+        if isinstance(cluster.worker_nodes, list)
+        else list(cluster.worker_nodes)[-1]
+    )
     ref = arbor.spawn(Counter, "mn/pinned", node_id=target.node_id, node_affinity="hard")
     ref.ask("add", 42)
     assert ref.info()["node_id"] == target.node_id

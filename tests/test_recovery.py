@@ -73,7 +73,9 @@ def test_periodic_agent_recovers_committed_state() -> None:
     ref.ask("add", 3)
     deadline = time.monotonic() + 10
     while arbor.get("rec/periodic") and time.monotonic() < deadline:
-        if [info for info in arbor.list_agents() if info.name == "rec/periodic"][0].checkpoint_version >= 2:
+        if [info for info in arbor.list_agents() if info.name == "rec/periodic"][
+            0
+        ].checkpoint_version >= 2:
             break
         time.sleep(0.1)
     kill_agent_process(ref)

@@ -204,9 +204,7 @@ def test_agent_spawns_and_asks_another_agent() -> None:
 
 
 def test_runtime_env_reaches_agent_process() -> None:
-    ref = arbor.spawn(
-        Counter, "rt/env", runtime_env={"env_vars": {"ARBOR_TEST_FLAG": "on"}}
-    )
+    ref = arbor.spawn(Counter, "rt/env", runtime_env={"env_vars": {"ARBOR_TEST_FLAG": "on"}})
     assert ref.ask("environment", "ARBOR_TEST_FLAG") == "on"
 
 

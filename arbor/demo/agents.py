@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import arbor
@@ -41,7 +42,7 @@ class Coordinator(arbor.Agent):
     """Splits the files among analyzers and merges their summaries into one report.
 
     Every field is checkpointed, so after a crash or an interrupted run the coordinator
-    knows which batches are done and dispatches only the rest.
+    has the set of finished batches and dispatches only the rest.
     """
 
     def __init__(self, source: str, workers: int, batch_size: int = 25) -> None:
@@ -53,7 +54,9 @@ class Coordinator(arbor.Agent):
         self.source = source
         self.workers = workers
         self.batch_size = batch_size
-        self.batches = [files[start : start + batch_size] for start in range(0, len(files), batch_size)]
+        self.batches = [
+            files[start : start + batch_size] for start in range(0, len(files), batch_size)
+        ]
         self.done: dict[str, bool] = {}
         self.summary = empty_summary()
 
@@ -64,10 +67,9 @@ class Coordinator(arbor.Agent):
     def start(self) -> dict[str, int]:
         """Spawn missing analyzers and dispatch every batch not done yet; safe to repeat."""
         for index in range(self.workers):
-            try:
+            # An analyzer that exists already, from an interrupted run, is reused.
+            with contextlib.suppress(arbor.NameTaken):
                 self.context.spawn(Analyzer, analyzer_name(index))
-            except arbor.NameTaken:
-                pass
         for batch, files in enumerate(self.batches):
             if str(batch) not in self.done:
                 analyzer = self.context.get(analyzer_name(batch % self.workers))

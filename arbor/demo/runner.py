@@ -37,7 +37,7 @@ class DemoOptions:
 
 @dataclass
 class DemoResult:
-    """What a run produced, for the caller and for tests."""
+    """The outcome of one demo run, for the caller and for tests."""
 
     report: dict[str, Any]
     resumed: bool
@@ -68,7 +68,9 @@ def run_demo(
     console = console or Console(quiet=True)
     source = os.path.abspath(options.source or default_source())
     if not os.path.isdir(source):
-        raise arbor.ArborError(f"--source {source!r} is not a directory; pass a folder of .py files")
+        raise arbor.ArborError(
+            f"--source {source!r} is not a directory; pass a folder of .py files"
+        )
     started = time.monotonic()
 
     coordinator, resumed = _start_or_resume(options, source, console)
@@ -121,7 +123,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(failed)
 
 
-def _start_or_resume(options: DemoOptions, source: str, console: Console) -> tuple[arbor.AgentRef, bool]:
+def _start_or_resume(
+    options: DemoOptions, source: str, console: Console
+) -> tuple[arbor.AgentRef, bool]:
     statuses = {info.name: info.status for info in arbor.list_agents()}
     if COORDINATOR in statuses and (options.fresh or statuses[COORDINATOR] != "running"):
         purge_demo_agents(options.workers)
@@ -141,7 +145,11 @@ def _start_or_resume(options: DemoOptions, source: str, console: Console) -> tup
         )
         return coordinator, True
     coordinator = arbor.spawn(
-        Coordinator, COORDINATOR, source=source, workers=options.workers, batch_size=options.batch_size
+        Coordinator,
+        COORDINATOR,
+        source=source,
+        workers=options.workers,
+        batch_size=options.batch_size,
     )
     return coordinator, False
 

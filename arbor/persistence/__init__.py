@@ -53,9 +53,11 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> Chec
         from arbor.persistence.sqlite import SQLiteStore
 
         # sqlite:///relative/path and sqlite:////absolute/path, as in SQLAlchemy URLs.
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path:
-            raise ArborError(f"ARBOR_DATABASE_URL {url!r} names no file; use sqlite:///path/to/arbor.db")
+            raise ArborError(
+                f"ARBOR_DATABASE_URL {url!r} names no file; use sqlite:///path/to/arbor.db"
+            )
         store = SQLiteStore(url, path, settings.db_retry_attempts, settings.db_retry_backoff_s)
     else:
         raise ArborError(
@@ -78,5 +80,5 @@ def absolute_database_url(url: str) -> str:
     import os
 
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(url[len("sqlite:///"):])
+        return "sqlite:///" + os.path.abspath(url[len("sqlite:///") :])
     return url

@@ -70,7 +70,9 @@ def _check(agent: str, value: Any, path: str, active: set[int]) -> None:
         active.discard(id(value))
         return
     raise StateNotSerializable(
-        agent, path, f"{type(value).__name__} is not a JSON type (dict, list, str, number, bool, None)"
+        agent,
+        path,
+        f"{type(value).__name__} is not a JSON type (dict, list, str, number, bool, None)",
     )
 
 

@@ -41,7 +41,9 @@ class PostgresStore(CheckpointStore):
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, pool_max: int, retry_attempts: int, retry_backoff_s: float) -> None:
+    def __init__(
+        self, url: str, pool_max: int, retry_attempts: int, retry_backoff_s: float
+    ) -> None:
         super().__init__(url, retry_attempts, retry_backoff_s)
         # One direct connection first: an unreachable server then fails through the retry
         # loop with psycopg's own message, not with a pool timeout after background noise.
@@ -76,9 +78,10 @@ class PostgresStore(CheckpointStore):
                     "CREATE TABLE IF NOT EXISTS arbor_schema_migrations "
                     "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
                 )
-                done = {row[0] for row in connection.execute(
-                    "SELECT version FROM arbor_schema_migrations"
-                )}
+                done = {
+                    row[0]
+                    for row in connection.execute("SELECT version FROM arbor_schema_migrations")
+                }
                 applied = []
                 for version, sql in migration_scripts(self.dialect):
                     if version in done:
@@ -209,8 +212,7 @@ class PostgresStore(CheckpointStore):
                 # The row lock orders this write after any concurrent begin_incarnation, so
                 # the epoch compared here is the newest one.
                 row = connection.execute(
-                    "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = %s "
-                    "FOR UPDATE",
+                    "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = %s FOR UPDATE",
                     (name,),
                 ).fetchone()
                 if row is None or int(row[0]) != epoch:
@@ -280,7 +282,7 @@ class PostgresStore(CheckpointStore):
             with self._transaction() as connection:
                 connection.execute("DELETE FROM arbor_checkpoints WHERE agent = %s", (name,))
                 cursor = connection.execute("DELETE FROM arbor_agents WHERE name = %s", (name,))
-                return cursor.rowcount > 0
+                return bool(cursor.rowcount > 0)
 
         return self._retry("delete_agent", step)
 

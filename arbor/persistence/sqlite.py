@@ -83,9 +83,10 @@ class SQLiteStore(CheckpointStore):
                     "CREATE TABLE IF NOT EXISTS arbor_schema_migrations "
                     "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
                 )
-                done = {row[0] for row in connection.execute(
-                    "SELECT version FROM arbor_schema_migrations"
-                )}
+                done = {
+                    row[0]
+                    for row in connection.execute("SELECT version FROM arbor_schema_migrations")
+                }
                 applied = []
                 for version, sql in migration_scripts(self.dialect):
                     if version in done:
@@ -238,7 +239,10 @@ class SQLiteStore(CheckpointStore):
 
     def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:
         def step() -> Checkpoint | None:
-            query = "SELECT agent, version, epoch, state, processed, created_at FROM arbor_checkpoints WHERE agent = ?"
+            query = (
+                "SELECT agent, version, epoch, state, processed, created_at "
+                "FROM arbor_checkpoints WHERE agent = ?"
+            )
             params: tuple[Any, ...] = (name,)
             if version is None:
                 query += " ORDER BY version DESC LIMIT 1"

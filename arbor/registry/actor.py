@@ -43,7 +43,7 @@ STOP_TIMEOUT_S = 30.0
 class Registry:
     """Owns agent names and records; its state lives in the store, so a restart loses nothing.
 
-    A background reconciler compares the agents the store says should run with the actors
+    A background reconciler compares the agents that the store marks as running with the actors
     Ray has, and recreates missing ones from their last checkpoint.
     """
 
@@ -92,9 +92,10 @@ class Registry:
                 ray.kill(handle, no_restart=True)
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
                 raise ArborError(
-                    f"agent {spec.name!r} did not start within {self._settings.spawn_timeout_s} s; "
-                    f"check that the cluster has the resources it asks for ({spec.options or 'defaults'}) "
-                    "or raise ARBOR_SPAWN_TIMEOUT_S"
+                    f"agent {spec.name!r} did not start within "
+                    f"{self._settings.spawn_timeout_s} s; check that the cluster has the "
+                    f"resources it asks for ({spec.options or 'defaults'}) or raise "
+                    "ARBOR_SPAWN_TIMEOUT_S"
                 ) from None
         finally:
             self._inflight.discard(spec.name)
@@ -189,9 +190,9 @@ class Registry:
             alive_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
             recreated = []
             for record in records:
-                if await self._needs_recreation(record, alive_nodes):
-                    if await self._recreate(record, alive_nodes):
-                        recreated.append(record.name)
+                needed = await self._needs_recreation(record, alive_nodes)
+                if needed and await self._recreate(record, alive_nodes):
+                    recreated.append(record.name)
             self._passes += 1
             return recreated
 
@@ -264,7 +265,10 @@ class Registry:
             try:
                 await self.reconcile()
             except Exception:
-                logger.exception("reconciler pass failed; retrying in %.1f s", self._settings.reconcile_interval_s)
+                logger.exception(
+                    "reconciler pass failed; retrying in %.1f s",
+                    self._settings.reconcile_interval_s,
+                )
             await asyncio.sleep(self._settings.reconcile_interval_s)
 
     def _create_or_get(self, spec: SpawnSpec) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from typing import Any
 
 from arbor.agent import Agent, type_path
 from arbor.errors import InvalidAgentName, InvalidArguments
+
+logger = logging.getLogger(__name__)
 
 # Segments of letters, digits, '.', '_' and '-' joined by '/', so names can form paths
 # such as "workers/eu/7" that capability patterns match segment by segment.
@@ -54,7 +57,9 @@ def validate_name(name: object) -> str:
     if not isinstance(name, str):
         raise InvalidAgentName(f"agent name must be a string, got {type(name).__name__}")
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidAgentName(f"agent name {name[:40]!r}... is longer than {MAX_NAME_LENGTH} characters")
+        raise InvalidAgentName(
+            f"agent name {name[:40]!r}... is longer than {MAX_NAME_LENGTH} characters"
+        )
     if not _NAME_PATTERN.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
         raise InvalidAgentName(
             f"agent name {name!r} is invalid; use segments of letters, digits, '.', '_' and "
@@ -80,12 +85,20 @@ def build_spawn_spec(
             "define the agent as `class MyAgent(arbor.Agent)`"
         )
     validate_name(name)
+    path = type_path(agent_class)
+    if path.startswith("__main__:") or "<locals>" in path:
+        logger.warning(
+            "agent %s has type %s, which other processes cannot import; Ray restarts it after "
+            "a crash, but the reconciler cannot recreate it. Define the class in a module",
+            name,
+            path,
+        )
     options = {key: kwargs.pop(key) for key in list(kwargs) if key in PLACEMENT_KEYS}
     _check_options(options)
     return SpawnSpec(
         name=name,
         agent_class=agent_class,
-        type_path=type_path(agent_class),
+        type_path=path,
         init_args=tuple(init_args),
         init_kwargs=kwargs,
         options={key: value for key, value in options.items() if value is not None},
@@ -95,22 +108,35 @@ def build_spawn_spec(
 def _check_options(options: dict[str, Any]) -> None:
     for key in ("num_cpus", "num_gpus"):
         value = options.get(key)
-        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):
+        if value is not None and (
+            not isinstance(value, int | float) or isinstance(value, bool) or value < 0
+        ):
             raise InvalidArguments(f"{key}={value!r} is invalid; pass a number >= 0")
     memory = options.get("memory")
-    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0):
+    if memory is not None and (
+        not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0
+    ):
         raise InvalidArguments(f"memory={memory!r} is invalid; pass a number of bytes > 0")
     resources = options.get("resources")
     if resources is not None and (
         not isinstance(resources, dict)
-        or not all(isinstance(k, str) and isinstance(v, int | float) and v >= 0 for k, v in resources.items())
+        or not all(
+            isinstance(k, str) and isinstance(v, int | float) and v >= 0
+            for k, v in resources.items()
+        )
     ):
-        raise InvalidArguments(f"resources={resources!r} is invalid; pass a dict of name -> amount >= 0")
+        raise InvalidArguments(
+            f"resources={resources!r} is invalid; pass a dict of name -> amount >= 0"
+        )
     runtime_env = options.get("runtime_env")
     if runtime_env is not None and not isinstance(runtime_env, dict):
-        raise InvalidArguments(f"runtime_env={runtime_env!r} is invalid; pass a dict as Ray expects")
+        raise InvalidArguments(
+            f"runtime_env={runtime_env!r} is invalid; pass a dict as Ray expects"
+        )
     node_id = options.get("node_id")
-    if node_id is not None and (not isinstance(node_id, str) or not re.fullmatch(r"[0-9a-f]{56}", node_id)):
+    if node_id is not None and (
+        not isinstance(node_id, str) or not re.fullmatch(r"[0-9a-f]{56}", node_id)
+    ):
         raise InvalidArguments(
             f"node_id={node_id!r} is invalid; pass a Ray node id (56 hex digits, see ray.nodes())"
         )
@@ -149,5 +175,7 @@ def ray_actor_options(options: dict[str, Any], *, node_alive: bool = True) -> di
     node_id = options.get("node_id")
     if node_id is not None:
         soft = options.get("node_affinity", "soft") == "soft" or not node_alive
-        ray_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=soft)
+        ray_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            node_id=node_id, soft=soft
+        )
     return ray_options

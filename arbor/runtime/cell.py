@@ -27,7 +27,7 @@ from arbor.persistence.jsonstate import encode_reply, encode_state
 
 logger = logging.getLogger(__name__)
 
-# How a processed message's outcome is kept in a checkpoint for deduplication.
+# Keys of a processed message's outcome as a checkpoint stores it for deduplication.
 _VALUE = "v"
 _ERROR = "e"
 _NOT_KEPT = "n"
@@ -108,7 +108,7 @@ class AgentCell:
         return self._snapshot_json() != self._committed_json
 
     async def handle(self, envelope: Envelope) -> Reply:
-        """Apply one message and return its reply; never raises for a handler's error."""
+        """Apply one message and return its reply; a handler's error becomes part of the reply."""
         async with self._lock:
             if self.fenced or self.stopped:
                 return self._unavailable_reply(envelope)
@@ -211,8 +211,7 @@ class AgentCell:
         except CheckpointConflict:
             self.fenced = True
             logger.error(
-                "agent %s incarnation %d was fenced off by a newer epoch; it stops taking "
-                "messages",
+                "agent %s incarnation %d was fenced off by a newer epoch; it stops taking messages",
                 self.name,
                 self.epoch,
             )
@@ -255,7 +254,9 @@ class AgentCell:
         self.agent.restore(json.loads(self._committed_json))
 
     def _replay(self, envelope: Envelope, outcome: dict[str, Any]) -> Reply:
-        logger.debug("agent %s replays the reply to duplicate message %s", self.name, envelope.message_id)
+        logger.debug(
+            "agent %s replays the reply to duplicate message %s", self.name, envelope.message_id
+        )
         if _ERROR in outcome:
             kind, error_type, message, trace = outcome[_ERROR]
             error = ErrorInfo(kind=kind, error_type=error_type, message=message, traceback=trace)

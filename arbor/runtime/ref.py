@@ -140,7 +140,9 @@ class AgentRef:
                 )
                 return result
             except GetTimeoutError:
-                raise AskTimeout(f"agent {self._name!r} did not report its info in {timeout} s") from None
+                raise AskTimeout(
+                    f"agent {self._name!r} did not report its info in {timeout} s"
+                ) from None
             except _ACTOR_LOST as error:
                 self._lost_actor(error)
 
@@ -164,7 +166,9 @@ class AgentRef:
         kwargs: dict[str, Any],
         message_id: str | None,
     ) -> Envelope:
-        envelope = Envelope(handler=handler, args=args, kwargs=kwargs, kind=kind, sender=self._sender)
+        envelope = Envelope(
+            handler=handler, args=args, kwargs=kwargs, kind=kind, sender=self._sender
+        )
         if message_id is not None:
             envelope.message_id = message_id
         return envelope
@@ -184,7 +188,8 @@ class AgentRef:
                 raise AgentNotFound(self._name)
             if status == "stopped":
                 raise AgentNotFound(
-                    self._name, f"it is stopped; spawn it again after arbor.stop({self._name!r}, purge=True)"
+                    self._name,
+                    f"it is stopped; spawn it again after arbor.stop({self._name!r}, purge=True)",
                 )
             if status == "failed":
                 raise AgentNotFound(
@@ -198,7 +203,9 @@ class AgentRef:
             time.sleep(_RESOLVE_POLL_S)
 
     def _lost_actor(self, error: Exception) -> None:
-        logger.info("agent %s actor is gone (%s); looking it up again", self._name, type(error).__name__)
+        logger.info(
+            "agent %s actor is gone (%s); looking it up again", self._name, type(error).__name__
+        )
         self._handle = None
 
     def _unwrap(self, handler: str, reply: Reply) -> Any:
