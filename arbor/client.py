@@ -188,6 +188,9 @@ def stop(name: str, purge: bool = False) -> None:
 def restore(name: str, version: int) -> AgentInfo:
     """Roll an agent back to checkpoint ``version`` and restart it on that state.
 
+    The old checkpoint becomes the newest version. The running incarnation is fenced
+    with a new epoch and the restarted one takes another, so ``incarnation`` grows by two.
+
     Raises:
         AgentNotFound: no agent has this name.
         CheckpointNotFound: the version was never written or has been pruned.

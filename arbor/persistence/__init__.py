@@ -32,8 +32,13 @@ __all__ = [
 ]
 
 
-def open_store(url: str | None = None, settings: Settings | None = None) -> CheckpointStore:
+def open_store(
+    url: str | None = None, settings: Settings | None = None, *, migrate: bool = True
+) -> CheckpointStore:
     """Open the store named by ``url`` (default ``ARBOR_DATABASE_URL``) and migrate it.
+
+    Agent processes pass ``migrate=False``: the client and the registry have migrated the
+    schema before any agent starts, and skipping the check shortens every spawn.
 
     Raises:
         ArborError: the URL scheme is neither ``postgresql`` nor ``sqlite``.
@@ -64,6 +69,8 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> Chec
             f"ARBOR_DATABASE_URL scheme {scheme!r} is not supported; use postgresql://... "
             "or sqlite:///path"
         )
+    if not migrate:
+        return store
     try:
         store.migrate()
     except BaseException:

@@ -152,7 +152,7 @@ class Registry:
                 handle = None
             if handle is not None:
                 ray.kill(handle, no_restart=False)
-                await self._wait_ready(handle)
+                await self._wait_for_incarnation(name, handle, newer_than=epoch)
         logger.info("agent %s restored to checkpoint version %d", name, version)
         return await self.info(name)
 
@@ -286,11 +286,30 @@ class Registry:
             # A retried spawn after a registry restart: the first attempt's actor exists.
             return ray.get_actor(spec.name, namespace=NAMESPACE)
 
-    async def _wait_ready(self, handle: Any) -> None:
-        try:
-            await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
-        except (RayActorError, asyncio.TimeoutError) as error:
-            logger.warning("agent did not come back after restore: %s", error)
+    async def _wait_for_incarnation(self, name: str, handle: Any, newer_than: int) -> None:
+        """Wait until an incarnation newer than ``newer_than`` answers.
+
+        The killed incarnation may still answer for a moment after `ray.kill`, so one
+        answer is not proof of the restart.
+        """
+        deadline = time.monotonic() + self._settings.spawn_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                info = await asyncio.wait_for(
+                    handle.info.remote(), max(deadline - time.monotonic(), 0.1)
+                )
+            except (RayActorError, asyncio.TimeoutError) as error:
+                logger.warning("agent %s has not come back after restore yet: %s", name, error)
+                await asyncio.sleep(0.1)
+                continue
+            if info["incarnation"] > newer_than:
+                return
+            await asyncio.sleep(0.05)
+        logger.warning(
+            "agent %s did not restart within %s s after restore",
+            name,
+            self._settings.spawn_timeout_s,
+        )
 
     async def _wait_name_free(self, name: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -51,7 +51,7 @@ class AgentActor:
             target=self._loop.run_forever, name=f"arbor-agent-{name}", daemon=True
         )
         self._loop_thread.start()
-        self._store = open_store(self._settings.database_url, self._settings)
+        self._store = open_store(self._settings.database_url, self._settings, migrate=False)
         self._context = RuntimeContext(name)
         self._node_id = ray.get_runtime_context().get_node_id()
         self._cell = AgentCell(
