@@ -153,7 +153,10 @@ def _start_head(args: argparse.Namespace) -> None:
     ]
     if args.num_cpus is not None:
         command.append(f"--num-cpus={args.num_cpus}")
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    from arbor.client import RETRY_TIMER_MS
+
+    environment = {"RAY_core_worker_internal_heartbeat_ms": RETRY_TIMER_MS, **os.environ}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()
         raise ClusterUnavailable(f"`ray start` failed: {lines[-1] if lines else 'no output'}")

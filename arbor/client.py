@@ -12,7 +12,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from arbor.agent import Agent
 from arbor.config import NAMESPACE, REGISTRY_NAME, Settings, get_settings, reset_settings
-from arbor.errors import AgentNotFound, ArborError, ClusterUnavailable
+from arbor.errors import AgentNotFound, AgentTypeNotImportable, ArborError, ClusterUnavailable
 from arbor.persistence import CheckpointInfo, absolute_database_url, open_store
 from arbor.registry.info import AgentInfo
 from arbor.registry.spec import build_spawn_spec, validate_name
@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 # Seconds to wait for registry calls that touch only the store.
 _REGISTRY_TIMEOUT_S = 60.0
+
+# Milliseconds between Ray's checks for calls to resubmit (Ray's default is 1000).
+RETRY_TIMER_MS = "100"
 
 # Seconds to wait for a TCP connection to a cluster address before calling it down.
 _PROBE_TIMEOUT_S = 3.0
@@ -64,6 +67,7 @@ def init(
     open_store(url, settings).close()
 
     if not ray.is_initialized():
+        _tune_ray_retries()
         target = address or settings.ray_address
         options: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING}
         if num_cpus is not None or object_store_memory is not None:
@@ -140,7 +144,21 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
     """
     spec = build_spawn_spec(agent_class, name, args, kwargs)
     registry = _registry()
-    _call(registry.spawn.remote(spec), timeout=get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S)
+    timeout = get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S
+    try:
+        _call(registry.spawn.remote(spec), timeout=timeout)
+    except RayTaskError as error:
+        # The registry could not unpickle the request, almost always because the agent's
+        # module is importable here but not in the cluster's worker processes.
+        text = str(error)
+        if "No module named" not in text:
+            raise
+        missing = next(line for line in text.splitlines() if "No module named" in line)
+        raise AgentTypeNotImportable(
+            f"agent type {spec.type_path} cannot be imported in the Ray workers "
+            f"({missing.strip()}); install its module on every node, add it to PYTHONPATH "
+            "before the cluster starts, or pass runtime_env={'py_modules': [...]}"
+        ) from None
     return AgentRef(name)
 
 
@@ -225,7 +243,12 @@ def shutdown() -> None:
     global _started_ray
     if ray.is_initialized():
         ray.shutdown()
-    # Seconds to wait for a TCP connection to a cluster address before calling it down.
+    # Milliseconds between Ray's checks for calls to resubmit (Ray's default is 1000).
+
+
+RETRY_TIMER_MS = "100"
+
+# Seconds to wait for a TCP connection to a cluster address before calling it down.
 
 
 _PROBE_TIMEOUT_S = 3.0
@@ -257,6 +280,16 @@ def _call(object_ref: Any, timeout: float) -> Any:
         ) from None
     except RayActorError as error:
         raise ArborError(f"the registry actor failed: {error}") from error
+
+
+def _tune_ray_retries() -> None:
+    """Make callers resubmit a message to a restarted actor within about 0.1 s.
+
+    Ray's core worker checks for calls to retry on a timer, 1000 ms by default in Ray
+    2.60, which would dominate crash recovery. The setting reaches this process and the
+    processes of a local cluster it starts; `arbor up` passes it to ``ray start`` too.
+    """
+    os.environ.setdefault("RAY_core_worker_internal_heartbeat_ms", RETRY_TIMER_MS)
 
 
 def _probe(address: str | None) -> None:

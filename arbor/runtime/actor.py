@@ -6,8 +6,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import ray
 
@@ -20,8 +19,6 @@ from arbor.runtime.context import RuntimeContext
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 
 class AgentActor:
     """Ray actor body that runs one agent cell.
@@ -30,9 +27,10 @@ class AgentActor:
     new epoch and restores the latest checkpoint before the first message runs.
 
     The actor is a synchronous one on purpose: Ray runs a synchronous actor's tasks from
-    one caller in submission order, which an async actor does not promise. The cell's
-    coroutines (async handlers, checkpoint writes) run on an event loop in a thread of
-    their own, one message at a time.
+    one caller in submission order, which an async actor does not promise. Each task runs
+    the cell's coroutine to completion on the actor's private event loop, in Ray's task
+    thread, so async handlers work without a thread hand-off per message. A lock shares
+    the loop with the periodic checkpoint thread.
     """
 
     def __init__(
@@ -47,10 +45,7 @@ class AgentActor:
         self._settings = Settings(**settings)
         self._name = name
         self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(
-            target=self._loop.run_forever, name=f"arbor-agent-{name}", daemon=True
-        )
-        self._loop_thread.start()
+        self._loop_lock = threading.Lock()
         self._store = open_store(self._settings.database_url, self._settings, migrate=False)
         self._context = RuntimeContext(name)
         self._node_id = ray.get_runtime_context().get_node_id()
@@ -65,20 +60,31 @@ class AgentActor:
             durability=durability,  # type: ignore[arg-type]
             checkpoint_keep=self._settings.checkpoint_keep,
             dedup_window=self._settings.dedup_window,
+            offload_io=False,
         )
         self._context.attach(self._cell)
-        self._periodic: Any = None
+        self._stopping = threading.Event()
         if durability == "periodic":
-            self._periodic = asyncio.run_coroutine_threadsafe(
-                _checkpoint_periodically(self._cell, self._settings.checkpoint_interval_s),
-                self._loop,
-            )
+            threading.Thread(
+                target=self._checkpoint_periodically,
+                name=f"arbor-checkpoint-{name}",
+                daemon=True,
+            ).start()
 
-    def handle(self, envelope: Envelope) -> Reply:
-        """Apply one message; a fenced-off incarnation exits so Ray retries on the current one."""
-        reply = self._run(self._cell.handle(envelope))
+    def handle(self, wire: tuple[Any, ...]) -> Reply | Any:
+        """Apply one message; a fenced-off incarnation exits so Ray retries on the current one.
+
+        Returns:
+            The handler's value as is when the message succeeded, or else a `Reply`
+            holding the error; plain values keep the common path cheap to serialise.
+        """
+        envelope = Envelope.from_wire(wire)
+        with self._loop_lock:
+            reply = self._cell.handle_now(envelope, self._loop.run_until_complete)
         if self._cell.fenced:
             _exit_fenced(self._cell)
+        if reply.error is None and not isinstance(reply.value, Reply):
+            return reply.value
         return reply
 
     def info(self) -> dict[str, Any]:
@@ -94,34 +100,29 @@ class AgentActor:
 
     def stop(self) -> None:
         """Commit pending state and refuse further messages; the registry then kills the actor."""
-        if self._periodic is not None:
-            self._periodic.cancel()
-        self._run(self._cell.stop())
+        self._stopping.set()
+        with self._loop_lock:
+            self._cell.stop_now()
 
-    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+    def _checkpoint_periodically(self) -> None:
+        interval = self._settings.checkpoint_interval_s
+        while not self._stopping.wait(interval):
+            try:
+                with self._loop_lock:
+                    self._cell.flush_now()
+            except Exception:
+                logger.exception(
+                    "agent %s incarnation %d periodic checkpoint failed; retrying in %.1f s",
+                    self._name,
+                    self._cell.epoch,
+                    interval,
+                )
+            if self._cell.fenced:
+                _exit_fenced(self._cell)
 
     def __repr__(self) -> str:
         # Ray prefixes this actor's log lines with its repr.
         return f"{type(self).__name__}({self._name})"
-
-
-# Module-level coroutines, not methods: Ray treats an actor class with any coroutine
-# method as an async actor, which gives up per-caller ordering.
-async def _checkpoint_periodically(cell: AgentCell, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await cell.flush()
-        except Exception:
-            logger.exception(
-                "agent %s incarnation %d periodic checkpoint failed; retrying in %.1f s",
-                cell.name,
-                cell.epoch,
-                interval,
-            )
-        if cell.fenced:
-            _exit_fenced(cell)
 
 
 def _exit_fenced(cell: AgentCell) -> None:

@@ -11,6 +11,7 @@ import inspect
 import logging
 import traceback
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from arbor.agent import Agent, resolve_handler
@@ -53,6 +54,7 @@ class AgentCell:
         durability: Literal["durable", "periodic"] = "durable",
         checkpoint_keep: int = 10,
         dedup_window: int = 256,
+        offload_io: bool = True,
     ) -> None:
         self.name = name
         self.agent_class = agent_class
@@ -60,6 +62,9 @@ class AgentCell:
         self.durability = durability
         self.checkpoint_keep = checkpoint_keep
         self.dedup_window = dedup_window
+        # True when other cells share the event loop, so a database write must not block
+        # it; a cell alone in its process writes inline and saves a thread hand-off.
+        self.offload_io = offload_io
         self.fenced = False
         self.stopped = False
         self.checkpoint_version = 0
@@ -108,29 +113,73 @@ class AgentCell:
         return self._snapshot_json() != self._committed_json
 
     async def handle(self, envelope: Envelope) -> Reply:
-        """Apply one message and return its reply; a handler's error becomes part of the reply."""
+        """Apply one message and return its reply; a handler's error becomes part of the reply.
+
+        This is the form for an event loop shared with other cells: the mailbox lock
+        serialises messages, and with ``offload_io`` the checkpoint write runs in a thread.
+        """
         async with self._lock:
-            if self.fenced or self.stopped:
-                return self._unavailable_reply(envelope)
-            kept = self._processed.get(envelope.message_id)
-            if kept is not None:
-                return self._replay(envelope, kept)
-            return await self._apply(envelope)
+            admitted = self._admit(envelope)
+            if isinstance(admitted, Reply):
+                return admitted
+            try:
+                value = admitted(*envelope.args, **envelope.kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
+                error = None
+            except Exception as raised:
+                value, error = None, self._handler_error(envelope, raised)
+            if self.offload_io:
+                return await asyncio.to_thread(self._settle, envelope, value, error)
+            return self._settle(envelope, value, error)
+
+    def handle_now(self, envelope: Envelope, run: Callable[[Awaitable[Any]], Any]) -> Reply:
+        """Apply one message in the calling thread; ``run`` drives an async handler's coroutine.
+
+        The caller makes sure that only one message runs at a time, as a synchronous Ray
+        actor does.
+        """
+        admitted = self._admit(envelope)
+        if isinstance(admitted, Reply):
+            return admitted
+        try:
+            value = admitted(*envelope.args, **envelope.kwargs)
+            if inspect.isawaitable(value):
+                value = run(value)
+            error = None
+        except Exception as raised:
+            value, error = None, self._handler_error(envelope, raised)
+        return self._settle(envelope, value, error)
 
     async def checkpoint(self) -> int:
         """Commit the current state now; callable from inside a handler (holds no lock)."""
         state_json = self._snapshot_json()
-        await self._commit(state_json)
+        if self.offload_io:
+            await asyncio.to_thread(self._commit, state_json)
+        else:
+            self._commit(state_json)
         return self.checkpoint_version
+
+    def flush_now(self) -> None:
+        """Commit the state if it changed since the last checkpoint; the caller serialises."""
+        if self.fenced or self.stopped:
+            return
+        state_json = self._snapshot_json()
+        if state_json != self._committed_json:
+            self._commit(state_json)
 
     async def flush(self) -> None:
         """Commit the state if it changed since the last checkpoint, under the mailbox lock."""
         async with self._lock:
-            if self.fenced or self.stopped:
-                return
-            state_json = self._snapshot_json()
-            if state_json != self._committed_json:
-                await self._commit(state_json)
+            if self.offload_io:
+                await asyncio.to_thread(self.flush_now)
+            else:
+                self.flush_now()
+
+    def stop_now(self) -> None:
+        """Commit any pending state and refuse further messages; the caller serialises."""
+        self.flush_now()
+        self.stopped = True
 
     async def stop(self) -> None:
         """Commit any pending state and refuse further messages."""
@@ -138,7 +187,13 @@ class AgentCell:
         async with self._lock:
             self.stopped = True
 
-    async def _apply(self, envelope: Envelope) -> Reply:
+    def _admit(self, envelope: Envelope) -> Reply | Callable[..., Any]:
+        """Return the handler for ``envelope``, or the reply that settles it without one."""
+        if self.fenced or self.stopped:
+            return self._unavailable_reply(envelope)
+        kept = self._processed.get(envelope.message_id)
+        if kept is not None:
+            return self._replay(envelope, kept)
         try:
             handler = resolve_handler(self.agent, envelope.handler)
             self._bind(envelope, handler)
@@ -151,29 +206,26 @@ class AgentCell:
                 f"agent {self.name!r} handler {envelope.handler}{signature}: {error}"
             )
             return self._error_reply(envelope, "invalid_arguments", invalid)
+        return handler
 
-        value: Any = None
-        error_info: ErrorInfo | None = None
-        try:
-            value = handler(*envelope.args, **envelope.kwargs)
-            if inspect.isawaitable(value):
-                value = await value
-        except Exception as error:
-            error_info = ErrorInfo(
-                kind="handler",
-                error_type=f"{type(error).__module__}.{type(error).__qualname__}",
-                message=str(error),
-                traceback=traceback.format_exc(),
-            )
-            logger.warning(
-                "agent %s incarnation %d handler %s raised %s: %s",
-                self.name,
-                self.epoch,
-                envelope.handler,
-                type(error).__name__,
-                error,
-            )
+    def _handler_error(self, envelope: Envelope, error: Exception) -> ErrorInfo:
+        logger.warning(
+            "agent %s incarnation %d handler %s raised %s: %s",
+            self.name,
+            self.epoch,
+            envelope.handler,
+            type(error).__name__,
+            error,
+        )
+        return ErrorInfo(
+            kind="handler",
+            error_type=f"{type(error).__module__}.{type(error).__qualname__}",
+            message=str(error),
+            traceback=traceback.format_exc(),
+        )
 
+    def _settle(self, envelope: Envelope, value: Any, error_info: ErrorInfo | None) -> Reply:
+        """Record the outcome and, in durable mode, commit a changed state before replying."""
         self._remember(envelope.message_id, value, error_info)
         try:
             state_json = encode_state(self.name, self.agent.snapshot())
@@ -184,7 +236,7 @@ class AgentCell:
 
         if self.durability == "durable" and state_json != self._committed_json:
             try:
-                await self._commit(state_json)
+                self._commit(state_json)
             except CheckpointConflict as error:
                 return self._error_reply(envelope, "conflict", error)
             except StoreUnavailable as error:
@@ -197,16 +249,11 @@ class AgentCell:
         self.messages_processed += 1
         return Reply(envelope.message_id, value=value, error=error_info)
 
-    async def _commit(self, state_json: str) -> None:
+    def _commit(self, state_json: str) -> None:
         processed = [[message_id, outcome] for message_id, outcome in self._processed.items()]
         try:
-            self.checkpoint_version = await asyncio.to_thread(
-                self.store.write_checkpoint,
-                self.name,
-                self.epoch,
-                state_json,
-                processed,
-                self.checkpoint_keep,
+            self.checkpoint_version = self.store.write_checkpoint(
+                self.name, self.epoch, state_json, processed, self.checkpoint_keep
             )
         except CheckpointConflict:
             self.fenced = True

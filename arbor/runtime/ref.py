@@ -82,7 +82,7 @@ class AgentRef:
         deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
         while True:
             actor = self._resolve(deadline)
-            object_ref = actor.handle.remote(envelope)
+            object_ref = actor.handle.remote(envelope.to_wire())
             try:
                 reply = ray.get(object_ref, timeout=max(deadline - time.monotonic(), 0.0))
             except GetTimeoutError:
@@ -105,7 +105,7 @@ class AgentRef:
         deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
         while True:
             actor = self._resolve(deadline)
-            object_ref = actor.handle.remote(envelope)
+            object_ref = actor.handle.remote(envelope.to_wire())
             try:
                 reply = await asyncio.wait_for(
                     object_ref, timeout=max(deadline - time.monotonic(), 0.0)
@@ -126,7 +126,7 @@ class AgentRef:
         """
         envelope = self._envelope("send", handler, args, kwargs, message_id)
         actor = self._resolve(time.monotonic() + _default_timeout())
-        actor.handle.remote(envelope)
+        actor.handle.remote(envelope.to_wire())
         return envelope.message_id
 
     def info(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -208,7 +208,9 @@ class AgentRef:
         )
         self._handle = None
 
-    def _unwrap(self, handler: str, reply: Reply) -> Any:
+    def _unwrap(self, handler: str, reply: Any) -> Any:
+        if not isinstance(reply, Reply):
+            return reply
         error = reply.error
         if error is None:
             return reply.value
