@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    console = Console(soft_wrap=True)
+    # Piped output keeps whole table rows instead of wrapping them at 80 columns.
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
     try:
         code: int = args.run(args, console)
         return code
