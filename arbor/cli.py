@@ -19,6 +19,7 @@ from rich.table import Table
 import arbor
 from arbor.config import get_settings, redact_url
 from arbor.errors import ArborError, ClusterUnavailable
+from arbor.persistence import absolute_database_url
 
 # Ray's own default port is often taken by Redis, so `arbor up` starts on a free one.
 DEFAULT_DASHBOARD_PORT = 8265
@@ -177,7 +178,8 @@ def _down(args: argparse.Namespace, console: Console) -> int:
         raise ArborError(f"`ray stop` failed: {result.stderr.strip().splitlines()[-1:]}")
     console.print(
         "stopped the local Ray cluster; agent state stays in "
-        f"{redact_url(get_settings().database_url)} and `arbor up` brings the agents back"
+        f"{redact_url(absolute_database_url(get_settings().database_url))} and `arbor up` "
+        "brings the agents back"
     )
     return 0
 

@@ -29,8 +29,6 @@ RETRY_TIMER_MS = "100"
 # Seconds to wait for a TCP connection to a cluster address before calling it down.
 _PROBE_TIMEOUT_S = 3.0
 
-_started_ray = False
-
 
 def init(
     address: str | None = None,
@@ -56,8 +54,6 @@ def init(
     Example:
         >>> arbor.init()
     """
-    global _started_ray
-
     url = absolute_database_url(database_url or get_settings().database_url)
     os.environ["ARBOR_DATABASE_URL"] = url
     reset_settings()
@@ -78,12 +74,11 @@ def init(
             _warn_if_network_bound()
         _probe(target)
         try:
-            context = ray.init(address=target, **options)
+            ray.init(address=target, **options)
         except ConnectionError as error:
             raise ClusterUnavailable(
                 f"no Ray cluster at {target!r}: {error}; start one with `arbor up`"
             ) from error
-        _started_ray = context.address_info.get("node_id") is not None and target in (None, "local")
     ensure_registry(settings)
 
 
@@ -240,20 +235,8 @@ def shutdown() -> None:
     Agents in a cluster that outlives this process keep running; their state is in the
     store either way.
     """
-    global _started_ray
     if ray.is_initialized():
         ray.shutdown()
-    # Milliseconds between Ray's checks for calls to resubmit (Ray's default is 1000).
-
-
-RETRY_TIMER_MS = "100"
-
-# Seconds to wait for a TCP connection to a cluster address before calling it down.
-
-
-_PROBE_TIMEOUT_S = 3.0
-
-_started_ray = False
 
 
 def _registry() -> Any:

@@ -9,7 +9,7 @@ Arbor configurations:
 - a read-only handler, whose state does not change, so no checkpoint is written;
 - a state-changing handler with durability "durable", where a checkpoint commits before
   the reply, on SQLite and on PostgreSQL;
-- a state-changing handler with durability "periodic", where a background task
+- a state-changing handler with durability "periodic", where a background thread
   checkpoints every ARBOR_CHECKPOINT_INTERVAL_S.
 
 Baselines: ``ray.get(actor.add.remote(1))`` on a bare async actor, and on a bare

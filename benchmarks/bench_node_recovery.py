@@ -42,6 +42,7 @@ import ray
 import ray.cluster_utils
 
 import arbor
+from arbor.client import RETRY_TIMER_MS
 from arbor.config import NAMESPACE, REGISTRY_NAME
 from benchmarks import common
 from benchmarks.bench_agents import BenchCounter, RawCounter
@@ -157,6 +158,9 @@ def start_cluster(args: argparse.Namespace) -> ray.cluster_utils.Cluster:
     """
     from ray._private.utils import get_ray_address_file
 
+    # `arbor up` starts Ray with Arbor's retry timer. `arbor.init` sets it only after this
+    # head node has started, so the head's processes get it here.
+    os.environ.setdefault("RAY_core_worker_internal_heartbeat_ms", RETRY_TIMER_MS)
     address_file = get_ray_address_file(None)
     previous = None
     if os.path.exists(address_file):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -44,6 +46,23 @@ def cluster(module_pg_url: str) -> Iterator[Cluster]:
     cluster.shutdown()
 
 
+def kill_node(cluster: Cluster, node: object) -> None:
+    """Kill a node the way a machine dies: its raylet first, then every process under it.
+
+    `Cluster.remove_node` alone leaves the node's actor processes running, and they would
+    keep answering as if the node were alive.
+    """
+    from ray._private import ray_constants
+
+    raylet_pid = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid  # type: ignore[attr-defined]
+    raylet = psutil.Process(raylet_pid)
+    doomed = [raylet, *raylet.children(recursive=True)]
+    for process in doomed:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    cluster.remove_node(node, allow_graceful=False)
+
+
 def wait_for_answers(names: list[str], expected: dict[str, int], timeout: float) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     values: dict[str, int] = {}
@@ -64,7 +83,7 @@ def test_node_loss_brings_agents_back_with_state(cluster: Cluster) -> None:
     doomed = next(node for node in cluster.worker_nodes if node.node_id == doomed_id)
     moved = [name for name in names if placement[name] == doomed_id]
 
-    cluster.remove_node(doomed)
+    kill_node(cluster, doomed)
     values = wait_for_answers(names, expected, timeout=120)
 
     assert values == expected
@@ -83,7 +102,7 @@ def test_hard_pinned_agent_moves_when_its_node_dies(cluster: Cluster) -> None:
     ref.ask("add", 42)
     assert ref.info()["node_id"] == target.node_id
 
-    cluster.remove_node(target)
+    kill_node(cluster, target)
 
     assert ref.ask("get", timeout=120) == 42
     info = ref.info()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
@@ -101,6 +103,20 @@ def test_bad_arguments_raise_invalid_arguments() -> None:
         ref.ask("add", 1, 2)
     with pytest.raises(arbor.InvalidArguments, match="missing a required argument: .n."):
         ref.ask("add", m=1)
+
+
+def test_spawn_of_driver_only_module_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = "import arbor\n\n\nclass Hidden(arbor.Agent):\n    pass\n"
+    (tmp_path / "driver_only_agents.py").write_text(source, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("driver_only_agents")
+
+    with pytest.raises(arbor.AgentTypeNotImportable, match="No module named 'driver_only_agents'"):
+        arbor.spawn(module.Hidden, "rt/hidden")
+    with pytest.raises(arbor.AgentNotFound):
+        arbor.get("rt/hidden")
 
 
 def test_spawn_with_broken_init_raises_and_frees_name() -> None:
