@@ -88,3 +88,15 @@ class BrokenInit(arbor.Agent):
 
     def __init__(self) -> None:
         raise RuntimeError("cannot start without a license key")
+
+
+class Relay(arbor.Agent):
+    """Forwards numbers to another agent with fire-and-forget sends."""
+
+    def __init__(self) -> None:
+        self.forwarded = 0
+
+    def forward(self, target: str, n: int) -> int:
+        self.context.get(target).send("add", n)
+        self.forwarded += 1
+        return self.forwarded

@@ -14,7 +14,7 @@ import ray
 
 import arbor
 from arbor.config import NAMESPACE, REGISTRY_NAME
-from tests.agents import Counter
+from tests.agents import Counter, Relay
 
 ASKS = 150
 
@@ -66,6 +66,32 @@ def test_kill_under_ask_stream_loses_and_repeats_nothing() -> None:
     assert replies == list(range(1, ASKS + 1))
     assert ref.ask("get") == ASKS
     assert ref.info()["incarnation"] == 2
+
+
+def test_sends_from_crashed_agent_arrive_exactly_once() -> None:
+    sink = arbor.spawn(Counter, "rec/sink")
+    arbor.spawn(Relay, "rec/relay")
+    forwards = 60
+    replies: list[int] = []
+
+    def forward_stream() -> None:
+        relay = arbor.get("rec/relay")
+        for _ in range(forwards):
+            replies.append(relay.ask("forward", "rec/sink", 1, timeout=60))
+
+    worker = threading.Thread(target=forward_stream)
+    worker.start()
+    while len(replies) < forwards // 3 and worker.is_alive():
+        time.sleep(0.01)
+    kill_agent_process(arbor.get("rec/relay"))
+    worker.join(timeout=120)
+
+    deadline = time.monotonic() + 30
+    while sink.ask("get") < forwards and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert replies == list(range(1, forwards + 1))
+    assert sink.ask("get") == forwards
 
 
 def test_periodic_agent_recovers_committed_state() -> None:

@@ -225,6 +225,13 @@ def test_runtime_env_reaches_agent_process() -> None:
     assert ref.ask("environment", "ARBOR_TEST_FLAG") == "on"
 
 
+def test_malformed_runtime_env_is_rejected_and_frees_name() -> None:
+    with pytest.raises(arbor.ArborError, match="could not be created"):
+        arbor.spawn(Counter, "rt/bad-env", runtime_env={"env_vars": {"FLAG": 1}})
+    with pytest.raises(arbor.AgentNotFound):
+        arbor.get("rt/bad-env")
+
+
 def test_hard_node_affinity_places_agent_on_node() -> None:
     node_id = ray.get_runtime_context().get_node_id()
     ref = arbor.spawn(Counter, "rt/pinned", node_id=node_id, node_affinity="hard", num_cpus=0)
@@ -263,3 +270,12 @@ def test_dashboard_lists_agent_class_and_name() -> None:
     assert actors[0].ray_namespace == "arbor"
     assert actors[0].is_detached is True
     assert actors[0].state == "ALIVE"
+
+
+def test_placement_options_reach_ray() -> None:
+    from ray.util.state import list_actors
+
+    arbor.spawn(Counter, "rt/resources", num_cpus=0.5, memory=64 * 1024**2)
+    dashboard = "http://" + ray._private.worker.get_dashboard_url()
+    actors = list_actors(address=dashboard, filters=[("name", "=", "rt/resources")], detail=True)
+    assert actors[0].required_resources == {"CPU": 0.5, "memory": 64 * 1024**2}

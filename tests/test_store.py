@@ -152,8 +152,8 @@ def test_reopened_store_applies_no_migrations(store: CheckpointStore, store_url:
     assert store.migrate() == []
 
 
-def test_schema_migrations_table_lists_version_1(store: CheckpointStore, store_url: str) -> None:
-    assert schema_versions(store_url) == [1]
+def test_schema_migrations_table_lists_all_versions(store: CheckpointStore, store_url: str) -> None:
+    assert schema_versions(store_url) == [1, 2]
 
 
 def test_concurrent_postgres_open_succeeds(pg_url: str) -> None:
@@ -168,7 +168,7 @@ def test_concurrent_postgres_open_succeeds(pg_url: str) -> None:
         stores = [future.result(timeout=30) for future in futures]
     try:
         assert [opened.migrate() for opened in stores] == [[], []]
-        assert schema_versions(pg_url) == [1]
+        assert schema_versions(pg_url) == [1, 2]
     finally:
         for opened in stores:
             opened.close()
@@ -909,3 +909,13 @@ def test_sqlite_write_waits_for_other_writer(
 )
 def test_redact_url_hides_password(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_outbox_round_trips(store: CheckpointStore) -> None:
+    store.create_agent(AgentRecord(name="sender", type_path="m:C", status="starting", spawn_id="s"))
+    epoch = store.begin_incarnation("sender", None)
+    outbox = [["receiver", ["add", [1], {}, "send", "m-1.0", "sender", 1.5, {}]]]
+    store.write_checkpoint("sender", epoch, "{}", [], 10, outbox=outbox)
+    checkpoint = store.load_checkpoint("sender")
+    assert checkpoint is not None
+    assert checkpoint.outbox == outbox

@@ -58,6 +58,7 @@ class Checkpoint:
     state: Any
     processed: list[list[Any]]
     created_at: datetime
+    outbox: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -125,9 +126,17 @@ class CheckpointStore(ABC):
 
     @abstractmethod
     def write_checkpoint(
-        self, name: str, epoch: int, state_json: str, processed: list[list[Any]], keep: int
+        self,
+        name: str,
+        epoch: int,
+        state_json: str,
+        processed: list[list[Any]],
+        keep: int,
+        outbox: list[list[Any]] | None = None,
     ) -> int:
         """Commit a checkpoint if ``epoch`` is current and prune all but ``keep`` versions.
+
+        ``outbox`` lists the messages the agent sent that are not known to be delivered.
 
         Returns:
             The new version number.

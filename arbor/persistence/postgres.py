@@ -203,9 +203,16 @@ class PostgresStore(CheckpointStore):
         return self._retry("fence", step)
 
     def write_checkpoint(
-        self, name: str, epoch: int, state_json: str, processed: list[list[Any]], keep: int
+        self,
+        name: str,
+        epoch: int,
+        state_json: str,
+        processed: list[list[Any]],
+        keep: int,
+        outbox: list[list[Any]] | None = None,
     ) -> int:
         processed_json = json.dumps(processed, separators=(",", ":"))
+        outbox_json = json.dumps(outbox or [], separators=(",", ":"))
 
         def step() -> int:
             with self._transaction() as connection:
@@ -220,8 +227,9 @@ class PostgresStore(CheckpointStore):
                 version = int(row[1]) + 1
                 connection.execute(
                     "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
-                    "created_at) VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, now())",
-                    (name, version, epoch, state_json, processed_json),
+                    "outbox, created_at) "
+                    "VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, now())",
+                    (name, version, epoch, state_json, processed_json, outbox_json),
                 )
                 connection.execute(
                     "UPDATE arbor_agents SET checkpoint_version = %s, checkpointed_at = now(), "
@@ -238,7 +246,7 @@ class PostgresStore(CheckpointStore):
 
     def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:
         def step() -> Checkpoint | None:
-            columns = "agent, version, epoch, state, processed, created_at"
+            columns = "agent, version, epoch, state, processed, created_at, outbox"
             with self._pool.connection() as connection:
                 if version is None:
                     row = connection.execute(
@@ -261,6 +269,7 @@ class PostgresStore(CheckpointStore):
                 state=row[3],
                 processed=row[4],
                 created_at=row[5],
+                outbox=row[6],
             )
 
         return self._retry("load_checkpoint", step)

@@ -207,9 +207,16 @@ class SQLiteStore(CheckpointStore):
         return self._retry("fence", step)
 
     def write_checkpoint(
-        self, name: str, epoch: int, state_json: str, processed: list[list[Any]], keep: int
+        self,
+        name: str,
+        epoch: int,
+        state_json: str,
+        processed: list[list[Any]],
+        keep: int,
+        outbox: list[list[Any]] | None = None,
     ) -> int:
         processed_json = json.dumps(processed, separators=(",", ":"))
+        outbox_json = json.dumps(outbox or [], separators=(",", ":"))
 
         def step() -> int:
             now = time.time()
@@ -221,8 +228,9 @@ class SQLiteStore(CheckpointStore):
                     raise CheckpointConflict(name, epoch, int(row[0]) if row else None)
                 version = int(row[1]) + 1
                 connection.execute(
-                    "INSERT INTO arbor_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
-                    (name, version, epoch, state_json, processed_json, now),
+                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
+                    "created_at, outbox) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (name, version, epoch, state_json, processed_json, now, outbox_json),
                 )
                 connection.execute(
                     "UPDATE arbor_agents SET checkpoint_version = ?, checkpointed_at = ?, "
@@ -240,7 +248,7 @@ class SQLiteStore(CheckpointStore):
     def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:
         def step() -> Checkpoint | None:
             query = (
-                "SELECT agent, version, epoch, state, processed, created_at "
+                "SELECT agent, version, epoch, state, processed, created_at, outbox "
                 "FROM arbor_checkpoints WHERE agent = ?"
             )
             params: tuple[Any, ...] = (name,)
@@ -260,6 +268,7 @@ class SQLiteStore(CheckpointStore):
                 state=json.loads(row[3]),
                 processed=json.loads(row[4]),
                 created_at=_time(row[5]),
+                outbox=json.loads(row[6]),
             )
 
         return self._retry("load_checkpoint", step)

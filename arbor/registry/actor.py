@@ -82,7 +82,17 @@ class Registry:
                 options=spec.options,
             )
             await asyncio.to_thread(self._store.create_agent, record)
-            handle = self._create_or_get(spec)
+            try:
+                handle = self._create_or_get(spec)
+            except Exception as error:
+                # Ray rejected the actor options (a malformed runtime_env, for example);
+                # free the name, since no actor will ever claim it.
+                logger.warning("agent %s could not be created: %s", spec.name, error)
+                await asyncio.to_thread(self._store.delete_agent, spec.name)
+                raise ArborError(
+                    f"agent {spec.name!r} could not be created: {type(error).__name__}: "
+                    f"{error}; check the placement options {spec.options}"
+                ) from None
             try:
                 await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
             except RayActorError as error:

@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
@@ -16,6 +17,7 @@ from arbor.messages import Envelope, Reply
 from arbor.persistence import open_store
 from arbor.runtime.cell import AgentCell
 from arbor.runtime.context import RuntimeContext
+from arbor.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,12 @@ class AgentActor:
             checkpoint_keep=self._settings.checkpoint_keep,
             dedup_window=self._settings.dedup_window,
             offload_io=False,
+            outbox=Outbox(_dispatch, _delivered),
         )
         self._context.attach(self._cell)
+        # Messages the last incarnation committed but may not have delivered.
+        if self._cell.outbox is not None:
+            self._cell.outbox.flush()
         self._stopping = threading.Event()
         if durability == "periodic":
             threading.Thread(
@@ -123,6 +129,30 @@ class AgentActor:
     def __repr__(self) -> str:
         # Ray prefixes this actor's log lines with its repr.
         return f"{type(self).__name__}({self._name})"
+
+
+def _dispatch(target: str, wire: list[Any]) -> Any:
+    """Send an outbox message to ``target``; returns the reply's ObjectRef, or None."""
+    try:
+        handle = ray.get_actor(target, namespace=NAMESPACE)
+    except ValueError:
+        return None
+    return handle.handle.remote(tuple(wire))
+
+
+def _delivered(reply: Any) -> bool | None:
+    """Check an outbox message's reply: True once handled, False if the target was lost."""
+    ready, _ = ray.wait([reply], timeout=0)
+    if not ready:
+        return None
+    try:
+        ray.get(reply, timeout=0)
+    except (RayActorError, ActorUnschedulableError):
+        return False
+    except Exception:
+        # The receiver applied the message and its handler failed; that is delivered.
+        return True
+    return True
 
 
 def _exit_fenced(cell: AgentCell) -> None:

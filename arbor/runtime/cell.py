@@ -22,9 +22,10 @@ from arbor.errors import (
     StoreUnavailable,
     UnknownHandler,
 )
-from arbor.messages import Envelope, ErrorInfo, Reply
+from arbor.messages import Envelope, ErrorInfo, Reply, new_message_id
 from arbor.persistence import CheckpointStore
 from arbor.persistence.jsonstate import encode_reply, encode_state
+from arbor.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class AgentCell:
         checkpoint_keep: int = 10,
         dedup_window: int = 256,
         offload_io: bool = True,
+        outbox: Outbox | None = None,
     ) -> None:
         self.name = name
         self.agent_class = agent_class
@@ -72,6 +74,11 @@ class AgentCell:
         self._lock = asyncio.Lock()
         self._processed: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._signatures: dict[str, inspect.Signature] = {}
+        # Messages this agent sends from handlers; None sends them at once, unrecorded.
+        self.outbox = outbox
+        # The message being handled, from which the ids of messages it sends derive.
+        self._current_id: str | None = None
+        self._child_count = 0
 
         self.epoch = store.begin_incarnation(name, node_id)
         checkpoint = store.load_checkpoint(name)
@@ -83,6 +90,8 @@ class AgentCell:
             self.checkpoint_version = checkpoint.version
             for message_id, outcome in checkpoint.processed:
                 self._processed[message_id] = outcome
+            if outbox is not None:
+                outbox.load(checkpoint.outbox)
             self._committed_json = encode_state(name, instance.snapshot())
             logger.info(
                 "agent %s incarnation %d restored checkpoint version %d",
@@ -122,6 +131,7 @@ class AgentCell:
             admitted = self._admit(envelope)
             if isinstance(admitted, Reply):
                 return admitted
+            self._begin(envelope)
             try:
                 value = admitted(*envelope.args, **envelope.kwargs)
                 if inspect.isawaitable(value):
@@ -129,6 +139,8 @@ class AgentCell:
                 error = None
             except Exception as raised:
                 value, error = None, self._handler_error(envelope, raised)
+            finally:
+                self._current_id = None
             if self.offload_io:
                 return await asyncio.to_thread(self._settle, envelope, value, error)
             return self._settle(envelope, value, error)
@@ -142,6 +154,7 @@ class AgentCell:
         admitted = self._admit(envelope)
         if isinstance(admitted, Reply):
             return admitted
+        self._begin(envelope)
         try:
             value = admitted(*envelope.args, **envelope.kwargs)
             if inspect.isawaitable(value):
@@ -149,7 +162,43 @@ class AgentCell:
             error = None
         except Exception as raised:
             value, error = None, self._handler_error(envelope, raised)
+        finally:
+            self._current_id = None
         return self._settle(envelope, value, error)
+
+    def next_message_id(self) -> str:
+        """Return the id for a message this agent sends now.
+
+        Inside a handler the id derives from the message being handled, so a handler run
+        again after a crash sends the same ids and receivers drop the repeats.
+        """
+        if self._current_id is None:
+            return new_message_id()
+        self._child_count += 1
+        return f"{self._current_id}.{self._child_count}"
+
+    def stage_send(self, target: str, envelope: Envelope) -> bool:
+        """Keep a send made by a handler in the outbox; False means send it at once.
+
+        Sends are staged only in durable mode, inside a handler, and when their
+        arguments are JSON, because the checkpoint stores them.
+        """
+        if self.outbox is None or self.durability != "durable" or self._current_id is None:
+            return False
+        wire = list(envelope.to_wire())
+        try:
+            encode_state(self.name, wire, root="message")
+        except StateNotSerializable as error:
+            logger.debug(
+                "agent %s sends %s without the outbox: %s", self.name, envelope.message_id, error
+            )
+            return False
+        self.outbox.stage(envelope.message_id, target, wire)
+        return True
+
+    def _begin(self, envelope: Envelope) -> None:
+        self._current_id = envelope.message_id
+        self._child_count = 0
 
     async def checkpoint(self) -> int:
         """Commit the current state now; callable from inside a handler (holds no lock)."""
@@ -234,7 +283,10 @@ class AgentCell:
             self._roll_back()
             return self._error_reply(envelope, "state", error)
 
-        if self.durability == "durable" and state_json != self._committed_json:
+        outbox = self.outbox
+        pruned = outbox.prune() if outbox is not None else False
+        outbox_changed = pruned or (outbox is not None and outbox.has_staged)
+        if self.durability == "durable" and (state_json != self._committed_json or outbox_changed):
             try:
                 self._commit(state_json)
             except CheckpointConflict as error:
@@ -245,15 +297,20 @@ class AgentCell:
                 self._forget(envelope.message_id)
                 self._roll_back()
                 return self._error_reply(envelope, "store", error)
+            if outbox is not None:
+                outbox.commit_staged()
+        if outbox is not None:
+            outbox.flush()
 
         self.messages_processed += 1
         return Reply(envelope.message_id, value=value, error=error_info)
 
     def _commit(self, state_json: str) -> None:
         processed = [[message_id, outcome] for message_id, outcome in self._processed.items()]
+        outbox = self.outbox.records() if self.outbox is not None else []
         try:
             self.checkpoint_version = self.store.write_checkpoint(
-                self.name, self.epoch, state_json, processed, self.checkpoint_keep
+                self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
             )
         except CheckpointConflict:
             self.fenced = True
@@ -294,6 +351,8 @@ class AgentCell:
 
     def _forget(self, message_id: str) -> None:
         self._processed.pop(message_id, None)
+        if self.outbox is not None:
+            self.outbox.discard_staged()
 
     def _roll_back(self) -> None:
         import json

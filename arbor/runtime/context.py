@@ -42,7 +42,7 @@ class RuntimeContext:
 
     def get(self, name: str) -> AgentRef:
         """Return a reference to another agent; its messages name this agent as sender."""
-        return AgentRef(name, sender=self._name)
+        return AgentRef(name, sender=self._name, origin=self._cell)
 
     def spawn(self, agent_class: type[Agent], name: str, **kwargs: Any) -> AgentRef:
         """Spawn another agent through the registry and return its reference."""

@@ -43,10 +43,15 @@ class AgentRef:
         8
     """
 
-    def __init__(self, name: str, sender: str | None = None, handle: Any = None) -> None:
+    def __init__(
+        self, name: str, sender: str | None = None, handle: Any = None, origin: Any = None
+    ) -> None:
         self._name = name
         self._sender = sender
         self._handle = handle
+        # The sending agent's cell, inside an agent: it names the messages and keeps
+        # sends in its outbox. Not pickled, so a reference passed on starts plain.
+        self._origin = origin
 
     @property
     def name(self) -> str:
@@ -125,6 +130,8 @@ class AgentRef:
         and the agent applies a message id at most once.
         """
         envelope = self._envelope("send", handler, args, kwargs, message_id)
+        if self._origin is not None and self._origin.stage_send(self._name, envelope):
+            return envelope.message_id
         actor = self._resolve(time.monotonic() + _default_timeout())
         actor.handle.remote(envelope.to_wire())
         return envelope.message_id
@@ -171,6 +178,8 @@ class AgentRef:
         )
         if message_id is not None:
             envelope.message_id = message_id
+        elif self._origin is not None:
+            envelope.message_id = self._origin.next_message_id()
         return envelope
 
     def _resolve(self, deadline: float) -> Any:
