@@ -78,7 +78,13 @@ class Agent:
         return {key: value for key, value in vars(self).items() if not key.startswith("_")}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Load state produced by `snapshot`; the default sets each key as an attribute."""
+        """Load state produced by `snapshot`.
+
+        The default sets each key as an attribute and deletes public attributes that the
+        state lacks, so the agent matches the checkpoint exactly, which a rollback needs.
+        """
+        for key in [key for key in vars(self) if not key.startswith("_") and key not in state]:
+            delattr(self, key)
         for key, value in state.items():
             setattr(self, key, value)
 

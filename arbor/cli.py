@@ -54,13 +54,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arbor", description="Durable, long-lived agents on Ray.")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="arbor", description="Durable, long-lived agents on Ray.", formatter_class=formatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log retries and recoveries")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    up = commands.add_parser("up", help="start or join a local Ray cluster and the registry")
+    up = commands.add_parser(
+        "up",
+        help="start or join a local Ray cluster and the registry",
+        formatter_class=formatter,
+    )
     up.add_argument(
-        "--port", type=int, default=0, help="GCS port of a new cluster (default: a free port)"
+        "--port", type=int, default=0, help="GCS port of a new cluster (0: a free port)"
     )
     up.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs the new head node offers to Ray"
@@ -71,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
 
     down = commands.add_parser(
-        "down", help="stop the local Ray cluster; agent state stays in the store"
+        "down",
+        help="stop every Ray process on this machine (ray stop); agent state stays in the store",
     )
     down.set_defaults(run=_down)
 
@@ -80,19 +88,24 @@ def _parser() -> argparse.ArgumentParser:
 
     agents = commands.add_parser("agents", help="list agents as a table")
     agents.add_argument(
-        "--status", default=None, help="only agents with this status (running, stopped, failed)"
+        "--status",
+        default=None,
+        choices=["starting", "running", "stopped", "failed"],
+        help="only agents with this status",
     )
     agents.set_defaults(run=_agents)
 
     demo = commands.add_parser(
-        "demo", help="analyze a Python source tree with a coordinator and analyzer agents"
+        "demo",
+        help="analyze a Python source tree with a coordinator and analyzer agents",
+        formatter_class=formatter,
     )
     demo.add_argument(
         "--source", default=None, help="folder to analyze (default: the Python standard library)"
     )
-    demo.add_argument("--workers", type=_positive, default=4, help="number of analyzer agents")
+    demo.add_argument("--workers", type=count, default=4, help="number of analyzer agents")
     demo.add_argument(
-        "--batch-size", type=_positive, default=25, help="files per message to an analyzer"
+        "--batch-size", type=count, default=25, help="files per message to an analyzer"
     )
     demo.add_argument(
         "--kill-one", action="store_true", help="SIGKILL one analyzer's process mid-run"
@@ -105,8 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    value = int(text)
+def count(text: str) -> int:
+    """Parse a whole number of 1 or more; argparse names this function in its errors."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; pass a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is invalid; pass a whole number of 1 or more")
     return value
@@ -125,7 +142,9 @@ def _connect_existing() -> None:
 def _up(args: argparse.Namespace, console: Console) -> int:
     try:
         _connect_existing()
-        console.print("joined the running Ray cluster")
+        console.print(
+            "joined the running Ray cluster; --port and --num-cpus apply only to a new one"
+        )
     except ClusterUnavailable:
         _start_head(args)
         _connect_existing()
@@ -175,7 +194,8 @@ def _down(args: argparse.Namespace, console: Console) -> int:
     ray_command = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     result = subprocess.run([ray_command, "stop"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise ArborError(f"`ray stop` failed: {result.stderr.strip().splitlines()[-1:]}")
+        lines = result.stderr.strip().splitlines()
+        raise ArborError(f"`ray stop` failed: {lines[-1] if lines else 'no output'}")
     console.print(
         "stopped the local Ray cluster; agent state stays in "
         f"{redact_url(absolute_database_url(get_settings().database_url))} and `arbor up` "

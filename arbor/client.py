@@ -151,8 +151,8 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
         missing = next(line for line in text.splitlines() if "No module named" in line)
         raise AgentTypeNotImportable(
             f"agent type {spec.type_path} cannot be imported in the Ray workers "
-            f"({missing.strip()}); install its module on every node, add it to PYTHONPATH "
-            "before the cluster starts, or pass runtime_env={'py_modules': [...]}"
+            f"({missing.strip()}); install its module on every node, or add its folder "
+            "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
         ) from None
     return AgentRef(name)
 

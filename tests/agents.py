@@ -35,6 +35,9 @@ class Counter(arbor.Agent):
     def store_value(self, value: Any) -> None:
         self.log.append(value)
 
+    def set_extra(self, value: Any) -> None:
+        self.extra = value
+
     def environment(self, key: str) -> str | None:
         return os.environ.get(key)
 

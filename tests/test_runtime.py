@@ -136,6 +136,33 @@ def test_unserialisable_state_is_rejected_and_rolled_back() -> None:
     assert ref.ask("items") == ["kept"]
 
 
+def test_rejected_new_attribute_is_removed() -> None:
+    ref = arbor.spawn(Counter, "rt/nan-new", start=2)
+    with pytest.raises(arbor.StateNotSerializable, match=r"state\['extra'\]"):
+        ref.ask("set_extra", float("nan"))
+    assert ref.ask("add", 1) == 3
+
+
+def test_spawn_with_bad_init_arguments_raises_invalid_arguments() -> None:
+    with pytest.raises(arbor.InvalidArguments, match="unexpected keyword argument 'begin'"):
+        arbor.spawn(Counter, "rt/bad-init", begin=1)
+    with pytest.raises(arbor.AgentNotFound):
+        arbor.get("rt/bad-init")
+
+
+def test_hard_affinity_to_unknown_node_is_rejected_and_frees_name() -> None:
+    with pytest.raises(arbor.ArborError, match="cannot be placed"):
+        arbor.spawn(Counter, "rt/nowhere", node_id="ab" * 28, node_affinity="hard")
+    with pytest.raises(arbor.AgentNotFound):
+        arbor.get("rt/nowhere")
+
+
+def test_ask_rejects_non_positive_timeout() -> None:
+    ref = arbor.spawn(Counter, "rt/timeout")
+    with pytest.raises(arbor.InvalidArguments, match="timeout=-1"):
+        ref.ask("get", timeout=-1)
+
+
 def test_ask_is_acknowledged_after_commit() -> None:
     ref = arbor.spawn(Counter, "rt/durable")
     ref.ask("add", 41)

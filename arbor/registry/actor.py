@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from arbor.agent import import_type
 from arbor.config import NAMESPACE, Settings
@@ -98,6 +98,12 @@ class Registry:
             except RayActorError as error:
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
                 raise _spawn_error(spec.name, error) from None
+            except ActorUnschedulableError as error:
+                await asyncio.to_thread(self._store.delete_agent, spec.name)
+                raise ArborError(
+                    f"agent {spec.name!r} cannot be placed: {_one_line(error)}; check node_id "
+                    f"and node_affinity in {spec.options}"
+                ) from None
             except asyncio.TimeoutError:
                 ray.kill(handle, no_restart=True)
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
@@ -329,6 +335,11 @@ class Registry:
             except ValueError:
                 return
             await asyncio.sleep(0.1)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def _spawn_error(name: str, error: RayActorError) -> HandlerError:

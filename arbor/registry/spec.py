@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import uuid
@@ -95,6 +96,7 @@ def build_spawn_spec(
         )
     options = {key: kwargs.pop(key) for key in list(kwargs) if key in PLACEMENT_KEYS}
     _check_options(options)
+    _check_init_arguments(agent_class, init_args, kwargs)
     return SpawnSpec(
         name=name,
         agent_class=agent_class,
@@ -103,6 +105,24 @@ def build_spawn_spec(
         init_kwargs=kwargs,
         options={key: value for key, value in options.items() if value is not None},
     )
+
+
+def _check_init_arguments(
+    agent_class: type[Agent], init_args: tuple[Any, ...], init_kwargs: dict[str, Any]
+) -> None:
+    """Raise `InvalidArguments` now for arguments that ``__init__`` would reject in the actor."""
+    try:
+        signature = inspect.signature(agent_class.__init__)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, *init_args, **init_kwargs)
+    except TypeError as error:
+        shown = str(signature).replace("(self, ", "(").replace("(self)", "()")
+        raise InvalidArguments(
+            f"{agent_class.__name__}.__init__{shown}: {error}; placement options are "
+            f"{', '.join(sorted(PLACEMENT_KEYS))}"
+        ) from None
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -83,6 +83,7 @@ class AgentRef:
             AskTimeout: no reply within ``timeout``.
             AgentNotFound: the agent does not exist or was stopped.
         """
+        _check_timeout(timeout)
         envelope = self._envelope("ask", handler, args, kwargs, message_id)
         deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
         while True:
@@ -106,6 +107,7 @@ class AgentRef:
         **kwargs: Any,
     ) -> Any:
         """Awaitable `ask`, for async handlers and other asyncio code."""
+        _check_timeout(timeout)
         envelope = self._envelope("ask", handler, args, kwargs, message_id)
         deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
         while True:
@@ -240,6 +242,11 @@ class AgentRef:
             f"agent {self._name!r} handler {handler!r} did not reply within {seconds} s; the "
             "message may still be applied, so retry with the same message_id to stay idempotent"
         )
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise InvalidArguments(f"timeout={timeout!r} is invalid; pass a number of seconds > 0")
 
 
 def _default_timeout() -> float:
