@@ -919,3 +919,11 @@ def test_outbox_round_trips(store: CheckpointStore) -> None:
     checkpoint = store.load_checkpoint("sender")
     assert checkpoint is not None
     assert checkpoint.outbox == outbox
+
+
+def test_stopped_agent_cannot_begin_incarnation(store: CheckpointStore) -> None:
+    store.create_agent(AgentRecord(name="halted", type_path="m:C", status="starting", spawn_id="s"))
+    store.begin_incarnation("halted", None)
+    store.set_status("halted", STOPPED)
+    with pytest.raises(AgentNotFound, match="stopped"):
+        store.begin_incarnation("halted", None)

@@ -117,7 +117,8 @@ class CheckpointStore(ABC):
         """Take the next epoch for a starting incarnation and mark the agent running.
 
         Raises:
-            AgentNotFound: no record has this name.
+            AgentNotFound: no record has this name, or the agent is stopped; an actor
+                recreated while a stop was under way must not bring the agent back.
         """
 
     @abstractmethod

@@ -179,11 +179,12 @@ class PostgresStore(CheckpointStore):
             with self._transaction() as connection:
                 row = connection.execute(
                     "UPDATE arbor_agents SET epoch = epoch + 1, status = %s, node_id = %s, "
-                    "started_at = now(), updated_at = now() WHERE name = %s RETURNING epoch",
+                    "started_at = now(), updated_at = now() "
+                    "WHERE name = %s AND status <> 'stopped' RETURNING epoch",
                     (RUNNING, node_id, name),
                 ).fetchone()
             if row is None:
-                raise AgentNotFound(name, "its record was deleted; spawn it again")
+                raise AgentNotFound(name, "it was stopped or deleted, so it does not start again")
             return int(row[0])
 
         return self._retry("begin_incarnation", step)

@@ -183,11 +183,12 @@ class SQLiteStore(CheckpointStore):
             with self._transaction() as connection:
                 row = connection.execute(
                     "UPDATE arbor_agents SET epoch = epoch + 1, status = ?, node_id = ?, "
-                    "started_at = ?, updated_at = ? WHERE name = ? RETURNING epoch",
+                    "started_at = ?, updated_at = ? "
+                    "WHERE name = ? AND status <> 'stopped' RETURNING epoch",
                     (RUNNING, node_id, now, now, name),
                 ).fetchone()
             if row is None:
-                raise AgentNotFound(name, "its record was deleted; spawn it again")
+                raise AgentNotFound(name, "it was stopped or deleted, so it does not start again")
             return int(row[0])
 
         return self._retry("begin_incarnation", step)

@@ -134,6 +134,8 @@ class Registry:
             except (RayActorError, asyncio.TimeoutError) as error:
                 logger.warning("agent %s did not stop cleanly (%s); killing it", name, error)
             ray.kill(handle, no_restart=True)
+            # A spawn under the same name right after a purge must not find this actor.
+            await self._wait_name_free(name)
         if purge:
             await asyncio.to_thread(self._store.delete_agent, name)
         logger.info("stopped agent %s%s", name, " and purged its state" if purge else "")
