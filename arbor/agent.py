@@ -46,7 +46,7 @@ class Agent:
     An agent's state is whatever `snapshot` returns: by default its public attributes.
     State must be JSON: dicts with string keys, lists, strings, finite numbers, booleans
     and None. After a crash, Arbor builds the instance without calling ``__init__`` and
-    passes the last checkpoint to `restore`; put set-up that every incarnation needs (open
+    passes the last checkpoint to `restore`. Put set-up that every incarnation needs (open
     clients, caches) in `on_start`, which runs after ``__init__`` or `restore`.
 
     Example:

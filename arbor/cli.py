@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``arbor`` command line; returns the process exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    # Retries and recoveries are logged as warnings; the command line shows only the
-    # outcome unless --verbose asks for the story.
+    # Retries and recoveries are logged as warnings. The command line shows only the
+    # outcome unless --verbose is set.
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

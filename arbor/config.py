@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# The Ray namespace that holds every Arbor actor, so that `ray.get_actor` from any
+# The Ray namespace that contains every Arbor actor, so that `ray.get_actor` from any
 # driver finds agents and the registry whatever namespace that driver runs in.
 NAMESPACE = "arbor"
 REGISTRY_NAME = "arbor-registry"
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     spawn_timeout_s: float = Field(
         default=120.0,
         gt=0,
-        description="Seconds to wait for a new agent's actor to restore and answer; a cold "
+        description="Seconds to wait for a new agent's actor to restore and respond; a cold "
         "Ray worker with a large runtime_env can take tens of seconds to start.",
     )
     reconcile_interval_s: float = Field(

@@ -84,7 +84,7 @@ class AskTimeout(ArborError, TimeoutError):
 
 
 class StateNotSerializable(ArborError, ValueError):
-    """An agent's snapshot holds a value that a JSON checkpoint cannot store."""
+    """An agent's snapshot contains a value that a JSON checkpoint cannot store."""
 
     def __init__(self, agent: str, path: str, reason: str) -> None:
         self.agent = agent
@@ -138,7 +138,7 @@ class CapabilityDenied(ArborError, PermissionError):
 
 
 class ClusterUnavailable(ArborError):
-    """No Ray cluster is running where Arbor was told to look."""
+    """No Ray cluster is running at the configured address."""
 
 
 class AgentTypeNotImportable(ArborError):

@@ -50,7 +50,7 @@ def kill_node(cluster: Cluster, node: object) -> None:
     """Kill a node the way a machine dies: its raylet first, then every process under it.
 
     `Cluster.remove_node` alone leaves the node's actor processes running, and they would
-    keep answering as if the node were alive.
+    keep replying as if the node were alive.
     """
     from ray._private import ray_constants
 

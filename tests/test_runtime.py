@@ -150,7 +150,7 @@ def test_spawn_with_bad_init_arguments_raises_invalid_arguments() -> None:
         arbor.get("rt/bad-init")
 
 
-def test_hard_affinity_to_unknown_node_is_rejected_and_frees_name() -> None:
+def test_spawn_on_unknown_node_frees_name() -> None:
     with pytest.raises(arbor.ArborError, match="cannot be placed"):
         arbor.spawn(Counter, "rt/nowhere", node_id="ab" * 28, node_affinity="hard")
     with pytest.raises(arbor.AgentNotFound):

@@ -132,8 +132,12 @@ def _start_or_resume(
     elif COORDINATOR in statuses:
         coordinator = arbor.get(COORDINATOR)
         config = coordinator.ask("config")
-        wanted = {"source": source, "workers": options.workers, "batch_size": options.batch_size}
-        if config != wanted:
+        requested = {
+            "source": source,
+            "workers": options.workers,
+            "batch_size": options.batch_size,
+        }
+        if config != requested:
             raise arbor.ArborError(
                 f"an interrupted demo run with {config} is in the store; rerun with those "
                 "options to resume it, or pass --fresh to discard it"

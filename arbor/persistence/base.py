@@ -93,7 +93,7 @@ class CheckpointStore(ABC):
         """Insert ``record``; a retry with the same ``spawn_id`` returns the stored row.
 
         Raises:
-            NameTaken: another spawn already holds the name.
+            NameTaken: another spawn already has the name.
         """
 
     @abstractmethod
@@ -117,8 +117,8 @@ class CheckpointStore(ABC):
         """Take the next epoch for a starting incarnation and mark the agent running.
 
         Raises:
-            AgentNotFound: no record has this name, or the agent is stopped; an actor
-                recreated while a stop was under way must not bring the agent back.
+            AgentNotFound: no record has this name, or the agent is stopped. The check keeps
+                an actor recreated during a stop from bringing the agent back.
         """
 
     @abstractmethod
@@ -164,7 +164,7 @@ class CheckpointStore(ABC):
 
     @abstractmethod
     def _is_transient(self, error: BaseException) -> bool:
-        """Whether ``error`` is worth retrying (connection lost, database busy)."""
+        """Return whether ``error`` is worth retrying (connection lost, database busy)."""
 
     def _retry(self, operation: str, step: Callable[[], T]) -> T:
         """Run ``step``, retrying transient errors with exponential backoff."""

@@ -25,8 +25,8 @@ def encode_state(agent: str, state: Any, root: str = "state") -> str:
     return json.dumps(state, allow_nan=False, separators=(",", ":"))
 
 
-# Python refuses to turn an int of more than 4,300 digits into text (see
-# sys.set_int_max_str_digits), so json.dumps would fail on it; this many bits stays below.
+# Python raises when it turns an int of more than 4,300 digits into text (see
+# sys.set_int_max_str_digits), so json.dumps would fail. This many bits stays below that.
 _MAX_INT_BITS = 14_000
 
 
@@ -95,7 +95,7 @@ def _check_text(agent: str, text: str, path: str, subject: str) -> None:
 def encode_reply(value: Any) -> Any:
     """Return ``value`` if a checkpoint can store it as an ask reply, else ``None``.
 
-    A reply that JSON cannot hold is not kept for deduplication; a retried ask of that
+    A reply that JSON cannot represent is not kept for deduplication. A retried ask of that
     message then gets an error saying the reply was not kept, and is not applied again.
     """
     try:

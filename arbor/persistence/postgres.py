@@ -24,7 +24,7 @@ from arbor.persistence.base import (
 )
 
 # Seconds to wait for a pooled connection before the attempt counts as failed and is
-# retried; short, because the retry loop, not the pool, owns the overall patience.
+# retried. It is short because the retry loop, not the pool, sets the total wait.
 POOL_TIMEOUT_S = 3.0
 
 # Any fixed key serialises concurrent migrations across processes; this one spells "arbor".

@@ -147,10 +147,11 @@ class Registry:
             raise AgentNotFound(name)
         checkpoint = await asyncio.to_thread(self._store.load_checkpoint, name, version)
         if checkpoint is None:
-            kept = await asyncio.to_thread(self._store.list_checkpoints, name)
+            available = await asyncio.to_thread(self._store.list_checkpoints, name)
             raise CheckpointNotFound(
                 f"agent {name!r} has no checkpoint version {version}; kept versions: "
-                f"{[info.version for info in kept]} (ARBOR_CHECKPOINT_KEEP sets how many are kept)"
+                f"{[info.version for info in available]} (ARBOR_CHECKPOINT_KEEP sets how many "
+                "are kept)"
             )
         # Fencing first means the running incarnation can no longer commit over the
         # restored state; the restart below then loads it.
@@ -305,10 +306,10 @@ class Registry:
             return ray.get_actor(spec.name, namespace=NAMESPACE)
 
     async def _wait_for_incarnation(self, name: str, handle: Any, newer_than: int) -> None:
-        """Wait until an incarnation newer than ``newer_than`` answers.
+        """Wait until an incarnation newer than ``newer_than`` replies to `info`.
 
-        The killed incarnation may still answer for a moment after `ray.kill`, so one
-        answer is not proof of the restart.
+        The killed incarnation may still reply for a moment after `ray.kill`, so one reply
+        does not prove the restart.
         """
         deadline = time.monotonic() + self._settings.spawn_timeout_s
         while time.monotonic() < deadline:

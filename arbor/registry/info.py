@@ -10,7 +10,7 @@ from arbor.persistence import AgentRecord
 
 @dataclass(frozen=True)
 class AgentInfo:
-    """What the registry knows of one agent.
+    """The registry's record of one agent.
 
     Attributes:
         name: cluster-wide agent name.

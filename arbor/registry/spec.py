@@ -118,9 +118,9 @@ def _check_init_arguments(
     try:
         signature.bind(None, *init_args, **init_kwargs)
     except TypeError as error:
-        shown = str(signature).replace("(self, ", "(").replace("(self)", "()")
+        parameters = str(signature).replace("(self, ", "(").replace("(self)", "()")
         raise InvalidArguments(
-            f"{agent_class.__name__}.__init__{shown}: {error}; placement options are "
+            f"{agent_class.__name__}.__init__{parameters}: {error}; placement options are "
             f"{', '.join(sorted(PLACEMENT_KEYS))}"
         ) from None
 

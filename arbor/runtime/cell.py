@@ -1,7 +1,7 @@
 """The in-process unit that runs one agent: mailbox, dispatch, deduplication, checkpoints.
 
-A cell does not know whether it is alone in its Ray actor; the dedicated placement wraps
-one cell in one actor, and a hosted placement can put many cells in one process.
+A cell does not depend on being alone in its Ray actor. The dedicated placement wraps one
+cell in one actor, and a hosted placement can put many cells in one process.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class AgentCell:
         self.durability = durability
         self.checkpoint_keep = checkpoint_keep
         self.dedup_window = dedup_window
-        # True when other cells share the event loop, so a database write must not block
-        # it; a cell alone in its process writes inline and saves a thread hand-off.
+        # True when other cells share the event loop, so a database write must not block it.
+        # A cell alone in its process writes inline and saves a thread hand-off.
         self.offload_io = offload_io
         self.fenced = False
         self.stopped = False
@@ -115,11 +115,6 @@ class AgentCell:
             logger.info("agent %s incarnation %d started fresh", name, self.epoch)
         self.agent = instance
         instance.on_start()
-
-    @property
-    def dirty(self) -> bool:
-        """Whether the agent's state differs from the last committed checkpoint."""
-        return self._snapshot_json() != self._committed_json
 
     async def handle(self, envelope: Envelope) -> Reply:
         """Apply one message and return its reply; a handler's error becomes part of the reply.
@@ -240,9 +235,9 @@ class AgentCell:
         """Return the handler for ``envelope``, or the reply that settles it without one."""
         if self.fenced or self.stopped:
             return self._unavailable_reply(envelope)
-        kept = self._processed.get(envelope.message_id)
-        if kept is not None:
-            return self._replay(envelope, kept)
+        outcome = self._processed.get(envelope.message_id)
+        if outcome is not None:
+            return self._replay(envelope, outcome)
         try:
             handler = resolve_handler(self.agent, envelope.handler)
             self._bind(envelope, handler)

@@ -37,7 +37,7 @@ class RuntimeContext:
 
     @property
     def capabilities(self) -> list[str]:
-        # Capability grants live in the security layer; an agent holds none until granted.
+        # Capabilities are not granted yet in this version, so every agent has none.
         return []
 
     def get(self, name: str) -> AgentRef:

@@ -17,8 +17,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # A dispatch returns a handle on the delivery, or None when the target cannot be reached
-# yet; a delivery check returns True (delivered), False (lost, send again) or None
-# (still in flight).
+# yet. A delivery check returns True (delivered), False (lost, send again) or None (still
+# in flight).
 Dispatch = Callable[[str, list[Any]], Any]
 DeliveryCheck = Callable[[Any], "bool | None"]
 

@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 # reconciler, or restarting on another node).
 _RESOLVE_POLL_S = 0.2
 
-# Errors that mean this actor will not answer again; the agent is looked up anew, since
-# the reconciler replaces an actor that is dead or pinned to a node that is gone.
+# Errors that mean this actor will not reply again. The agent is then looked up anew,
+# because the reconciler replaces an actor that is dead or pinned to a node that is gone.
 _ACTOR_LOST = (RayActorError, ActorUnschedulableError)
 
 # Seconds a registry lookup may take before the caller gives up on it.
@@ -128,8 +128,9 @@ class AgentRef:
     def send(self, handler: str, *args: Any, message_id: str | None = None, **kwargs: Any) -> str:
         """Send a message without waiting; returns its message id.
 
-        Ray redelivers the message if the agent's process crashes before applying it,
-        and the agent applies a message id at most once.
+        Ray resubmits the message if the agent's process crashes before applying it, while
+        this caller's process lives, and the agent applies a message id at most once
+        within its ``ARBOR_DEDUP_WINDOW``.
         """
         envelope = self._envelope("send", handler, args, kwargs, message_id)
         if self._origin is not None and self._origin.stage_send(self._name, envelope):
