@@ -236,6 +236,7 @@ def _agents(args: argparse.Namespace, console: Console) -> int:
         "incarnation",
         "checkpoint",
         "last checkpoint",
+        "actor",
     ):
         table.add_column(column)
     for info in arbor.list_agents(args.status):
@@ -247,6 +248,8 @@ def _agents(args: argparse.Namespace, console: Console) -> int:
             str(info.incarnation),
             str(info.checkpoint_version),
             info.checkpointed_at.strftime("%Y-%m-%d %H:%M:%S") if info.checkpointed_at else "-",
+            # A claimed warm actor has a Ray name of its own; "=" means the agent's name.
+            "=" if info.actor == info.name else info.actor,
         )
     console.print(table)
     return 0

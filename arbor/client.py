@@ -141,7 +141,7 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
     registry = _registry()
     timeout = get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S
     try:
-        _call(registry.spawn.remote(spec), timeout=timeout)
+        info: AgentInfo = _call(registry.spawn.remote(spec), timeout=timeout)
     except RayTaskError as error:
         # The registry could not unpickle the request, almost always because the agent's
         # module is importable here but not in the cluster's worker processes.
@@ -154,6 +154,8 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             f"({missing.strip()}); install its module on every node, or add its folder "
             "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
         ) from None
+    if info.actor != name:
+        return AgentRef(name, handle=ray.get_actor(info.actor, namespace=NAMESPACE))
     return AgentRef(name)
 
 
@@ -168,11 +170,17 @@ def get(name: str) -> AgentRef:
         return AgentRef(name, handle=ray.get_actor(name, namespace=NAMESPACE))
     except ValueError:
         pass
-    status = _call(_registry().status.remote(name), timeout=_REGISTRY_TIMEOUT_S)
-    if status is None:
+    located = _call(_registry().locate.remote(name), timeout=_REGISTRY_TIMEOUT_S)
+    if located is None:
         raise AgentNotFound(name)
-    if status == "stopped":
+    if located["status"] == "stopped":
         raise AgentNotFound(name, f"it is stopped; arbor.stop({name!r}, purge=True) frees the name")
+    if located["actor"] != name:
+        try:
+            # A spawn that claimed a warm actor: that actor has its own Ray name.
+            return AgentRef(name, handle=ray.get_actor(located["actor"], namespace=NAMESPACE))
+        except ValueError:
+            pass
     # Registered and meant to run: the reconciler is bringing its actor back.
     return AgentRef(name)
 

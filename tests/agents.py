@@ -103,3 +103,16 @@ class Relay(arbor.Agent):
         self.context.get(target).send("add", n)
         self.forwarded += 1
         return self.forwarded
+
+
+class Picky(arbor.Agent):
+    """Starts, or raises in __init__ when asked to, so a warm actor's claim can fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        if fail:
+            raise RuntimeError("refusing to start: no licence key")
+        self.value = 0
+
+    def set(self, value: int) -> int:
+        self.value = value
+        return value

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import time
+import uuid
+from collections import deque
 from typing import Any
 
 import ray
@@ -30,9 +32,9 @@ from arbor.persistence import (
     CheckpointInfo,
     open_store,
 )
-from arbor.registry.info import AgentInfo
-from arbor.registry.spec import SpawnSpec, ray_actor_options
-from arbor.runtime.actor import create_agent_actor
+from arbor.registry.info import AgentInfo, actor_name
+from arbor.registry.spec import PLACEMENT_KEYS, SpawnSpec, ray_actor_options
+from arbor.runtime.actor import WARM_PREFIX, create_agent_actor, create_warm_actor
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ class Registry:
         self._inflight: set[str] = set()
         self._reconcile_lock = asyncio.Lock()
         self._passes = 0
+        # Ready warm actors per agent type path, oldest first, as (Ray name, handle).
+        self._warm: dict[str, deque[tuple[str, Any]]] = {}
+        self._refilling: set[str] = set()
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
         logger.info("registry started (pid %d)", os.getpid())
 
@@ -74,14 +79,27 @@ class Registry:
         """
         self._inflight.add(spec.name)
         try:
+            slot = self._take_warm(spec)
             record = AgentRecord(
                 name=spec.name,
                 type_path=spec.type_path,
                 status=STARTING,
                 spawn_id=spec.spawn_id,
-                options=spec.options,
+                options=spec.options if slot is None else {**spec.options, "actor": slot[0]},
             )
-            await asyncio.to_thread(self._store.create_agent, record)
+            try:
+                stored = await asyncio.to_thread(self._store.create_agent, record)
+            except BaseException:
+                if slot is not None:
+                    self._warm[spec.type_path].appendleft(slot)
+                raise
+            if slot is not None and stored.options.get("actor") != slot[0]:
+                # A retried spawn whose first attempt is recorded; finish that one instead.
+                self._warm[spec.type_path].appendleft(slot)
+                slot = None
+            if slot is not None or stored.options.get("actor"):
+                await self._claim(spec, stored, slot)
+                return await self._spawned(spec)
             try:
                 handle = self._create_or_get(spec)
             except Exception as error:
@@ -115,8 +133,94 @@ class Registry:
                 ) from None
         finally:
             self._inflight.discard(spec.name)
+        return await self._spawned(spec)
+
+    async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
         logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
+        self._refill_later(spec)
         return await self.info(spec.name)
+
+    async def _claim(
+        self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
+    ) -> None:
+        """Start the agent inside the warm actor its record names."""
+        name = actor_name(record)
+        handle = slot[1] if slot is not None else ray.get_actor(name, namespace=NAMESPACE)
+        durability = spec.options.get("durability", self._settings.durability)
+        try:
+            await asyncio.wait_for(
+                handle.claim.remote(spec.name, spec.init_args, spec.init_kwargs, durability),
+                self._settings.spawn_timeout_s,
+            )
+        except Exception as error:
+            # The warm actor is half made: drop it and free the name, as a failed cold spawn does.
+            ray.kill(handle, no_restart=True)
+            await asyncio.to_thread(self._store.delete_agent, spec.name)
+            if isinstance(error, asyncio.TimeoutError):
+                raise ArborError(
+                    f"agent {spec.name!r} did not start in warm actor {name} within "
+                    f"{self._settings.spawn_timeout_s} s; raise ARBOR_SPAWN_TIMEOUT_S"
+                ) from None
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, ArborError):
+                raise cause from None
+            if isinstance(cause, BaseException):
+                raise HandlerError(
+                    spec.name,
+                    "__init__",
+                    f"{type(cause).__module__}.{type(cause).__qualname__}",
+                    str(cause),
+                    str(error),
+                ) from None
+            raise _spawn_error(spec.name, error) from None  # type: ignore[arg-type]
+
+    def _take_warm(self, spec: SpawnSpec) -> tuple[str, Any] | None:
+        """Return a ready warm actor for ``spec``, or None when it needs a cold start."""
+        if any(key != "durability" for key in spec.options if key in PLACEMENT_KEYS):
+            return None
+        ready = self._warm.get(spec.type_path)
+        return ready.popleft() if ready else None
+
+    def _refill_later(self, spec: SpawnSpec) -> None:
+        size = self._settings.warm_pool_size
+        if size == 0 or spec.type_path in self._refilling:
+            return
+        if any(key != "durability" for key in spec.options if key in PLACEMENT_KEYS):
+            return
+        self._refilling.add(spec.type_path)
+        asyncio.get_running_loop().create_task(self._refill(spec.type_path, spec.agent_class))
+
+    async def _refill(self, type_path: str, agent_class: type[Any]) -> None:
+        """Start warm actors one at a time until ``warm_pool_size`` of them are ready."""
+        ready = self._warm.setdefault(type_path, deque())
+        try:
+            while len(ready) < self._settings.warm_pool_size:
+                name = f"{WARM_PREFIX}{uuid.uuid4().hex[:16]}"
+                handle = create_warm_actor(name, agent_class, self._settings)
+                try:
+                    await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
+                except Exception as error:
+                    ray.kill(handle, no_restart=True)
+                    logger.warning(
+                        "warm actor for %s did not start (%s); spawns of it start cold",
+                        type_path,
+                        _one_line(error),
+                    )
+                    return
+                ready.append((name, handle))
+        finally:
+            self._refilling.discard(type_path)
+
+    async def warm_pool(self) -> dict[str, int]:
+        """Return the number of ready warm actors per agent type."""
+        return {path: len(ready) for path, ready in self._warm.items()}
+
+    async def locate(self, name: str) -> dict[str, str] | None:
+        """Return the agent's status and Ray actor name, or None if no agent has the name."""
+        record = await asyncio.to_thread(self._store.get_agent, name)
+        if record is None:
+            return None
+        return {"status": record.status, "actor": actor_name(record)}
 
     async def stop(self, name: str, purge: bool = False) -> None:
         """Stop an agent after it commits its state; ``purge`` also deletes the state."""
@@ -124,8 +228,9 @@ class Registry:
         if record is None:
             raise AgentNotFound(name)
         await asyncio.to_thread(self._store.set_status, name, STOPPED)
+        actor = actor_name(record)
         try:
-            handle = ray.get_actor(name, namespace=NAMESPACE)
+            handle = ray.get_actor(actor, namespace=NAMESPACE)
         except ValueError:
             handle = None
         if handle is not None:
@@ -135,7 +240,7 @@ class Registry:
                 logger.warning("agent %s did not stop cleanly (%s); killing it", name, error)
             ray.kill(handle, no_restart=True)
             # A spawn under the same name right after a purge must not find this actor.
-            await self._wait_name_free(name)
+            await self._wait_name_free(actor)
         if purge:
             await asyncio.to_thread(self._store.delete_agent, name)
         logger.info("stopped agent %s%s", name, " and purged its state" if purge else "")
@@ -166,7 +271,7 @@ class Registry:
         )
         if record.status == RUNNING:
             try:
-                handle = ray.get_actor(name, namespace=NAMESPACE)
+                handle = ray.get_actor(actor_name(record), namespace=NAMESPACE)
             except ValueError:
                 handle = None
             if handle is not None:
@@ -222,8 +327,9 @@ class Registry:
             age = time.time() - record.updated_at.timestamp()
             if age < self._settings.reconcile_grace_s:
                 return False
+        actor = actor_name(record)
         try:
-            handle = await asyncio.to_thread(ray.get_actor, record.name, NAMESPACE)
+            handle = await asyncio.to_thread(ray.get_actor, actor, NAMESPACE)
         except ValueError:
             return True
         options = record.options
@@ -236,7 +342,7 @@ class Registry:
                 pinned_node,
             )
             ray.kill(handle, no_restart=True)
-            await self._wait_name_free(record.name)
+            await self._wait_name_free(actor)
             return True
         return False
 
@@ -254,6 +360,10 @@ class Registry:
             )
             return False
         options = record.options
+        if "actor" in options:
+            # The warm actor that ran it is gone; the agent comes back under its own name.
+            options = {key: value for key, value in options.items() if key != "actor"}
+            await asyncio.to_thread(self._store.update_options, record.name, options)
         node_alive = options.get("node_id") in alive_nodes if options.get("node_id") else True
         try:
             create_agent_actor(
@@ -280,6 +390,10 @@ class Registry:
         await asyncio.to_thread(self._store.set_status, name, FAILED, reason)
 
     async def _reconcile_forever(self) -> None:
+        try:
+            await self._remove_stray_warm_actors()
+        except Exception:
+            logger.exception("could not remove warm actors left by an earlier registry")
         while True:
             try:
                 await self.reconcile()
@@ -289,6 +403,27 @@ class Registry:
                     self._settings.reconcile_interval_s,
                 )
             await asyncio.sleep(self._settings.reconcile_interval_s)
+
+    async def _remove_stray_warm_actors(self) -> None:
+        """Kill the unclaimed warm actors of an earlier registry incarnation.
+
+        Their list lived in that incarnation's memory, so no spawn would ever claim them.
+        """
+        names = await asyncio.to_thread(ray.util.list_named_actors, True)
+        warm = {
+            entry["name"]
+            for entry in names
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith(WARM_PREFIX)
+        }
+        if not warm:
+            return
+        records = await asyncio.to_thread(self._store.list_agents)
+        for name in warm - {actor_name(record) for record in records}:
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+                logger.info("removed unclaimed warm actor %s", name)
+            except ValueError:
+                pass
 
     def _create_or_get(self, spec: SpawnSpec) -> Any:
         try:

@@ -23,6 +23,8 @@ class AgentInfo:
         started_at: when the latest incarnation started.
         checkpointed_at: when the latest checkpoint was committed.
         last_error: the last recovery error, if any.
+        actor: the Ray actor name that runs the agent: the agent's name, or for an agent
+            that claimed a warm actor, that actor's ``arbor-warm-...`` name.
     """
 
     name: str
@@ -35,6 +37,7 @@ class AgentInfo:
     started_at: datetime | None
     checkpointed_at: datetime | None
     last_error: str | None
+    actor: str = ""
 
     @classmethod
     def from_record(cls, record: AgentRecord) -> AgentInfo:
@@ -50,4 +53,11 @@ class AgentInfo:
             started_at=record.started_at,
             checkpointed_at=record.checkpointed_at,
             last_error=record.last_error,
+            actor=actor_name(record),
         )
+
+
+def actor_name(record: AgentRecord) -> str:
+    """Return the Ray actor name of the agent ``record`` describes."""
+    bound = record.options.get("actor")
+    return bound if isinstance(bound, str) else record.name

@@ -13,8 +13,8 @@ from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
-from arbor.messages import Envelope, Reply
-from arbor.persistence import open_store
+from arbor.messages import Envelope, ErrorInfo, Reply
+from arbor.persistence import RUNNING, STARTING, AgentRecord, open_store
 from arbor.runtime.cell import AgentCell
 from arbor.runtime.context import RuntimeContext
 from arbor.runtime.outbox import Outbox
@@ -37,25 +37,68 @@ class AgentActor:
 
     def __init__(
         self,
-        name: str,
+        name: str | None,
         agent_class: type[Agent],
         settings: dict[str, Any],
         init_args: tuple[Any, ...] | None,
         init_kwargs: dict[str, Any] | None,
-        durability: str,
+        durability: str | None,
     ) -> None:
         self._settings = Settings(**settings)
+        self._agent_class = agent_class
         self._name = name
         self._loop = asyncio.new_event_loop()
         self._loop_lock = threading.Lock()
         self._store = open_store(self._settings.database_url, self._settings, migrate=False)
-        self._context = RuntimeContext(name)
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._cell = AgentCell(
+        self._stopping = threading.Event()
+        self._cell: AgentCell | None = None
+        if name is not None:
+            self._start(name, init_args, init_kwargs, durability or self._settings.durability)
+            return
+        # A warm actor: started ahead of any spawn, with imports done and the store open.
+        # After a crash Ray runs this again, and it resumes the agent it was given.
+        bound = self._bound_record()
+        if bound is not None and bound.checkpoint_version > 0:
+            self._start(
+                bound.name, None, None, bound.options.get("durability", self._settings.durability)
+            )
+
+    def claim(
+        self,
+        name: str,
+        init_args: tuple[Any, ...] | None,
+        init_kwargs: dict[str, Any] | None,
+        durability: str,
+    ) -> dict[str, Any]:
+        """Turn this warm actor into agent ``name``; the registry has already bound the two.
+
+        Ray may run a claim again after a crash, when the restarted actor has already
+        resumed the agent; the repeat then only reports.
+        """
+        if self._cell is None:
+            self._start(name, init_args, init_kwargs, durability)
+        elif self._cell.name != name:
+            raise RuntimeError(
+                f"warm actor {self._actor_name()} already runs agent {self._cell.name!r}, "
+                f"so it cannot become {name!r}"
+            )
+        return self.info()
+
+    def _start(
+        self,
+        name: str,
+        init_args: tuple[Any, ...] | None,
+        init_kwargs: dict[str, Any] | None,
+        durability: str,
+    ) -> None:
+        self._name = name
+        context = RuntimeContext(name)
+        cell = AgentCell(
             name,
-            agent_class,
+            self._agent_class,
             self._store,
-            self._context,
+            context,
             init_args=init_args,
             init_kwargs=init_kwargs,
             node_id=self._node_id,
@@ -65,17 +108,28 @@ class AgentActor:
             offload_io=False,
             outbox=Outbox(_dispatch, _delivered),
         )
-        self._context.attach(self._cell)
+        context.attach(cell)
+        self._cell = cell
         # Messages the last incarnation committed but may not have delivered.
-        if self._cell.outbox is not None:
-            self._cell.outbox.flush()
-        self._stopping = threading.Event()
+        if cell.outbox is not None:
+            cell.outbox.flush()
         if durability == "periodic":
             threading.Thread(
                 target=self._checkpoint_periodically,
                 name=f"arbor-checkpoint-{name}",
                 daemon=True,
             ).start()
+
+    def _bound_record(self) -> AgentRecord | None:
+        """Return the agent the registry gave this warm actor, if any."""
+        actor_name = self._actor_name()
+        for record in self._store.list_agents():
+            if record.options.get("actor") == actor_name and record.status in (RUNNING, STARTING):
+                return record
+        return None
+
+    def _actor_name(self) -> str:
+        return ray.get_runtime_context().get_actor_name() or "?"
 
     def handle(self, wire: tuple[Any, ...]) -> Reply | Any:
         """Apply one message; a fenced-off incarnation exits so Ray retries on the current one.
@@ -85,57 +139,74 @@ class AgentActor:
             holding the error; plain values keep the common path cheap to serialise.
         """
         envelope = Envelope.from_wire(wire)
+        cell = self._cell
+        if cell is None:
+            return Reply(
+                message_id=envelope.message_id,
+                error=ErrorInfo(
+                    kind="stopped",
+                    error_type="arbor.errors.AgentNotFound",
+                    message=f"warm actor {self._actor_name()} runs no agent yet",
+                ),
+            )
         with self._loop_lock:
-            reply = self._cell.handle_now(envelope, self._loop.run_until_complete)
-        if self._cell.fenced:
-            _exit_fenced(self._cell)
+            reply = cell.handle_now(envelope, self._loop.run_until_complete)
+        if cell.fenced:
+            _exit_fenced(cell)
         if reply.error is None and not isinstance(reply.value, Reply):
             return reply.value
         return reply
 
     def info(self) -> dict[str, Any]:
         """Return the process id, node, epoch and checkpoint version of this incarnation."""
+        cell = self._cell
         return {
             "name": self._name,
+            "actor": self._actor_name(),
             "pid": os.getpid(),
             "node_id": self._node_id,
-            "incarnation": self._cell.epoch,
-            "checkpoint_version": self._cell.checkpoint_version,
-            "messages_processed": self._cell.messages_processed,
+            "incarnation": cell.epoch if cell else 0,
+            "checkpoint_version": cell.checkpoint_version if cell else 0,
+            "messages_processed": cell.messages_processed if cell else 0,
         }
 
     def stop(self) -> None:
         """Commit pending state and refuse further messages; the registry then kills the actor."""
         self._stopping.set()
+        if self._cell is None:
+            return
         with self._loop_lock:
             self._cell.stop_now()
 
     def _checkpoint_periodically(self) -> None:
         interval = self._settings.checkpoint_interval_s
+        cell = self._cell
+        assert cell is not None
         while not self._stopping.wait(interval):
             try:
                 with self._loop_lock:
-                    self._cell.flush_now()
+                    cell.flush_now()
             except Exception:
                 logger.exception(
                     "agent %s incarnation %d periodic checkpoint failed; retrying in %.1f s",
                     self._name,
-                    self._cell.epoch,
+                    cell.epoch,
                     interval,
                 )
-            if self._cell.fenced:
-                _exit_fenced(self._cell)
+            if cell.fenced:
+                _exit_fenced(cell)
 
     def __repr__(self) -> str:
         # Ray prefixes this actor's log lines with its repr.
-        return f"{type(self).__name__}({self._name})"
+        return f"{type(self).__name__}({self._name or 'warm'})"
 
 
 def _dispatch(target: str, wire: list[Any]) -> Any:
     """Send an outbox message to ``target``; returns the reply's ObjectRef, or None."""
-    try:
-        handle = ray.get_actor(target, namespace=NAMESPACE)
-    except ValueError:
+    from arbor.runtime.ref import find_actor
+
+    handle = find_actor(target)
+    if handle is None:
         return None
     return handle.handle.remote(tuple(wire))
 
@@ -215,3 +286,25 @@ def create_agent_actor(
         init_kwargs,
         durability,
     )
+
+
+# Ray names of warm actors start with this; agent names cannot, since "arbor-" is
+# reserved.
+WARM_PREFIX = "arbor-warm-"
+
+
+def create_warm_actor(actor_name: str, agent_class: type[Agent], settings: Settings) -> Any:
+    """Start an empty actor of ``agent_class``'s actor class, for a later spawn to claim.
+
+    It has the options of a default spawn, so only spawns without placement options
+    claim one. The Ray dashboard shows the agent class; the actor's Ray name is
+    ``actor_name`` rather than the agent's name.
+    """
+    remote_class = actor_class_for(agent_class)
+    return remote_class.options(
+        name=actor_name,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        max_restarts=-1,
+        max_task_retries=-1,
+    ).remote(None, agent_class, settings.model_dump(), None, None, None)

@@ -195,9 +195,17 @@ class AgentRef:
                 return self._handle
             except ValueError:
                 pass
-            status = _registered_status(self._name)
-            if status is None:
+            located = locate(self._name)
+            if located is None:
                 raise AgentNotFound(self._name)
+            status, actor = located["status"], located["actor"]
+            if actor != self._name and status in ("running", "starting"):
+                # The agent runs in a warm actor, which has a Ray name of its own.
+                try:
+                    self._handle = ray.get_actor(actor, namespace=NAMESPACE)
+                    return self._handle
+                except ValueError:
+                    pass
             if status == "stopped":
                 raise AgentNotFound(
                     self._name,
@@ -263,10 +271,28 @@ def registry_handle() -> Any:
     return ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
 
 
-def _registered_status(name: str) -> str | None:
+def locate(name: str) -> dict[str, str] | None:
+    """Ask the registry for an agent's status and Ray actor name; None if it has no record."""
     try:
         registry = registry_handle()
     except ValueError:
         return None
-    status: str | None = ray.get(registry.status.remote(name), timeout=_REGISTRY_TIMEOUT_S)
-    return status
+    located: dict[str, str] | None = ray.get(
+        registry.locate.remote(name), timeout=_REGISTRY_TIMEOUT_S
+    )
+    return located
+
+
+def find_actor(name: str) -> Any:
+    """Return the handle of the actor that runs agent ``name``, or None if none runs it."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        pass
+    located = locate(name)
+    if located is None or located["actor"] == name:
+        return None
+    try:
+        return ray.get_actor(located["actor"], namespace=NAMESPACE)
+    except ValueError:
+        return None

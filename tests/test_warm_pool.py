@@ -1,0 +1,189 @@
+"""Spawns that claim a warm actor: the same behaviour as a cold spawn, from a started process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+
+import arbor
+from arbor.config import NAMESPACE, reset_settings
+from arbor.runtime.actor import WARM_PREFIX
+from arbor.runtime.ref import registry_handle
+from tests.agents import Counter, Picky, Relay
+
+POOL_SIZE = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster(module_pg_url: str) -> Iterator[str]:
+    os.environ["ARBOR_WARM_POOL_SIZE"] = str(POOL_SIZE)
+    reset_settings()
+    arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
+    yield module_pg_url
+    arbor.shutdown()
+    del os.environ["ARBOR_WARM_POOL_SIZE"]
+    reset_settings()
+
+
+def wait_for_pool(type_path: str, count: int = POOL_SIZE, timeout: float = 60.0) -> None:
+    registry = registry_handle()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ray.get(registry.warm_pool.remote()).get(type_path, 0) >= count:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the warm pool of {type_path} did not reach {count} within {timeout} s")
+
+
+def warm_spawn(agent_class: type[arbor.Agent], name: str, **kwargs: Any) -> arbor.AgentRef:
+    """Spawn once the class has warm actors ready, and check that the spawn took one."""
+    path = f"{agent_class.__module__}:{agent_class.__qualname__}"
+    if ray.get(registry_handle().warm_pool.remote()).get(path) is None:
+        # The first spawn of a class starts cold and starts its pool.
+        arbor.spawn(agent_class, f"{name}-first")
+    wait_for_pool(path)
+    ref = arbor.spawn(agent_class, name, **kwargs)
+    assert actor_of(name).startswith(WARM_PREFIX)
+    return ref
+
+
+def actor_of(name: str) -> str:
+    (info,) = [agent for agent in arbor.list_agents() if agent.name == name]
+    return info.actor
+
+
+def test_spawn_claims_warm_actor() -> None:
+    ref = warm_spawn(Counter, "warm/basic", start=5)
+    assert ref.ask("add", 3) == 8
+    # A fresh reference finds the agent through the registry, by its Arbor name.
+    assert arbor.get("warm/basic").ask("get") == 8
+    assert ref.info()["actor"] == actor_of("warm/basic")
+    with pytest.raises(arbor.NameTaken):
+        arbor.spawn(Counter, "warm/basic")
+
+
+def test_pool_refills_after_a_claim() -> None:
+    warm_spawn(Counter, "warm/refill")
+    wait_for_pool("tests.agents:Counter")
+
+
+def test_warm_actor_shows_agent_class() -> None:
+    warm_spawn(Counter, "warm/class")
+    actor = actor_of("warm/class")
+    entries = [entry for entry in ray._private.state.actors().values() if entry["Name"] == actor]
+    assert entries and entries[-1]["ActorClassName"].endswith("Counter")
+
+
+def test_placement_options_start_cold() -> None:
+    wait_for_pool("tests.agents:Counter")
+    arbor.spawn(Counter, "warm/placed", num_cpus=0)
+    assert actor_of("warm/placed") == "warm/placed"
+
+
+def test_failing_warm_init_frees_name() -> None:
+    warm_spawn(Picky, "warm/picky-ok")
+    wait_for_pool("tests.agents:Picky")
+    with pytest.raises(arbor.HandlerError, match="no licence key") as caught:
+        arbor.spawn(Picky, "warm/picky", fail=True)
+    assert caught.value.handler == "__init__"
+    with pytest.raises(arbor.AgentNotFound):
+        arbor.get("warm/picky")
+    assert arbor.spawn(Picky, "warm/picky").ask("set", 4) == 4
+
+
+def test_warm_actor_kill_9_loses_nothing() -> None:
+    ref = warm_spawn(Counter, "warm/crash")
+    info = ref.info()
+    total = 300
+    errors: list[BaseException] = []
+
+    def ask_many() -> None:
+        try:
+            for _ in range(total):
+                ref.ask("add", 1)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    worker = threading.Thread(target=ask_many)
+    worker.start()
+    while ref.info()["messages_processed"] < 50:
+        time.sleep(0.01)
+    os.kill(info["pid"], signal.SIGKILL)
+    worker.join(timeout=120)
+    assert not errors
+    assert ref.ask("get") == total
+    after = ref.info()
+    assert after["pid"] != info["pid"]
+    assert after["actor"] == info["actor"]
+    assert after["incarnation"] > info["incarnation"]
+
+
+def test_removed_warm_actor_recreated_cold() -> None:
+    ref = warm_spawn(Counter, "warm/removed", start=7)
+    ref.ask("add", 1)
+    actor = actor_of("warm/removed")
+    ray.kill(ray.get_actor(actor, namespace=NAMESPACE), no_restart=True)
+    deadline = time.monotonic() + 60
+    while actor_of("warm/removed") != "warm/removed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert actor_of("warm/removed") == "warm/removed"
+    assert arbor.get("warm/removed").ask("get", timeout=60) == 8
+    assert ref.ask("get", timeout=60) == 8
+
+
+def test_stop_kills_warm_actor() -> None:
+    ref = warm_spawn(Counter, "warm/stopped", start=3)
+    actor = actor_of("warm/stopped")
+    arbor.stop("warm/stopped")
+    with pytest.raises(arbor.AgentNotFound):
+        ref.ask("get")
+    with pytest.raises(ValueError):
+        ray.get_actor(actor, namespace=NAMESPACE)
+    arbor.stop("warm/stopped", purge=True)
+    assert arbor.spawn(Counter, "warm/stopped", start=1).ask("get") == 1
+
+
+def test_outbox_sends_reach_warm_agent() -> None:
+    warm_spawn(Counter, "warm/target")
+    relay = arbor.spawn(Relay, "warm/relay")
+    for n in range(1, 6):
+        relay.ask("forward", "warm/target", n)
+    target = arbor.get("warm/target")
+    deadline = time.monotonic() + 30
+    while target.ask("get") != 15 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert target.ask("get") == 15
+
+
+def test_new_registry_removes_unclaimed_warm_actors() -> None:
+    warm_spawn(Counter, "warm/kept", start=2)
+    wait_for_pool("tests.agents:Counter")
+    registry = registry_handle()
+    old_pid = ray.get(registry.ping.remote())["pid"]
+    ray.kill(registry, no_restart=False)
+    deadline = time.monotonic() + 60
+    bound = {agent.actor for agent in arbor.list_agents()}
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(registry_handle().ping.remote(), timeout=5)["pid"] != old_pid:
+                break
+        except Exception:  # noqa: BLE001 - the registry is restarting
+            time.sleep(0.1)
+    while time.monotonic() < deadline:
+        names = {
+            entry["name"]
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["name"].startswith(WARM_PREFIX)
+        }
+        if names <= bound:
+            break
+        time.sleep(0.1)
+    assert names <= bound
+    assert arbor.get("warm/kept").ask("get") == 2
