@@ -28,12 +28,15 @@ _keep_ray_on_loopback()
 
 from arbor.agent import Agent  # noqa: E402
 from arbor.client import (  # noqa: E402
+    capabilities,
     get,
+    grant,
     init,
     list_agents,
     list_checkpoints,
     reconcile,
     restore,
+    revoke,
     shutdown,
     spawn,
     stop,
@@ -50,12 +53,15 @@ from arbor.errors import (  # noqa: E402
     HandlerError,
     InvalidAgentName,
     InvalidArguments,
+    InvalidCapability,
+    InvalidResource,
     NameTaken,
     StateNotSerializable,
     StoreUnavailable,
     UnknownHandler,
 )
 from arbor.registry.info import AgentInfo  # noqa: E402
+from arbor.registry.security import CapabilityInfo  # noqa: E402
 from arbor.runtime.ref import AgentRef  # noqa: E402
 
 __version__ = "0.1.0"
@@ -63,6 +69,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Agent",
     "AgentInfo",
+    "CapabilityInfo",
     "AgentNotFound",
     "AgentRef",
     "AgentTypeNotImportable",
@@ -75,16 +82,21 @@ __all__ = [
     "HandlerError",
     "InvalidAgentName",
     "InvalidArguments",
+    "InvalidCapability",
+    "InvalidResource",
     "NameTaken",
     "StateNotSerializable",
     "StoreUnavailable",
     "UnknownHandler",
+    "capabilities",
     "get",
+    "grant",
     "init",
     "list_agents",
     "list_checkpoints",
     "reconcile",
     "restore",
+    "revoke",
     "shutdown",
     "spawn",
     "stop",

@@ -24,17 +24,34 @@ class AgentContext(Protocol):
         """The epoch of the running incarnation; it grows on every restart."""
 
     @property
-    def capabilities(self) -> list[str]:
-        """The capabilities this agent holds."""
+    def capabilities(self) -> list[Any]:
+        """The live capabilities this agent holds, as `arbor.CapabilityInfo`."""
 
     def get(self, name: str) -> Any:
         """Return an `AgentRef` to another agent; messages carry this agent as sender."""
 
-    def spawn(self, agent_class: type[Agent], name: str, **kwargs: Any) -> Any:
-        """Spawn another agent and return its `AgentRef`."""
+    def spawn(
+        self,
+        agent_class: type[Agent],
+        name: str,
+        capabilities: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Spawn another agent, granting it narrower copies of capabilities this one holds."""
 
     def stop(self, name: str, purge: bool = False) -> None:
         """Stop another agent."""
+
+    def delegate(
+        self, capability_id: str, to: str, pattern: str | None = None, **terms: Any
+    ) -> Any:
+        """Give another principal a narrower copy of a capability this agent holds."""
+
+    def revoke(self, capability_id: str) -> list[str]:
+        """Revoke a capability this agent holds or delegated, and all delegated from it."""
+
+    def secret(self, path: str) -> Any:
+        """Read a secret such as ``db/password``; returns an `arbor.security.secrets.Secret`."""
 
     async def checkpoint(self) -> int:
         """Commit a checkpoint now, in the middle of a handler; returns its version."""

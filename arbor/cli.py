@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
 
 from rich.console import Console
 from rich.table import Table
@@ -19,7 +23,8 @@ from rich.table import Table
 import arbor
 from arbor.config import get_settings, redact_url
 from arbor.errors import ArborError, ClusterUnavailable
-from arbor.persistence import absolute_database_url
+from arbor.persistence import AuditEntry, CheckpointStore, absolute_database_url, open_store
+from arbor.persistence.audit import DECISIONS, format_time
 
 # Ray's own default port is often taken by Redis, so `arbor up` starts on a free one.
 DEFAULT_DASHBOARD_PORT = 8265
@@ -115,7 +120,68 @@ def _parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="discard an interrupted run instead of resuming it"
     )
     demo.set_defaults(run=_demo)
+    _add_audit_parser(commands, formatter)
     return parser
+
+
+def _add_audit_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    formatter: type[argparse.HelpFormatter],
+) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="list audit log entries (`arbor audit verify` checks the hash chain)",
+        description="List audit log entries, oldest first, read directly from the store "
+        "(no Ray cluster needed). `arbor audit verify` checks the hash chain instead.",
+        formatter_class=formatter,
+    )
+    audit.add_argument(
+        "--database-url", default=None, help="store to read (default: ARBOR_DATABASE_URL)"
+    )
+    audit.add_argument("--principal", default=None, help="only entries by this principal")
+    audit.add_argument("--action", default=None, help="only entries with this action, e.g. grant")
+    audit.add_argument(
+        "--resource", default=None, help="only entries whose resource starts with this text"
+    )
+    audit.add_argument(
+        "--decision", default=None, choices=list(DECISIONS), help="only entries with this decision"
+    )
+    audit.add_argument(
+        "--since",
+        type=time_bound,
+        default=None,
+        help="only entries at or after this time: ISO 8601 (UTC unless it names an offset) "
+        "or an age such as 30m, 12h or 7d",
+    )
+    audit.add_argument(
+        "--until", type=time_bound, default=None, help="only entries before this time, as --since"
+    )
+    audit.add_argument(
+        "--after-seq", type=int, default=None, help="only entries after this seq, to page"
+    )
+    audit.add_argument("--limit", type=count, default=100, help="maximum entries to print")
+    audit.add_argument("--json", action="store_true", help="print a JSON array, not a table")
+    audit.set_defaults(run=_audit_list)
+
+    audit_commands = audit.add_subparsers()
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check the audit hash chain and name the first bad row (exit status 1)",
+        description="Check every audit row against its hash and its predecessor. Exit status "
+        "0: the chain holds. 1: a row was edited, deleted or reordered, and the first bad "
+        "row's seq is printed.",
+        formatter_class=formatter,
+    )
+    # SUPPRESS keeps a value given before `verify` (arbor audit --json verify).
+    verify.add_argument(
+        "--database-url",
+        default=argparse.SUPPRESS,
+        help="store to read (default: ARBOR_DATABASE_URL)",
+    )
+    verify.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON"
+    )
+    verify.set_defaults(run=_audit_verify)
 
 
 def count(text: str) -> int:
@@ -127,6 +193,26 @@ def count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is invalid; pass a whole number of 1 or more")
     return value
+
+
+_AGE = re.compile(r"(\d+)([smhd])")
+_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def time_bound(text: str) -> datetime:
+    """Parse an ISO 8601 time (UTC when it has no offset) or an age such as ``30m``."""
+    age = _AGE.fullmatch(text.strip())
+    if age:
+        delta = timedelta(**{_AGE_UNITS[age.group(2)]: int(age.group(1))})
+        return datetime.now(timezone.utc) - delta
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is invalid; pass an ISO 8601 time such as 2025-01-31T12:00:00Z or an age "
+            "such as 30m, 12h or 7d"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _connect_existing() -> None:
@@ -272,6 +358,96 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     finally:
         arbor.shutdown()
     return 0
+
+
+def _open_audit_store(args: argparse.Namespace) -> CheckpointStore:
+    url = args.database_url or get_settings().database_url
+    # Opening a SQLite URL creates the file, which would turn a mistyped path into an empty
+    # log that verifies.
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]
+        if path and not os.path.exists(path):
+            raise ArborError(
+                f"no SQLite store at {os.path.abspath(path)}; check ARBOR_DATABASE_URL or "
+                "--database-url"
+            )
+    return open_store(url)
+
+
+def _audit_list(args: argparse.Namespace, console: Console) -> int:
+    store = _open_audit_store(args)
+    try:
+        entries = store.list_audit(
+            principal=args.principal,
+            action=args.action,
+            resource_prefix=args.resource,
+            since=args.since,
+            until=args.until,
+            decision=args.decision,
+            limit=args.limit,
+            after_seq=args.after_seq,
+        )
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([_audit_json(entry) for entry in entries], indent=2))
+        return 0
+    if not entries:
+        console.print("no audit entries match")
+        return 0
+    table = Table()
+    for column in (
+        "seq",
+        "at (UTC)",
+        "principal",
+        "action",
+        "resource",
+        "decision",
+        "trace",
+        "detail",
+    ):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(
+            str(entry.seq),
+            entry.at.strftime("%Y-%m-%d %H:%M:%S") if entry.at else "-",
+            entry.principal,
+            entry.action,
+            entry.resource,
+            entry.decision,
+            entry.trace_id or "-",
+            json.dumps(entry.detail, sort_keys=True) if entry.detail else "-",
+        )
+    # Principals and URIs are data, so markup=False keeps rich from reading [tags] in them.
+    console.print(table, markup=False)
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace, console: Console) -> int:
+    store = _open_audit_store(args)
+    try:
+        result = store.verify_audit()
+    finally:
+        store.close()
+    if getattr(args, "json", False):
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+    elif result.ok:
+        head = f"; head seq {result.head_seq}, hash {result.head_hash}" if result.head_seq else ""
+        console.print(f"audit chain intact: {result.checked} rows checked{head}", markup=False)
+    else:
+        intact = f"seq {result.head_seq}" if result.head_seq else "none"
+        console.print(
+            f"audit chain broken at seq {result.bad_seq} ({result.problem}): {result.reason}. "
+            f"Last intact row: {intact}.",
+            markup=False,
+        )
+    return 0 if result.ok else 1
+
+
+def _audit_json(entry: AuditEntry) -> dict[str, object]:
+    document = dataclasses.asdict(entry)
+    document["at"] = format_time(entry.at) if entry.at else None
+    return document
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from datetime import datetime
 from typing import Any
 
 import ray
@@ -15,6 +16,7 @@ from arbor.config import NAMESPACE, REGISTRY_NAME, Settings, get_settings, reset
 from arbor.errors import AgentNotFound, AgentTypeNotImportable, ArborError, ClusterUnavailable
 from arbor.persistence import CheckpointInfo, absolute_database_url, open_store
 from arbor.registry.info import AgentInfo
+from arbor.registry.security import CapabilityInfo
 from arbor.registry.spec import build_spawn_spec, validate_name
 from arbor.runtime.ref import AgentRef
 
@@ -234,6 +236,71 @@ def list_checkpoints(name: str) -> list[CheckpointInfo]:
 def reconcile() -> list[str]:
     """Run one reconciler pass now; returns the names of the agents it recreated."""
     result: list[str] = _call(_registry().reconcile.remote(), timeout=_REGISTRY_TIMEOUT_S)
+    return result
+
+
+def grant(
+    principal: str,
+    pattern: str,
+    operations: list[str] | None = None,
+    *,
+    expires_at: datetime | None = None,
+    max_uses: int | None = None,
+    allowed_callers: list[str] | None = None,
+    depth: int = 0,
+) -> CapabilityInfo:
+    """Grant ``principal`` a capability, on the operator's authority.
+
+    Args:
+        principal: an agent name, or an API key id.
+        pattern: the resources, such as ``arbor://agent/send/workers/*`` (``*`` matches
+            one path segment, a final ``**`` any suffix, and an operation ``*`` every
+            operation of the kind).
+        operations: a subset of the pattern's operations; None means all of them.
+        expires_at: a timezone-aware end of validity; default ``ARBOR_CAPABILITY_TTL_S``
+            from now.
+        max_uses: checks allowed over this capability and all delegated from it.
+        allowed_callers: the callers a check must name; None accepts any.
+        depth: how many times it may be delegated down a chain; 0 forbids delegation.
+
+    Raises:
+        InvalidResource: the pattern does not parse.
+        InvalidCapability: another argument is malformed.
+    """
+    from arbor.registry.security import GrantRequest
+
+    request = GrantRequest.parse(
+        {
+            "pattern": pattern,
+            "operations": operations,
+            "expires_at": expires_at,
+            "max_uses": max_uses,
+            "allowed_callers": allowed_callers,
+            "depth": depth,
+        }
+    )
+    result: CapabilityInfo = _call(
+        _registry().grant.remote(principal, request), timeout=_REGISTRY_TIMEOUT_S
+    )
+    return result
+
+
+def revoke(capability_id: str) -> list[str]:
+    """Revoke a capability and every capability delegated from it; returns their ids.
+
+    Every process stops honouring them within about ``ARBOR_REVOCATION_POLL_S``.
+    """
+    result: list[str] = _call(_registry().revoke.remote(capability_id), timeout=_REGISTRY_TIMEOUT_S)
+    return result
+
+
+def capabilities(
+    principal: str | None = None, include_revoked: bool = False
+) -> list[CapabilityInfo]:
+    """Return the capabilities ``principal`` holds (every principal's when None)."""
+    result: list[CapabilityInfo] = _call(
+        _registry().capabilities.remote(principal, include_revoked), timeout=_REGISTRY_TIMEOUT_S
+    )
     return result
 
 

@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The Ray namespace that contains every Arbor actor, so that `ray.get_actor` from any
@@ -95,10 +95,109 @@ class Settings(BaseSettings):
         "so that a spawn without placement options claims one instead of waiting for a new "
         "Ray worker process. Each holds an idle process of about 100 MB.",
     )
+    enforce_capabilities: bool = Field(
+        default=True,
+        description="Check a capability for every message, spawn, stop and secret read that "
+        "an agent or API key makes. Code that connects to Ray directly (a driver) acts as "
+        "the operator and is not checked.",
+    )
+    capability_ttl_s: float = Field(
+        default=365 * 24 * 3600.0,
+        gt=0,
+        description="Lifetime of a capability granted without an explicit expiry, in seconds.",
+    )
+    revocation_poll_s: float = Field(
+        default=0.2,
+        gt=0,
+        description="Seconds between each process's reads of new revocations; a revocation "
+        "takes effect everywhere within about this long plus one database read.",
+    )
+    audit_flush_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds between writes of the counts of allowed capability checks to "
+        "the audit log; denials are written at once.",
+    )
     dashboard: bool = Field(
         default=True,
         description="Start the Ray dashboard when Arbor starts a local Ray cluster.",
     )
+    secret_provider: Literal["env", "vault", "vault+env"] = Field(
+        default="env",
+        description="Where secrets come from: env reads ARBOR_SECRET_<PATH> variables, vault "
+        "reads Vault's KV v2 engine, vault+env tries Vault and then the environment.",
+    )
+    vault_url: str | None = Field(
+        default=None,
+        description="Vault address, for example https://vault.example:8200.",
+    )
+    vault_auth: Literal["token", "approle", "kubernetes"] = Field(
+        default="token",
+        description="Vault auth method: token (vault_token), approle (vault_role_id and "
+        "vault_secret_id) or kubernetes (vault_k8s_role and the service account token file).",
+    )
+    vault_auth_mount: str | None = Field(
+        default=None,
+        description="Path the auth method is mounted at; unset means the method's own name.",
+    )
+    vault_token: SecretStr | None = Field(default=None, description="Vault token for token auth.")
+    vault_role_id: str | None = Field(default=None, description="AppRole role_id.")
+    vault_secret_id: SecretStr | None = Field(default=None, description="AppRole secret_id.")
+    vault_k8s_role: str | None = Field(
+        default=None, description="Vault role for Kubernetes service account auth."
+    )
+    vault_k8s_token_path: str = Field(
+        default="/var/run/secrets/kubernetes.io/serviceaccount/token",
+        description="File holding the pod's service account JWT; it is read again at each "
+        "login because the kubelet rotates it.",
+    )
+    vault_mount: str = Field(default="secret", description="Mount path of the KV v2 engine.")
+    vault_namespace: str | None = Field(
+        default=None, description="Vault Enterprise namespace; unset for open-source Vault."
+    )
+    vault_ca_cert: str | None = Field(
+        default=None,
+        description="CA bundle file that verifies Vault's TLS certificate; unset means the "
+        "system trust store.",
+    )
+    vault_timeout_s: float = Field(
+        default=10.0, gt=0, description="Timeout of each request to Vault, in seconds."
+    )
+    database_password_secret: str | None = Field(
+        default=None,
+        description="Secret path (for example db/password) whose value becomes the password "
+        "in database_url.",
+    )
+    signing_key_secret: str | None = Field(
+        default=None,
+        description="Secret path of the hex-encoded cluster signing key (at least 32 bytes).",
+    )
+    metrics: bool = Field(
+        default=True,
+        description="Record Arbor's Prometheus metrics through ray.util.metrics; false makes "
+        "every recording call return at once.",
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="Log line format: json writes one JSON object per line for log "
+        "collectors, text writes plain lines for people.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO",
+        description="Level of the root logger set by configure_logging; case-insensitive.",
+    )
+    trace_sample_ratio: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of new traces that are recorded, from 0.0 to 1.0. A span with "
+        "a parent follows its parent's decision, so a trace is kept or dropped whole.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
 
 @lru_cache(maxsize=1)

@@ -124,17 +124,56 @@ class StoreUnavailable(ArborError):
     """The checkpoint database could not be reached after all retries."""
 
 
-class CapabilityDenied(ArborError, PermissionError):
-    """A principal lacks the capability an action needs."""
+class InvalidAuditEntry(ArborError, ValueError):
+    """An audit entry has a missing or invalid field, so it cannot be appended."""
 
-    def __init__(self, principal: str, uri: str, missing: str) -> None:
+
+class InvalidAuditQuery(ArborError, ValueError):
+    """An audit log query has an invalid filter, such as a naive datetime or a zero limit."""
+
+
+class CapabilityDenied(ArborError, PermissionError):
+    """A principal lacks the capability an action needs.
+
+    Attributes:
+        principal: the agent name or API key id that made the request.
+        uri: the resource URI (or, for a refused delegation, the requested pattern).
+        missing: the right that no capability grants, such as ``send`` or ``delegate``.
+        reason: why the presented capability does not grant it.
+    """
+
+    def __init__(self, principal: str, uri: str, missing: str, reason: str = "") -> None:
         self.principal = principal
         self.uri = uri
         self.missing = missing
-        super().__init__(f"{principal!r} may not {missing} on {uri}: no capability grants it")
+        self.reason = reason
+        super().__init__(
+            f"{principal!r} may not {missing} on {uri}: {reason or 'no capability grants it'}"
+        )
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.principal, self.uri, self.missing))
+        return (type(self), (self.principal, self.uri, self.missing, self.reason))
+
+
+class InvalidResource(ArborError, ValueError):
+    """A resource URI or pattern breaks the ``arbor://<kind>/<operation>/<path>`` grammar.
+
+    Attributes:
+        uri: the rejected text, with control characters escaped.
+        rule: the grammar rule it breaks.
+    """
+
+    def __init__(self, uri: str, rule: str) -> None:
+        self.uri = uri
+        self.rule = rule
+        super().__init__(f"resource URI {uri!r} is invalid: {rule}")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.uri, self.rule))
+
+
+class InvalidCapability(ArborError, ValueError):
+    """A capability request has a bad argument, or a token fails verification or parsing."""
 
 
 class ClusterUnavailable(ArborError):
@@ -143,3 +182,31 @@ class ClusterUnavailable(ArborError):
 
 class AgentTypeNotImportable(ArborError):
     """An agent class cannot be imported by path, so it cannot be recreated from the store."""
+
+
+class SecretError(ArborError):
+    """A secret could not be read; messages name the path and provider, never the value."""
+
+
+class SecretNotFound(SecretError, LookupError):
+    """No provider has a secret at this path."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"secret {path!r} not found: {detail}")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.path, self.detail))
+
+
+class SecretBackendError(SecretError):
+    """The secret backend rejected the credentials or could not be reached."""
+
+
+class InvalidSecretPath(SecretError, ValueError):
+    """A secret path is not of the form ``<secret>/<field>`` with plain segments."""
+
+
+class ConfigError(ArborError):
+    """A setting needs something this process lacks, such as an exporter's package."""

@@ -61,7 +61,14 @@ class ErrorInfo:
     """An error raised while processing a message, in a form that crosses processes."""
 
     kind: Literal[
-        "handler", "unknown_handler", "invalid_arguments", "state", "conflict", "store", "stopped"
+        "handler",
+        "unknown_handler",
+        "invalid_arguments",
+        "state",
+        "conflict",
+        "store",
+        "stopped",
+        "denied",
     ]
     error_type: str
     message: str

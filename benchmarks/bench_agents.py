@@ -7,6 +7,7 @@ and the benchmark scripts put the repository root on ``PYTHONPATH`` before Ray s
 from __future__ import annotations
 
 import os
+import time
 
 import arbor
 
@@ -69,3 +70,42 @@ class RawSyncCounter:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class Pinger(arbor.Agent):
+    """Asks another agent from inside a handler, where capabilities are checked."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def ping(self, target: str, count: int) -> list[float]:
+        """Ask ``target`` for its count ``count`` times; returns each round trip in seconds."""
+        ref = self.context.get(target)
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            ref.ask("get")
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    def probe(self, target: str) -> bool:
+        """Return whether an ask to ``target`` is still allowed."""
+        try:
+            self.context.get(target).ask("get")
+        except arbor.CapabilityDenied:
+            return False
+        return True
+
+
+class RawPinger:
+    """The raw-Ray baseline of `Pinger`: one actor calling another actor's method."""
+
+    def ping(self, target: object, count: int) -> list[float]:
+        import ray
+
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            ray.get(target.get.remote())  # type: ignore[attr-defined]
+            samples.append(time.perf_counter() - start)
+        return samples

@@ -116,3 +116,36 @@ class Picky(arbor.Agent):
     def set(self, value: int) -> int:
         self.value = value
         return value
+
+
+class Delegator(arbor.Agent):
+    """Exercises the capability side of the context: spawn with grants, delegate, revoke."""
+
+    def __init__(self) -> None:
+        self.spawned: list[str] = []
+
+    def spawn_child(self, name: str, capabilities: list[Any]) -> str:
+        self.context.spawn(Counter, name, capabilities=capabilities)
+        self.spawned.append(name)
+        return name
+
+    def ask_other(self, name: str, handler: str) -> Any:
+        return self.context.get(name).ask(handler)
+
+    def stop_other(self, name: str) -> None:
+        self.context.stop(name)
+
+    def held(self) -> list[dict[str, Any]]:
+        return [
+            {"id": info.id, "pattern": info.pattern, "parent_id": info.parent_id}
+            for info in self.context.capabilities
+        ]
+
+    def delegate(self, capability_id: str, to: str, pattern: str | None = None) -> str:
+        return self.context.delegate(capability_id, to, pattern).id
+
+    def revoke(self, capability_id: str) -> list[str]:
+        return self.context.revoke(capability_id)
+
+    def read_secret(self, path: str) -> str:
+        return self.context.secret(path).reveal()

@@ -70,7 +70,7 @@ def test_kill_under_ask_stream_loses_and_repeats_nothing() -> None:
 
 def test_sends_from_crashed_agent_arrive_exactly_once() -> None:
     sink = arbor.spawn(Counter, "rec/sink")
-    arbor.spawn(Relay, "rec/relay")
+    arbor.spawn(Relay, "rec/relay", capabilities=["arbor://agent/send/rec/sink"])
     forwards = 60
     replies: list[int] = []
 

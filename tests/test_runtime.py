@@ -241,7 +241,11 @@ def test_context_exposes_name_and_incarnation() -> None:
 
 
 def test_agent_spawns_and_asks_another_agent() -> None:
-    parent = arbor.spawn(Parent, "rt/parent")
+    parent = arbor.spawn(
+        Parent,
+        "rt/parent",
+        capabilities=["arbor://agent/spawn/rt/child", "arbor://agent/ask/rt/child"],
+    )
     assert parent.ask("make_child", "rt/child", 10) == "rt/child"
     assert parent.ask("add_to_child", "rt/child", 5) == 15
     assert arbor.get("rt/child").ask("get") == 15

@@ -33,6 +33,7 @@ from arbor.persistence import (
     encode_state,
     open_store,
 )
+from arbor.persistence.base import migration_scripts
 from tests.conftest import PG_ADMIN_URL
 
 RETRY_ATTEMPTS = 4
@@ -153,7 +154,11 @@ def test_reopened_store_applies_no_migrations(store: CheckpointStore, store_url:
 
 
 def test_schema_migrations_table_lists_all_versions(store: CheckpointStore, store_url: str) -> None:
-    assert schema_versions(store_url) == [1, 2]
+    dialect = "sqlite" if store_url.startswith("sqlite") else "postgresql"
+    shipped = [version for version, _ in migration_scripts(dialect)]
+
+    assert shipped[:3] == [1, 2, 3]
+    assert schema_versions(store_url) == shipped
 
 
 def test_concurrent_postgres_open_succeeds(pg_url: str) -> None:
@@ -168,7 +173,9 @@ def test_concurrent_postgres_open_succeeds(pg_url: str) -> None:
         stores = [future.result(timeout=30) for future in futures]
     try:
         assert [opened.migrate() for opened in stores] == [[], []]
-        assert schema_versions(pg_url) == [1, 2]
+        assert schema_versions(pg_url) == [
+            version for version, _ in migration_scripts("postgresql")
+        ]
     finally:
         for opened in stores:
             opened.close()

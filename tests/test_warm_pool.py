@@ -152,7 +152,7 @@ def test_stop_kills_warm_actor() -> None:
 
 def test_outbox_sends_reach_warm_agent() -> None:
     warm_spawn(Counter, "warm/target")
-    relay = arbor.spawn(Relay, "warm/relay")
+    relay = arbor.spawn(Relay, "warm/relay", capabilities=["arbor://agent/send/warm/target"])
     for n in range(1, 6):
         relay.ask("forward", "warm/target", n)
     target = arbor.get("warm/target")

@@ -69,7 +69,11 @@ class Coordinator(arbor.Agent):
         for index in range(self.workers):
             # An analyzer that exists already, from an interrupted run, is reused.
             with contextlib.suppress(arbor.NameTaken):
-                self.context.spawn(Analyzer, analyzer_name(index))
+                self.context.spawn(
+                    Analyzer,
+                    analyzer_name(index),
+                    capabilities=[f"arbor://agent/send/{self.context.name}"],
+                )
         for batch, files in enumerate(self.batches):
             if str(batch) not in self.done:
                 analyzer = self.context.get(analyzer_name(batch % self.workers))

@@ -151,6 +151,8 @@ def _start_or_resume(
     coordinator = arbor.spawn(
         Coordinator,
         COORDINATOR,
+        # It spawns and messages its analyzers, and hands each the right to reply.
+        capabilities=[{"pattern": "arbor://agent/*/demo/**", "depth": 1}],
         source=source,
         workers=options.workers,
         batch_size=options.batch_size,

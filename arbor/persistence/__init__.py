@@ -6,6 +6,8 @@ from urllib.parse import urlsplit
 
 from arbor.config import Settings, get_settings
 from arbor.errors import ArborError
+from arbor.persistence.audit import ALLOWED, DENIED, AuditEntry, AuditVerification
+from arbor.persistence.audit_counter import AuditCounter
 from arbor.persistence.base import (
     FAILED,
     RUNNING,
@@ -19,11 +21,16 @@ from arbor.persistence.base import (
 from arbor.persistence.jsonstate import encode_state
 
 __all__ = [
+    "ALLOWED",
+    "DENIED",
     "FAILED",
     "RUNNING",
     "STARTING",
     "STOPPED",
     "AgentRecord",
+    "AuditCounter",
+    "AuditEntry",
+    "AuditVerification",
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointStore",

@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from arbor.errors import StoreUnavailable
+from arbor.persistence.audit import AuditEntry, AuditVerification
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,54 @@ class CheckpointStore(ABC):
     @abstractmethod
     def delete_agent(self, name: str) -> bool:
         """Delete the record and every checkpoint; returns whether a record existed."""
+
+    @abstractmethod
+    def append_audit(self, entry: AuditEntry) -> AuditEntry:
+        """Append ``entry`` to the hash-chained audit log.
+
+        Appends are serialised across threads and processes, so every row links to the one
+        before it and the chain never forks.
+
+        Returns:
+            A copy of ``entry`` with the ``seq``, ``at``, ``prev_hash`` and ``hash`` the
+            store assigned.
+
+        Raises:
+            InvalidAuditEntry: a field is missing or invalid; nothing is written.
+            StoreUnavailable: the database stayed unreachable through every retry.
+        """
+
+    @abstractmethod
+    def list_audit(
+        self,
+        principal: str | None = None,
+        action: str | None = None,
+        resource_prefix: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        decision: str | None = None,
+        limit: int = 100,
+        after_seq: int | None = None,
+    ) -> list[AuditEntry]:
+        """Return audit entries that match every given filter, oldest first.
+
+        Args:
+            principal: only entries by this principal.
+            action: only entries with this action.
+            resource_prefix: only entries whose resource starts with this text.
+            since: only entries at or after this aware datetime.
+            until: only entries before this aware datetime.
+            decision: only ``"allowed"`` or only ``"denied"`` entries.
+            limit: the maximum number of entries, from 1 to 10,000.
+            after_seq: only entries with a higher seq; pass the last seq seen to page.
+
+        Raises:
+            InvalidAuditQuery: a filter is invalid.
+        """
+
+    @abstractmethod
+    def verify_audit(self) -> AuditVerification:
+        """Walk the audit chain from its first row and report the first bad row, if any."""
 
     @abstractmethod
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -13,6 +14,16 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from arbor.errors import AgentNotFound, CheckpointConflict, NameTaken
+from arbor.persistence.audit import (
+    GENESIS_HASH,
+    VERIFY_BATCH_ROWS,
+    AuditEntry,
+    AuditRow,
+    AuditVerification,
+    check_query,
+    seal_row,
+    verify_chain,
+)
 from arbor.persistence.base import (
     RUNNING,
     AgentRecord,
@@ -22,6 +33,7 @@ from arbor.persistence.base import (
     migration_scripts,
     split_statements,
 )
+from arbor.persistence.capabilities import CapabilityTables
 
 # Seconds to wait for a pooled connection before the attempt counts as failed and is
 # retried. It is short because the retry loop, not the pool, sets the total wait.
@@ -30,13 +42,21 @@ POOL_TIMEOUT_S = 3.0
 # Any fixed key serialises concurrent migrations across processes; this one spells "arbor".
 MIGRATION_LOCK_KEY = 0x6172626F72
 
+# The advisory lock that serialises audit log appends across processes. It spells "audit".
+AUDIT_LOCK_KEY = 0x6175646974
+
+# detail is read as text, the exact JSON that the row's hash covers.
+_AUDIT_COLUMNS = (
+    "seq, at, principal, action, resource, decision, detail::text, trace_id, prev_hash, hash"
+)
+
 _AGENT_COLUMNS = (
     "name, type_path, status, spawn_id, options, node_id, epoch, checkpoint_version, "
     "last_error, created_at, updated_at, started_at, checkpointed_at"
 )
 
 
-class PostgresStore(CheckpointStore):
+class PostgresStore(CheckpointStore, CapabilityTables):
     """Checkpoint store in PostgreSQL; state is kept as jsonb."""
 
     dialect = "postgresql"
@@ -295,6 +315,81 @@ class PostgresStore(CheckpointStore):
                 return bool(cursor.rowcount > 0)
 
         return self._retry("delete_agent", step)
+
+    def append_audit(self, entry: AuditEntry) -> AuditEntry:
+        def step() -> AuditEntry:
+            with self._transaction() as connection:
+                # The lock is held until commit, and each statement after it reads the
+                # newest committed head, so no two appends link to the same predecessor.
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK_KEY,))
+                head = connection.execute(
+                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                seq, prev_hash = (int(head[0]) + 1, head[1]) if head else (1, GENESIS_HASH)
+                row = seal_row(entry, seq, prev_hash)
+                connection.execute(
+                    "INSERT INTO audit_log (seq, at, principal, action, resource, decision, "
+                    "detail, trace_id, prev_hash, hash) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s::json, %s, %s, %s)",
+                    tuple(row),
+                )
+            return row.to_entry()
+
+        # NOTE: when the connection drops after the server committed but before the client
+        # saw the commit, the retry appends the entry a second time, as the next row. The
+        # chain stays valid, but the entry appears twice.
+        return self._retry("append_audit", step)
+
+    def list_audit(
+        self,
+        principal: str | None = None,
+        action: str | None = None,
+        resource_prefix: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        decision: str | None = None,
+        limit: int = 100,
+        after_seq: int | None = None,
+    ) -> list[AuditEntry]:
+        check_query(decision, since, until, limit, after_seq)
+        conditions: list[str] = []
+        params: list[Any] = []
+        for condition, value in (
+            ("principal = %s", principal),
+            ("action = %s", action),
+            ("decision = %s", decision),
+            ("seq > %s", after_seq),
+            ("at >= %s", since),
+            ("at < %s", until),
+            ("starts_with(resource, %s)", resource_prefix or None),
+        ):
+            if value is not None:
+                conditions.append(condition)
+                params.append(value)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        query = f"SELECT {_AUDIT_COLUMNS} FROM audit_log{where} ORDER BY seq LIMIT %s"
+
+        def step() -> list[AuditEntry]:
+            with self._pool.connection() as connection:
+                rows = connection.execute(query.encode(), (*params, limit)).fetchall()
+            return [AuditRow(*row).to_entry() for row in rows]
+
+        return self._retry("list_audit", step)
+
+    def verify_audit(self) -> AuditVerification:
+        def read_batch(after_seq: int) -> list[AuditRow]:
+            def step() -> list[AuditRow]:
+                with self._pool.connection() as connection:
+                    rows = connection.execute(
+                        f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > %s "
+                        "ORDER BY seq LIMIT %s",
+                        (after_seq, VERIFY_BATCH_ROWS),
+                    ).fetchall()
+                return [AuditRow(*row) for row in rows]
+
+            return self._retry("verify_audit", step)
+
+        return verify_chain(read_batch)
 
     def close(self) -> None:
         self._pool.close()

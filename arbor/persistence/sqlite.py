@@ -13,6 +13,18 @@ from datetime import datetime, timezone
 from typing import Any
 
 from arbor.errors import AgentNotFound, CheckpointConflict, NameTaken
+from arbor.persistence.audit import (
+    GENESIS_HASH,
+    VERIFY_BATCH_ROWS,
+    AuditEntry,
+    AuditRow,
+    AuditVerification,
+    check_query,
+    from_microseconds,
+    seal_row,
+    to_microseconds,
+    verify_chain,
+)
 from arbor.persistence.base import (
     RUNNING,
     AgentRecord,
@@ -22,6 +34,7 @@ from arbor.persistence.base import (
     migration_scripts,
     split_statements,
 )
+from arbor.persistence.capabilities import CapabilityTables
 
 # Milliseconds a writer waits for another process's write lock before SQLite reports
 # "database is locked"; many agent processes share one file, each holding it briefly.
@@ -32,8 +45,10 @@ _AGENT_COLUMNS = (
     "last_error, created_at, updated_at, started_at, checkpointed_at"
 )
 
+_AUDIT_COLUMNS = "seq, at, principal, action, resource, decision, detail, trace_id, prev_hash, hash"
 
-class SQLiteStore(CheckpointStore):
+
+class SQLiteStore(CheckpointStore, CapabilityTables):
     """Checkpoint store in one SQLite file, shared by every process on the machine.
 
     WAL journaling lets readers run beside the single writer, and ``synchronous=FULL``
@@ -295,9 +310,86 @@ class SQLiteStore(CheckpointStore):
 
         return self._retry("delete_agent", step)
 
+    def append_audit(self, entry: AuditEntry) -> AuditEntry:
+        def step() -> AuditEntry:
+            # BEGIN IMMEDIATE holds the file's write lock from reading the chain head to the
+            # commit, so two processes never link a row to the same predecessor.
+            with self._transaction() as connection:
+                head = connection.execute(
+                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                seq, prev_hash = (int(head[0]) + 1, head[1]) if head else (1, GENESIS_HASH)
+                row = seal_row(entry, seq, prev_hash)
+                connection.execute(
+                    f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.seq, to_microseconds(row.at), *row[2:]),
+                )
+            return row.to_entry()
+
+        return self._retry("append_audit", step)
+
+    def list_audit(
+        self,
+        principal: str | None = None,
+        action: str | None = None,
+        resource_prefix: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        decision: str | None = None,
+        limit: int = 100,
+        after_seq: int | None = None,
+    ) -> list[AuditEntry]:
+        check_query(decision, since, until, limit, after_seq)
+        conditions: list[str] = []
+        params: list[Any] = []
+        for condition, value in (
+            ("principal = ?", principal),
+            ("action = ?", action),
+            ("decision = ?", decision),
+            ("seq > ?", after_seq),
+            ("at >= ?", to_microseconds(since) if since else None),
+            ("at < ?", to_microseconds(until) if until else None),
+        ):
+            if value is not None:
+                conditions.append(condition)
+                params.append(value)
+        if resource_prefix:
+            # substr counts characters, so a prefix never matches half of a character.
+            conditions.append("substr(resource, 1, ?) = ?")
+            params += [len(resource_prefix), resource_prefix]
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        query = f"SELECT {_AUDIT_COLUMNS} FROM audit_log{where} ORDER BY seq LIMIT ?"
+
+        def step() -> list[AuditEntry]:
+            with self._lock:
+                rows = self._connection.execute(query, (*params, limit)).fetchall()
+            return [_audit_row(row).to_entry() for row in rows]
+
+        return self._retry("list_audit", step)
+
+    def verify_audit(self) -> AuditVerification:
+        def read_batch(after_seq: int) -> list[AuditRow]:
+            def step() -> list[AuditRow]:
+                with self._lock:
+                    rows = self._connection.execute(
+                        f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > ? "
+                        "ORDER BY seq LIMIT ?",
+                        (after_seq, VERIFY_BATCH_ROWS),
+                    ).fetchall()
+                return [_audit_row(row) for row in rows]
+
+            return self._retry("verify_audit", step)
+
+        return verify_chain(read_batch)
+
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+def _audit_row(row: tuple[Any, ...]) -> AuditRow:
+    return AuditRow(int(row[0]), from_microseconds(int(row[1])), *row[2:])
 
 
 def _time(value: float | None) -> datetime:

@@ -24,6 +24,7 @@ from arbor.errors import (
     HandlerError,
 )
 from arbor.persistence import (
+    ALLOWED,
     FAILED,
     RUNNING,
     STARTING,
@@ -33,6 +34,7 @@ from arbor.persistence import (
     open_store,
 )
 from arbor.registry.info import AgentInfo, actor_name
+from arbor.registry.security import OPERATOR, CapabilityInfo, CapabilityService, GrantRequest
 from arbor.registry.spec import PLACEMENT_KEYS, SpawnSpec, ray_actor_options
 from arbor.runtime.actor import WARM_PREFIX, create_agent_actor, create_warm_actor
 
@@ -52,6 +54,9 @@ class Registry:
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = Settings(**settings)
         self._store = open_store(self._settings.database_url, self._settings)
+        self._security = CapabilityService(
+            self._store, self._settings, _signing_key(self._settings)
+        )
         self._inflight: set[str] = set()
         self._reconcile_lock = asyncio.Lock()
         self._passes = 0
@@ -77,7 +82,15 @@ class Registry:
         A retried request with the same ``spawn_id`` finishes the first one instead of
         failing with `NameTaken`.
         """
+        if spec.spawner is not None and self._settings.enforce_capabilities:
+            await asyncio.to_thread(
+                self._security.guard.require,
+                spec.token,
+                spec.spawner,
+                f"arbor://agent/spawn/{spec.name}",
+            )
         self._inflight.add(spec.name)
+        granted = False
         try:
             slot = self._take_warm(spec)
             record = AgentRecord(
@@ -97,6 +110,15 @@ class Registry:
                 # A retried spawn whose first attempt is recorded; finish that one instead.
                 self._warm[spec.type_path].appendleft(slot)
                 slot = None
+            try:
+                granted = await asyncio.to_thread(self._grant_at_birth, spec)
+            except BaseException:
+                # No actor runs yet: free the name and keep the warm actor for later.
+                await asyncio.to_thread(self._security.revoke_principal, spec.name)
+                await asyncio.to_thread(self._store.delete_agent, spec.name)
+                if slot is not None:
+                    self._warm[spec.type_path].appendleft(slot)
+                raise
             if slot is not None or stored.options.get("actor"):
                 await self._claim(spec, stored, slot)
                 return await self._spawned(spec)
@@ -131,14 +153,60 @@ class Registry:
                     f"resources it asks for ({spec.options or 'defaults'}) or raise "
                     "ARBOR_SPAWN_TIMEOUT_S"
                 ) from None
+        except BaseException:
+            if granted:
+                # The name is free again, so its birth capabilities must not outlive it.
+                await asyncio.to_thread(self._security.revoke_principal, spec.name)
+            raise
         finally:
             self._inflight.discard(spec.name)
         return await self._spawned(spec)
 
     async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
         logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
+        await asyncio.to_thread(
+            self._security.audit,
+            spec.spawner or OPERATOR,
+            "spawn",
+            f"arbor://agent/spawn/{spec.name}",
+            ALLOWED,
+            type=spec.type_path,
+        )
         self._refill_later(spec)
         return await self.info(spec.name)
+
+    def _grant_at_birth(self, spec: SpawnSpec) -> bool:
+        """Grant the spawn's capabilities once; returns whether this call granted any."""
+        if not spec.capabilities or self._store.list_capabilities(spec.name):
+            return False
+        for request in spec.capabilities:
+            if spec.spawner is None:
+                self._security.grant(spec.name, request)
+            else:
+                self._security.delegate_covering(spec.spawner, spec.name, request)
+        return True
+
+    async def grant(self, principal: str, request: GrantRequest) -> CapabilityInfo:
+        """Issue a capability to ``principal`` on the operator's authority."""
+        return await asyncio.to_thread(self._security.grant, principal, request)
+
+    async def delegate(
+        self, holder: str, parent_id: str, to_principal: str, request: GrantRequest | None
+    ) -> CapabilityInfo:
+        """Derive a narrower capability from one that ``holder`` has, for ``to_principal``."""
+        return await asyncio.to_thread(
+            self._security.delegate, holder, parent_id, to_principal, request
+        )
+
+    async def revoke(self, capability_id: str, by: str = OPERATOR) -> list[str]:
+        """Revoke a capability and all delegated from it; returns the revoked ids."""
+        return await asyncio.to_thread(self._security.revoke, capability_id, by)
+
+    async def capabilities(
+        self, principal: str | None = None, include_revoked: bool = False
+    ) -> list[CapabilityInfo]:
+        """Return the capabilities of ``principal`` (or all), oldest first."""
+        return await asyncio.to_thread(self._security.list, principal, include_revoked)
 
     async def _claim(
         self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
@@ -222,8 +290,18 @@ class Registry:
             return None
         return {"status": record.status, "actor": actor_name(record)}
 
-    async def stop(self, name: str, purge: bool = False) -> None:
-        """Stop an agent after it commits its state; ``purge`` also deletes the state."""
+    async def stop(
+        self, name: str, purge: bool = False, by: str | None = None, token: str | None = None
+    ) -> None:
+        """Stop an agent after it commits its state; ``purge`` also deletes the state.
+
+        ``by`` names the agent that requests the stop, which must present ``token``
+        granting ``arbor://agent/stop/<name>``; None is the operator.
+        """
+        if by is not None and self._settings.enforce_capabilities:
+            await asyncio.to_thread(
+                self._security.guard.require, token, by, f"arbor://agent/stop/{name}"
+            )
         record = await asyncio.to_thread(self._store.get_agent, name)
         if record is None:
             raise AgentNotFound(name)
@@ -241,8 +319,17 @@ class Registry:
             ray.kill(handle, no_restart=True)
             # A spawn under the same name right after a purge must not find this actor.
             await self._wait_name_free(actor)
+        await asyncio.to_thread(self._security.revoke_principal, name, by or OPERATOR)
         if purge:
             await asyncio.to_thread(self._store.delete_agent, name)
+        await asyncio.to_thread(
+            self._security.audit,
+            by or OPERATOR,
+            "stop",
+            f"arbor://agent/stop/{name}",
+            ALLOWED,
+            purge=purge,
+        )
         logger.info("stopped agent %s%s", name, " and purged its state" if purge else "")
 
     async def restore(self, name: str, version: int) -> AgentInfo:
@@ -473,6 +560,19 @@ class Registry:
             except ValueError:
                 return
             await asyncio.sleep(0.1)
+
+
+def _signing_key(settings: Settings) -> bytes | None:
+    """Read the cluster signing key from the secret provider, when one is configured."""
+    if not settings.signing_key_secret:
+        return None
+    from arbor.security.secrets import provider_from_settings, signing_key
+
+    provider = provider_from_settings(settings)
+    try:
+        return signing_key(settings, provider)
+    finally:
+        provider.close()
 
 
 def _one_line(error: BaseException) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from arbor.agent import Agent, type_path
 from arbor.errors import InvalidAgentName, InvalidArguments
+from arbor.registry.security import GrantRequest, grant_requests
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ class SpawnSpec:
     init_kwargs: dict[str, Any]
     options: dict[str, Any]
     spawn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Capabilities the new agent gets at birth; an agent spawner may grant only narrower
+    # copies of what it holds.
+    capabilities: list[GrantRequest] = field(default_factory=list)
+    # The agent that requests the spawn and the token that allows it; None for the operator.
+    spawner: str | None = None
+    token: str | None = field(default=None, repr=False)
 
 
 def validate_name(name: object) -> str:
@@ -96,6 +103,7 @@ def build_spawn_spec(
         )
     options = {key: kwargs.pop(key) for key in list(kwargs) if key in PLACEMENT_KEYS}
     _check_options(options)
+    capabilities = grant_requests(kwargs.pop("capabilities", None))
     _check_init_arguments(agent_class, init_args, kwargs)
     return SpawnSpec(
         name=name,
@@ -104,6 +112,7 @@ def build_spawn_spec(
         init_args=tuple(init_args),
         init_kwargs=kwargs,
         options={key: value for key, value in options.items() if value is not None},
+        capabilities=capabilities,
     )
 
 

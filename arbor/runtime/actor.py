@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -15,8 +16,9 @@ from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.persistence import RUNNING, STARTING, AgentRecord, open_store
-from arbor.runtime.cell import AgentCell
+from arbor.runtime.cell import CAPABILITY_HEADER, AgentCell
 from arbor.runtime.context import RuntimeContext
+from arbor.runtime.guard import Wallet, process_guard
 from arbor.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,11 @@ class AgentActor:
         durability: str,
     ) -> None:
         self._name = name
-        context = RuntimeContext(name)
+        guard = wallet = None
+        if self._settings.enforce_capabilities:
+            guard = process_guard(self._store, self._settings)
+            wallet = Wallet(name, guard)
+        context = RuntimeContext(name, self._settings)
         cell = AgentCell(
             name,
             self._agent_class,
@@ -106,7 +112,9 @@ class AgentActor:
             checkpoint_keep=self._settings.checkpoint_keep,
             dedup_window=self._settings.dedup_window,
             offload_io=False,
-            outbox=Outbox(_dispatch, _delivered),
+            outbox=Outbox(functools.partial(_dispatch, wallet), _delivered),
+            guard=guard,
+            wallet=wallet,
         )
         context.attach(cell)
         self._cell = cell
@@ -201,13 +209,20 @@ class AgentActor:
         return f"{type(self).__name__}({self._name or 'warm'})"
 
 
-def _dispatch(target: str, wire: list[Any]) -> Any:
-    """Send an outbox message to ``target``; returns the reply's ObjectRef, or None."""
+def _dispatch(wallet: Wallet | None, target: str, wire: list[Any]) -> Any:
+    """Send an outbox message to ``target``; returns the reply's ObjectRef, or None.
+
+    The sender's capability token is attached here rather than kept in the checkpoint.
+    """
     from arbor.runtime.ref import find_actor
 
     handle = find_actor(target)
     if handle is None:
         return None
+    if wallet is not None:
+        token = wallet.token_for(f"arbor://agent/{wire[3]}/{target}")
+        if token is not None:
+            wire = [*wire[:7], {**wire[7], CAPABILITY_HEADER: token}, *wire[8:]]
     return handle.handle.remote(tuple(wire))
 
 

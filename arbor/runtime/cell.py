@@ -7,15 +7,17 @@ cell in one actor, and a hosted placement can put many cells in one process.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import traceback
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from arbor.agent import Agent, resolve_handler
 from arbor.errors import (
+    CapabilityDenied,
     CheckpointConflict,
     InvalidArguments,
     StateNotSerializable,
@@ -27,7 +29,25 @@ from arbor.persistence import CheckpointStore
 from arbor.persistence.jsonstate import encode_reply, encode_state
 from arbor.runtime.outbox import Outbox
 
+if TYPE_CHECKING:
+    from arbor.runtime.guard import Guard, Wallet
+
 logger = logging.getLogger(__name__)
+
+# The cell whose handler is running in this thread or task. References made inside a
+# handler send as that agent, with its capabilities, however they were obtained.
+_running_cell: contextvars.ContextVar[AgentCell | None] = contextvars.ContextVar(
+    "arbor_running_cell", default=None
+)
+
+
+def running_cell() -> AgentCell | None:
+    """Return the cell whose handler is running here, or None outside any handler."""
+    return _running_cell.get()
+
+
+# The envelope header that carries the sender's capability token.
+CAPABILITY_HEADER = "capability"
 
 # Keys of a processed message's outcome as a checkpoint stores it for deduplication.
 _VALUE = "v"
@@ -57,8 +77,14 @@ class AgentCell:
         dedup_window: int = 256,
         offload_io: bool = True,
         outbox: Outbox | None = None,
+        guard: Guard | None = None,
+        wallet: Wallet | None = None,
     ) -> None:
         self.name = name
+        # With a guard, messages from other agents must carry a capability for this one.
+        self.guard = guard
+        # The capabilities this agent holds, presented with the requests it makes.
+        self.wallet = wallet
         self.agent_class = agent_class
         self.store = store
         self.durability = durability
@@ -126,7 +152,7 @@ class AgentCell:
             admitted = self._admit(envelope)
             if isinstance(admitted, Reply):
                 return admitted
-            self._begin(envelope)
+            running = self._begin(envelope)
             try:
                 value = admitted(*envelope.args, **envelope.kwargs)
                 if inspect.isawaitable(value):
@@ -136,6 +162,7 @@ class AgentCell:
                 value, error = None, self._handler_error(envelope, raised)
             finally:
                 self._current_id = None
+                _running_cell.reset(running)
             if self.offload_io:
                 return await asyncio.to_thread(self._settle, envelope, value, error)
             return self._settle(envelope, value, error)
@@ -149,7 +176,7 @@ class AgentCell:
         admitted = self._admit(envelope)
         if isinstance(admitted, Reply):
             return admitted
-        self._begin(envelope)
+        running = self._begin(envelope)
         try:
             value = admitted(*envelope.args, **envelope.kwargs)
             if inspect.isawaitable(value):
@@ -159,6 +186,7 @@ class AgentCell:
             value, error = None, self._handler_error(envelope, raised)
         finally:
             self._current_id = None
+            _running_cell.reset(running)
         return self._settle(envelope, value, error)
 
     def next_message_id(self) -> str:
@@ -181,6 +209,8 @@ class AgentCell:
         if self.outbox is None or self.durability != "durable" or self._current_id is None:
             return False
         wire = list(envelope.to_wire())
+        # The token is attached again at dispatch, so checkpoints never contain it.
+        wire[7] = {key: value for key, value in wire[7].items() if key != CAPABILITY_HEADER}
         try:
             encode_state(self.name, wire, root="message")
         except StateNotSerializable as error:
@@ -191,9 +221,26 @@ class AgentCell:
         self.outbox.stage(envelope.message_id, target, wire)
         return True
 
-    def _begin(self, envelope: Envelope) -> None:
+    def credential(self, operation: str, target: str) -> str | None:
+        """Return the token this agent presents to ``operation`` on agent ``target``.
+
+        Raises:
+            CapabilityDenied: capabilities are enforced and none this agent holds fits;
+                the denial is audited.
+        """
+        if self.wallet is None:
+            return None
+        uri = f"arbor://agent/{operation}/{target}"
+        token = self.wallet.token_for(uri)
+        if token is None:
+            assert self.guard is not None
+            self.guard.require(None, self.name, uri)
+        return token
+
+    def _begin(self, envelope: Envelope) -> contextvars.Token[AgentCell | None]:
         self._current_id = envelope.message_id
         self._child_count = 0
+        return _running_cell.set(self)
 
     async def checkpoint(self) -> int:
         """Commit the current state now; callable from inside a handler (holds no lock)."""
@@ -235,6 +282,17 @@ class AgentCell:
         """Return the handler for ``envelope``, or the reply that settles it without one."""
         if self.fenced or self.stopped:
             return self._unavailable_reply(envelope)
+        if self.guard is not None and envelope.sender is not None:
+            decision = self.guard.check(
+                envelope.headers.get(CAPABILITY_HEADER),
+                envelope.sender,
+                f"arbor://agent/{envelope.kind}/{self.name}",
+            )
+            if not decision.allowed:
+                denied = CapabilityDenied(
+                    decision.principal, decision.resource, decision.right, decision.reason
+                )
+                return self._error_reply(envelope, "denied", denied)
         outcome = self._processed.get(envelope.message_id)
         if outcome is not None:
             return self._replay(envelope, outcome)

@@ -19,6 +19,7 @@ from arbor.errors import (
     UnknownHandler,
 )
 from arbor.messages import Envelope, Reply
+from arbor.runtime.cell import CAPABILITY_HEADER, running_cell
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,10 @@ class AgentRef:
         within its ``ARBOR_DEDUP_WINDOW``.
         """
         envelope = self._envelope("send", handler, args, kwargs, message_id)
-        if self._origin is not None and self._origin.stage_send(self._name, envelope):
+        origin = self._origin
+        if origin is None:
+            origin = running_cell()
+        if origin is not None and origin.stage_send(self._name, envelope):
             return envelope.message_id
         actor = self._resolve(time.monotonic() + _default_timeout())
         actor.handle.remote(envelope.to_wire())
@@ -176,13 +180,20 @@ class AgentRef:
         kwargs: dict[str, Any],
         message_id: str | None,
     ) -> Envelope:
-        envelope = Envelope(
-            handler=handler, args=args, kwargs=kwargs, kind=kind, sender=self._sender
-        )
+        origin = self._origin
+        if origin is None:
+            # A reference made or received inside a handler sends as the running agent.
+            origin = running_cell()
+        sender = origin.name if origin is not None else self._sender
+        envelope = Envelope(handler=handler, args=args, kwargs=kwargs, kind=kind, sender=sender)
         if message_id is not None:
             envelope.message_id = message_id
-        elif self._origin is not None:
-            envelope.message_id = self._origin.next_message_id()
+        elif origin is not None:
+            envelope.message_id = origin.next_message_id()
+        if origin is not None:
+            token = origin.credential(kind, self._name)
+            if token is not None:
+                envelope.headers[CAPABILITY_HEADER] = token
         return envelope
 
     def _resolve(self, deadline: float) -> Any:
