@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test prometheus lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/arbor demo
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(VENV)/bin/python -m pytest
+
+# The monitoring tests run Debian's prometheus and promtool binaries; install them when
+# missing. The tests start their own server on 127.0.0.1 and do not use the package's service.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check arbor tests benchmarks

@@ -1,0 +1,259 @@
+"""OpenTelemetry tracing: SDK set-up and W3C trace context carried in message envelopes.
+
+`configure_tracing` installs an SDK tracer provider in the process. Spans go to an OTLP/HTTP
+exporter when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is
+set, and nowhere otherwise. The exporter reads the other standard ``OTEL_EXPORTER_OTLP_*``
+variables (headers, timeout, certificates, compression) itself, the resource reads
+``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``, and ``OTEL_SDK_DISABLED=true`` turns
+the SDK's tracers into no-ops.
+
+A sender calls `inject_context` and puts the returned carrier into the message envelope. The
+receiver wraps the handler in `span_from_carrier`, so its span is a child of the sender's and
+one trace follows a request through every agent it reaches. A process that never called
+`configure_tracing` records nothing but still passes the context on, so a trace does not
+break at such a process.
+
+Example:
+
+    configure_tracing()
+    with start_span("arbor.spawn", {"arbor.agent_type": "Counter"}):
+        carrier = inject_context()        # goes into the envelope
+    ...
+    with span_from_carrier("arbor.message", carrier, {"arbor.handler": "add"}):
+        ...                               # handle the message
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.util.types import AttributeValue
+
+from arbor.config import Settings, get_settings
+from arbor.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TRACER_NAME = "arbor"
+DEFAULT_SERVICE_NAME = "arbor"
+
+# Carrier entries longer than this are dropped before extraction. A W3C traceparent is 55
+# characters and a tracestate at most 32 members of 256 characters, so real entries fit.
+# The limit stops a client-supplied carrier from making the propagator parse megabytes.
+MAX_CARRIER_VALUE_LENGTH = 8192
+
+_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+_provider: TracerProvider | None = None
+_global_provider_set = False
+_lock = threading.Lock()
+
+
+def configure_tracing(
+    settings: Settings | None = None, *, exporter: SpanExporter | None = None
+) -> TracerProvider:
+    """Install the process's tracer provider, replacing one that Arbor installed before.
+
+    Sampling: ``ARBOR_TRACE_SAMPLE_RATIO`` r gives ``ParentBased(TraceIdRatioBased(r))``,
+    so a new trace is recorded with probability r and a span with a parent follows the
+    parent's decision. When that variable is unset and ``OTEL_TRACES_SAMPLER`` is set, the
+    SDK's own reading of ``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG`` applies.
+
+    The first call also makes the provider OpenTelemetry's global one, so libraries that
+    trace through the global API (an HTTP framework's instrumentation, for example) join the
+    same traces. OpenTelemetry sets its global provider once per process, so later calls
+    replace only the provider behind Arbor's own spans.
+
+    Args:
+        settings: Arbor settings; the process-wide ones when None.
+        exporter: an extra exporter that gets every finished span at once, without
+            batching; tests pass an ``InMemorySpanExporter`` here.
+
+    Returns:
+        The new provider.
+
+    Raises:
+        ConfigError: an OTLP endpoint is set but the exporter package is not installed.
+    """
+    global _provider, _global_provider_set
+    settings = settings or get_settings()
+
+    resource = Resource.create()
+    if not os.environ.get("OTEL_SERVICE_NAME") and _resource_has_default_name(resource):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+    provider = TracerProvider(resource=resource, sampler=_sampler(settings))
+
+    otlp_exporter = _otlp_exporter()
+    if otlp_exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(otlp_exporter))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    with _lock:
+        previous = _provider
+        _provider = provider
+        if not _global_provider_set:
+            trace.set_tracer_provider(provider)
+            _global_provider_set = True
+    if previous is not None:
+        previous.shutdown()
+
+    logger.info(
+        "tracing configured: sampler %s, OTLP export %s",
+        provider.sampler.get_description(),
+        "on" if otlp_exporter is not None else "off",
+    )
+    return provider
+
+
+def use_in_memory_exporter(sample_ratio: float = 1.0) -> InMemorySpanExporter:
+    """Configure tracing with an in-memory exporter and return it, for tests.
+
+    Args:
+        sample_ratio: the sampling ratio of new traces, from 0.0 to 1.0.
+    """
+    exporter = InMemorySpanExporter()
+    configure_tracing(Settings(trace_sample_ratio=sample_ratio), exporter=exporter)
+    return exporter
+
+
+def shutdown_tracing() -> None:
+    """Flush and stop the provider Arbor installed, so later spans are not recorded."""
+    global _provider
+    with _lock:
+        provider = _provider
+        _provider = None
+    if provider is not None:
+        provider.shutdown()
+
+
+def get_tracer() -> trace.Tracer:
+    """Return Arbor's tracer: from the configured provider, else OpenTelemetry's global one."""
+    provider = _provider
+    if provider is not None:
+        return provider.get_tracer(TRACER_NAME)
+    return trace.get_tracer(TRACER_NAME)
+
+
+def inject_context() -> dict[str, str]:
+    """Return the current trace context as carrier entries for a message envelope.
+
+    The entries are those of the configured propagators (``OTEL_PROPAGATORS``; by default
+    the W3C ``traceparent``, ``tracestate`` when present, and ``baggage``). The carrier is
+    empty when no span is active.
+    """
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+@contextmanager
+def span_from_carrier(
+    name: str,
+    carrier: Mapping[str, Any] | None,
+    attributes: Mapping[str, AttributeValue] | None = None,
+    *,
+    kind: trace.SpanKind = trace.SpanKind.SERVER,
+) -> Iterator[trace.Span]:
+    """Start a span that continues the trace in ``carrier`` and make it current.
+
+    A missing, empty or unreadable carrier starts a new trace. An exception raised inside
+    the block is recorded on the span, which is marked as an error, and re-raised.
+
+    Args:
+        name: the span name, such as ``arbor.message``.
+        carrier: the entries `inject_context` returned in the sender's process. Entries
+            whose key or value is not a string, or whose value is longer than
+            `MAX_CARRIER_VALUE_LENGTH`, are ignored.
+        attributes: span attributes; bounded values such as the agent type and handler.
+        kind: the span kind; SERVER fits a request that gets a reply.
+
+    Yields:
+        The started span.
+    """
+    parent = propagate.extract(_clean_carrier(carrier), context=otel_context.Context())
+    with get_tracer().start_as_current_span(
+        name, context=parent, kind=kind, attributes=attributes
+    ) as span:
+        yield span
+
+
+@contextmanager
+def start_span(
+    name: str,
+    attributes: Mapping[str, AttributeValue] | None = None,
+    *,
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+) -> Iterator[trace.Span]:
+    """Start a child of the current span (or a new trace) and make it current.
+
+    Used for spawns, checkpoints, recoveries and denied capability checks. An exception
+    raised inside the block is recorded on the span and re-raised.
+    """
+    with get_tracer().start_as_current_span(name, kind=kind, attributes=attributes) as span:
+        yield span
+
+
+def current_trace_ids() -> tuple[str, str] | None:
+    """Return the current span's (trace_id, span_id) in lowercase hex, or None if none."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return None
+    return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
+
+
+def _sampler(settings: Settings) -> Sampler | None:
+    ratio_set = "trace_sample_ratio" in settings.model_fields_set
+    if not ratio_set and os.environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    return ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+
+
+def _resource_has_default_name(resource: Resource) -> bool:
+    name = resource.attributes.get(SERVICE_NAME)
+    return not name or str(name).startswith("unknown_service")
+
+
+def _otlp_exporter() -> SpanExporter | None:
+    if not any(os.environ.get(variable) for variable in _ENDPOINT_VARIABLES):
+        return None
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as error:
+        raise ConfigError(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP/HTTP exporter is not installed; "
+            "install it with pip install 'arbor[otlp]' or unset the variable"
+        ) from error
+    return OTLPSpanExporter()
+
+
+def _clean_carrier(carrier: Mapping[str, Any] | None) -> dict[str, str]:
+    if not carrier:
+        return {}
+    if not isinstance(carrier, Mapping):
+        logger.debug("trace carrier of type %s ignored", type(carrier).__name__)
+        return {}
+    cleaned: dict[str, str] = {}
+    for key, value in carrier.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            continue
+        if len(value) > MAX_CARRIER_VALUE_LENGTH:
+            continue
+        cleaned[key] = value
+    return cleaned
