@@ -72,8 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     up.add_argument(
-        "--port", type=int, default=0, help="GCS port of a new cluster (0: a free port)"
+        "--ray-port", type=int, default=0, help="GCS port of a new cluster (0: a free port)"
     )
+    up.add_argument("--host", default="127.0.0.1", help="address the HTTP gateway listens on")
+    up.add_argument("--port", type=int, default=8000, help="TCP port of the HTTP gateway")
+    up.add_argument("--tls-cert", default=None, help="PEM certificate file; serves HTTPS")
+    up.add_argument("--tls-key", default=None, help="PEM private key file of --tls-cert")
+    up.add_argument("--no-gateway", action="store_true", help="start no HTTP gateway (Ray Serve)")
     up.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs the new head node offers to Ray"
     )
@@ -91,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the cluster, the registry and agent counts")
     status.set_defaults(run=_status)
 
+    metrics_command = commands.add_parser(
+        "metrics",
+        help="print key numbers from the cluster's metrics: agents, message rate, "
+        "handling time, recoveries",
+    )
+    metrics_command.add_argument(
+        "--interval",
+        type=float,
+        default=3.0,
+        help="seconds between the two readings the message rate comes from (default: 3)",
+    )
+    metrics_command.set_defaults(run=_metrics)
+
     agents = commands.add_parser("agents", help="list agents as a table")
     agents.add_argument(
         "--status",
@@ -98,7 +116,36 @@ def _parser() -> argparse.ArgumentParser:
         choices=["starting", "running", "stopped", "failed"],
         help="only agents with this status",
     )
+    agents.add_argument(
+        "--url",
+        default=None,
+        help="list through the HTTP gateway at this URL with ARBOR_API_KEY, not through Ray",
+    )
     agents.set_defaults(run=_agents)
+
+    ask = commands.add_parser(
+        "ask",
+        help="send a message through the HTTP gateway and print the reply as JSON",
+        formatter_class=formatter,
+    )
+    ask.add_argument("name", help="agent name")
+    ask.add_argument("handler", help="handler (public method) name")
+    ask.add_argument(
+        "args", nargs="*", help="arguments, each parsed as JSON, else taken as a string"
+    )
+    ask.add_argument("--timeout", type=float, default=None, help="seconds to wait for the reply")
+    _add_url_argument(ask)
+    ask.set_defaults(run=_ask)
+
+    watch = commands.add_parser(
+        "watch",
+        help="print the events of an asynchronous command until it ends",
+        formatter_class=formatter,
+    )
+    watch.add_argument("execution_id", help="the id that POST /v1/commands returned")
+    _add_url_argument(watch)
+    watch.set_defaults(run=_watch)
+    _add_keys_parser(commands, formatter)
 
     demo = commands.add_parser(
         "demo",
@@ -184,6 +231,47 @@ def _add_audit_parser(
     verify.set_defaults(run=_audit_verify)
 
 
+def _add_url_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="gateway URL (default: ARBOR_URL, else http://127.0.0.1:8000); the key comes "
+        "from ARBOR_API_KEY",
+    )
+    parser.add_argument(
+        "--ca-cert", default=None, help="CA bundle file that verifies an HTTPS gateway"
+    )
+
+
+def _add_keys_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    formatter: type[argparse.HelpFormatter],
+) -> None:
+    keys = commands.add_parser(
+        "keys",
+        help="create, list and revoke API keys of the HTTP gateway",
+        description="Manage API keys in the store (no Ray cluster needed). Grant a key "
+        "capabilities with arbor.grant('key:<id>', pattern).",
+        formatter_class=formatter,
+    )
+    keys.add_argument(
+        "--database-url", default=None, help="store to use (default: ARBOR_DATABASE_URL)"
+    )
+    keys_commands = keys.add_subparsers(required=True, metavar="ACTION")
+    create = keys_commands.add_parser(
+        "create", help="create a key and print its secret, shown only this once"
+    )
+    create.add_argument("name", help="a label for people, such as ci-deploy")
+    create.set_defaults(run=_keys_create)
+    listing = keys_commands.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(run=_keys_list)
+    revoke = keys_commands.add_parser("revoke", help="revoke a key; it stops working within 1 s")
+    revoke.add_argument("key_id", help="the key id, as `arbor keys list` shows it")
+    revoke.set_defaults(run=_keys_revoke)
+
+
 def count(text: str) -> int:
     """Parse a whole number of 1 or more; argparse names this function in its errors."""
     try:
@@ -241,13 +329,18 @@ def _up(args: argparse.Namespace, console: Console) -> int:
     dashboard = ray._private.worker.get_dashboard_url()
     console.print(f"dashboard:    http://{dashboard}" if dashboard else "dashboard:    not running")
     console.print(f"store:        {redact_url(get_settings().database_url)}")
+    if not args.no_gateway:
+        from arbor.gateway import deploy
+
+        url = deploy(args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        console.print(f"gateway:      {url} (API keys: `arbor keys create NAME`)")
     console.print("registry and reconciler are running; stop everything with `arbor down`")
     return 0
 
 
 def _start_head(args: argparse.Namespace) -> None:
     ray_command = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    port = args.port or _free_port()
+    port = args.ray_port or _free_port()
     command = [
         ray_command,
         "start",
@@ -311,8 +404,68 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _agents(args: argparse.Namespace, console: Console) -> int:
+def _metrics(args: argparse.Namespace, console: Console) -> int:
+    import time
+
+    import ray
+
+    from arbor.observability import summary
+
+    if not args.interval > 0:
+        console.print(f"--interval {args.interval} is invalid; pass a number of seconds > 0")
+        return 2
     _connect_existing()
+    counts = collections.Counter(info.status for info in arbor.list_agents())
+    urls = [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node["Alive"] and node.get("MetricsExportPort")
+    ]
+    first = summary.read_exports(urls)
+    time.sleep(args.interval)
+    second = summary.read_exports(urls)
+    recent = summary.difference(second, first)
+    for error in second.errors:
+        console.print(f"metrics export not read: {error}")
+
+    def milliseconds(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.2f} ms"
+
+    messages = summary.MESSAGE_HISTOGRAM
+    recoveries = summary.RECOVERY_HISTOGRAM
+    table = Table(show_header=False)
+    agents = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    table.add_row("agents", agents or "none")
+    table.add_row(
+        f"messages per second (last {args.interval:g} s)",
+        f"{recent.counts.get(messages, 0.0) / args.interval:.1f}",
+    )
+    table.add_row("messages handled", f"{second.counts.get(messages, 0.0):.0f}")
+    by_status = ", ".join(f"{value:.0f} {key}" for key, value in sorted(second.by_status.items()))
+    table.add_row("  by outcome", by_status or "-")
+    for label, q in (("p50", 0.5), ("p99", 0.99)):
+        table.add_row(
+            f"handling time {label} (all time / last {args.interval:g} s)",
+            f"{milliseconds(summary.quantile(second.buckets.get(messages, {}), q))} / "
+            f"{milliseconds(summary.quantile(recent.buckets.get(messages, {}), q))}",
+        )
+    table.add_row("restarts", f"{second.totals.get(summary.RESTARTS, 0.0):.0f}")
+    table.add_row(
+        "recovery time p50 / p99",
+        f"{milliseconds(summary.quantile(second.buckets.get(recoveries, {}), 0.5))} / "
+        f"{milliseconds(summary.quantile(second.buckets.get(recoveries, {}), 0.99))}",
+    )
+    table.add_row("capability denials", f"{second.totals.get(summary.DENIALS, 0.0):.0f}")
+    console.print(table)
+    return 0
+
+
+def _agents(args: argparse.Namespace, console: Console) -> int:
+    if args.url is not None:
+        infos = _gateway_client(args).list_agents(args.status)
+    else:
+        _connect_existing()
+        infos = arbor.list_agents(args.status)
     table = Table()
     for column in (
         "name",
@@ -325,7 +478,14 @@ def _agents(args: argparse.Namespace, console: Console) -> int:
         "actor",
     ):
         table.add_column(column)
-    for info in arbor.list_agents(args.status):
+    for info in infos:
+        # A claimed warm actor has a Ray name of its own; "=" means the agent's name. The
+        # gateway does not report actor names, shown as "-".
+        actor = info.actor
+        if not info.actor:
+            actor = "-"
+        elif info.actor == info.name:
+            actor = "="
         table.add_row(
             info.name,
             info.type,
@@ -334,10 +494,103 @@ def _agents(args: argparse.Namespace, console: Console) -> int:
             str(info.incarnation),
             str(info.checkpoint_version),
             info.checkpointed_at.strftime("%Y-%m-%d %H:%M:%S") if info.checkpointed_at else "-",
-            # A claimed warm actor has a Ray name of its own; "=" means the agent's name.
-            "=" if info.actor == info.name else info.actor,
+            actor,
         )
-    console.print(table)
+    console.print(table, markup=False)
+    return 0
+
+
+def _gateway_client(args: argparse.Namespace) -> arbor.http_client.GatewayClient:
+    verify: bool | str = args.ca_cert if getattr(args, "ca_cert", None) else True
+    return arbor.connect(args.url, verify=verify)
+
+
+def _ask(args: argparse.Namespace, console: Console) -> int:
+    values = [_json_or_text(text) for text in args.args]
+    reply = _gateway_client(args).get(args.name).ask(args.handler, *values, timeout=args.timeout)
+    print(json.dumps(reply))
+    return 0
+
+
+def _json_or_text(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _watch(args: argparse.Namespace, console: Console) -> int:
+    final = None
+    for event in _gateway_client(args).watch(args.execution_id):
+        print(f"{event.id} {event.event} {json.dumps(event.data)}", flush=True)
+        final = event.event
+    return 0 if final == "succeeded" else 1
+
+
+def _keys_create(args: argparse.Namespace, console: Console) -> int:
+    from arbor.gateway.keys import create_api_key
+
+    # Unlike the read-only commands, creating a key may create the store.
+    store = open_store(absolute_database_url(args.database_url or get_settings().database_url))
+    try:
+        created = create_api_key(store, args.name)
+    finally:
+        store.close()
+    print(f"id:        {created.record.id}")
+    print(f"principal: {created.record.principal}")
+    print(f"key:       {created.key}")
+    print(
+        "The key is shown only now; keep it secret. Grant capabilities with "
+        f"arbor.grant({created.record.principal!r}, 'arbor://agent/ask/...')."
+    )
+    return 0
+
+
+def _keys_list(args: argparse.Namespace, console: Console) -> int:
+    store = _open_audit_store(args)
+    try:
+        records = store.list_api_keys(include_revoked=args.all)
+    finally:
+        store.close()
+    rows = [
+        {
+            "id": record.id,
+            "principal": record.principal,
+            "name": record.name,
+            "created_at": format_time(record.created_at),
+            "revoked_at": format_time(record.revoked_at) if record.revoked_at else None,
+        }
+        for record in records
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table()
+    for column in ("id", "principal", "name", "created (UTC)", "revoked (UTC)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            str(row["principal"]),
+            str(row["name"]),
+            str(row["created_at"]),
+            str(row["revoked_at"] or "-"),
+        )
+    console.print(table, markup=False)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace, console: Console) -> int:
+    store = _open_audit_store(args)
+    try:
+        revoked = store.revoke_api_key(args.key_id)
+    finally:
+        store.close()
+    if not revoked:
+        raise ArborError(
+            f"no valid API key has id {args.key_id!r}; `arbor keys list --all` shows the ids"
+        )
+    console.print(f"revoked API key {args.key_id}; its capabilities stay until revoked")
     return 0
 
 

@@ -183,7 +183,7 @@ class Settings(BaseSettings):
         "collectors, text writes plain lines for people.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
-        default="INFO",
+        default="WARNING",
         description="Level of the root logger set by configure_logging; case-insensitive.",
     )
     trace_sample_ratio: float = Field(
@@ -192,6 +192,48 @@ class Settings(BaseSettings):
         le=1.0,
         description="Fraction of new traces that are recorded, from 0.0 to 1.0. A span with "
         "a parent follows its parent's decision, so a trace is kept or dropped whole.",
+    )
+    gateway_agent_types: str = Field(
+        default="",
+        description="Agent types that HTTP clients may spawn, as comma-separated "
+        "name=module:Class pairs; a request names the type, never an import path.",
+    )
+    gateway_commands: str = Field(
+        default="",
+        description="Extra asynchronous commands for POST /v1/commands, as comma-separated "
+        "name=module:function pairs; the demo analysis is always registered as 'analysis'.",
+    )
+    gateway_analysis_roots: str = Field(
+        default="",
+        description="Folders, separated by os.pathsep, whose trees the 'analysis' command may "
+        "read besides the Python standard library.",
+    )
+    gateway_max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1,
+        description="Largest request body the gateway accepts, in bytes; larger ones get 413.",
+    )
+    gateway_request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a gateway request may wait for the registry or an agent before "
+        "it returns 504; a message's own timeout may be shorter.",
+    )
+    gateway_min_replicas: int = Field(
+        default=1, ge=1, description="Minimum number of gateway replicas Serve's autoscaler keeps."
+    )
+    gateway_max_replicas: int = Field(
+        default=2, ge=1, description="Maximum number of gateway replicas Serve's autoscaler starts."
+    )
+    gateway_access_log: bool = Field(
+        default=True,
+        description="Log one line per gateway request (Serve's access log).",
+    )
+    gateway_max_ongoing_requests: int = Field(
+        default=100,
+        ge=1,
+        description="Requests one gateway replica handles at once; each open event stream "
+        "counts as one for as long as it lasts.",
     )
 
     @field_validator("log_level", mode="before")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -149,3 +150,26 @@ class Delegator(arbor.Agent):
 
     def read_secret(self, path: str) -> str:
         return self.context.secret(path).reveal()
+
+
+class Chain(arbor.Agent):
+    """Passes a request down a chain of agents and reports each hop's trace ids."""
+
+    def __init__(self) -> None:
+        self.hops = 0
+
+    def relay(self, rest: list[str]) -> list[dict[str, Any]]:
+        from arbor.observability.tracing import current_trace_ids
+
+        self.hops += 1
+        ids = current_trace_ids()
+        logging.getLogger("tests.chain").info("relay step at %s", self.context.name)
+        here = {
+            "agent": self.context.name,
+            "trace_id": ids[0] if ids else None,
+            "span_id": ids[1] if ids else None,
+            "pid": os.getpid(),
+        }
+        if not rest:
+            return [here]
+        return [here, *self.context.get(rest[0]).ask("relay", rest[1:])]

@@ -65,7 +65,7 @@ def test_json_line_has_agent_and_trace_fields(
     spans: InMemorySpanExporter, restore_root_logger: None
 ) -> None:
     stream = io.StringIO()
-    logs.configure_logging(Settings(log_format="json"), stream=stream)
+    logs.configure_logging(Settings(log_format="json", log_level="INFO"), stream=stream)
 
     with (
         logs.agent_log_context(agent_id="c1", agent_type="Counter", incarnation=3, node_id="n1"),
@@ -90,7 +90,7 @@ def test_json_line_has_agent_and_trace_fields(
 
 def test_json_line_outside_agent_has_null_fields(restore_root_logger: None) -> None:
     stream = io.StringIO()
-    logs.configure_logging(Settings(log_format="json"), stream=stream)
+    logs.configure_logging(Settings(log_format="json", log_level="INFO"), stream=stream)
 
     logging.getLogger("arbor.test").info("plain")
 
@@ -102,7 +102,7 @@ def test_json_line_outside_agent_has_null_fields(restore_root_logger: None) -> N
 
 def test_json_line_carries_exception_text(restore_root_logger: None) -> None:
     stream = io.StringIO()
-    logs.configure_logging(Settings(log_format="json"), stream=stream)
+    logs.configure_logging(Settings(log_format="json", log_level="INFO"), stream=stream)
 
     try:
         raise KeyError("missing-key")

@@ -23,6 +23,7 @@ from arbor.errors import (
     CheckpointNotFound,
     HandlerError,
 )
+from arbor.observability import metrics
 from arbor.persistence import (
     ALLOWED,
     FAILED,
@@ -36,6 +37,7 @@ from arbor.persistence import (
 from arbor.registry.info import AgentInfo, actor_name
 from arbor.registry.security import OPERATOR, CapabilityInfo, CapabilityService, GrantRequest
 from arbor.registry.spec import PLACEMENT_KEYS, SpawnSpec, ray_actor_options
+from arbor.runtime import telemetry
 from arbor.runtime.actor import WARM_PREFIX, create_agent_actor, create_warm_actor
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class Registry:
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = Settings(**settings)
+        telemetry.configure_process(self._settings)
         self._store = open_store(self._settings.database_url, self._settings)
         self._security = CapabilityService(
             self._store, self._settings, _signing_key(self._settings)
@@ -164,6 +167,10 @@ class Registry:
 
     async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
         logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
+        info = await self.info(spec.name)
+        telemetry.record(
+            metrics.record_spawn, _type_name(spec.type_path), info.node_id or "unknown"
+        )
         await asyncio.to_thread(
             self._security.audit,
             spec.spawner or OPERATOR,
@@ -173,7 +180,7 @@ class Registry:
             type=spec.type_path,
         )
         self._refill_later(spec)
-        return await self.info(spec.name)
+        return info
 
     def _grant_at_birth(self, spec: SpawnSpec) -> bool:
         """Grant the spawn's capabilities once; returns whether this call granted any."""
@@ -186,9 +193,15 @@ class Registry:
                 self._security.delegate_covering(spec.spawner, spec.name, request)
         return True
 
-    async def grant(self, principal: str, request: GrantRequest) -> CapabilityInfo:
-        """Issue a capability to ``principal`` on the operator's authority."""
-        return await asyncio.to_thread(self._security.grant, principal, request)
+    async def grant(
+        self, principal: str, request: GrantRequest, granted_by: str = OPERATOR
+    ) -> CapabilityInfo:
+        """Issue a capability to ``principal`` on the operator's authority.
+
+        ``granted_by`` is recorded as the grantor: an API key that the gateway checked for
+        ``arbor://capability/grant/<principal>``, or the operator.
+        """
+        return await asyncio.to_thread(self._security.grant, principal, request, granted_by)
 
     async def delegate(
         self, holder: str, parent_id: str, to_principal: str, request: GrantRequest | None
@@ -198,9 +211,15 @@ class Registry:
             self._security.delegate, holder, parent_id, to_principal, request
         )
 
-    async def revoke(self, capability_id: str, by: str = OPERATOR) -> list[str]:
-        """Revoke a capability and all delegated from it; returns the revoked ids."""
-        return await asyncio.to_thread(self._security.revoke, capability_id, by)
+    async def revoke(
+        self, capability_id: str, by: str = OPERATOR, checked: bool = False
+    ) -> list[str]:
+        """Revoke a capability and all delegated from it; returns the revoked ids.
+
+        ``checked`` is True when the gateway has already checked that ``by`` holds
+        ``arbor://capability/revoke/<holder>``.
+        """
+        return await asyncio.to_thread(self._security.revoke, capability_id, by, checked)
 
     async def capabilities(
         self, principal: str | None = None, include_revoked: bool = False
@@ -330,6 +349,12 @@ class Registry:
             ALLOWED,
             purge=purge,
         )
+        telemetry.record(
+            metrics.record_stop,
+            _type_name(record.type_path),
+            record.node_id or "unknown",
+            "purged" if purge else "requested",
+        )
         logger.info("stopped agent %s%s", name, " and purged its state" if purge else "")
 
     async def restore(self, name: str, version: int) -> AgentInfo:
@@ -405,6 +430,7 @@ class Registry:
                 if needed and await self._recreate(record, alive_nodes):
                     recreated.append(record.name)
             self._passes += 1
+            self._report_gauges(records, alive_nodes)
             return recreated
 
     async def _needs_recreation(self, record: AgentRecord, alive_nodes: set[str]) -> bool:
@@ -465,12 +491,26 @@ class Registry:
         except ValueError:
             # Another pass or a spawn created it since the check; nothing to do.
             return False
+        telemetry.record(metrics.record_reconciler_action, "recreate")
         logger.info(
             "reconciler recreated agent %s from checkpoint version %d",
             record.name,
             record.checkpoint_version,
         )
         return True
+
+    def _report_gauges(self, records: list[AgentRecord], alive_nodes: set[str]) -> None:
+        """Set the active-agent gauges and the node counts from one reconciler pass."""
+        counts: dict[tuple[str, str], int] = {}
+        for record in records:
+            key = (_type_name(record.type_path), record.node_id or "unknown")
+            counts.setdefault(key, 0)
+            if record.status == RUNNING:
+                counts[key] += 1
+        for (agent_type, node), count in counts.items():
+            telemetry.record(metrics.set_active_agents, agent_type, node, count)
+        dead = sum(1 for node in ray.nodes() if not node["Alive"])
+        telemetry.record(metrics.set_nodes, len(alive_nodes), dead)
 
     async def _fail(self, name: str, reason: str) -> None:
         logger.error("agent %s cannot be recreated: %s", name, reason)
@@ -560,6 +600,11 @@ class Registry:
             except ValueError:
                 return
             await asyncio.sleep(0.1)
+
+
+def _type_name(type_path: str) -> str:
+    """Return the class name of ``module:QualName``, the bounded agent type label."""
+    return type_path.rsplit(":", 1)[-1]
 
 
 def _signing_key(settings: Settings) -> bytes | None:

@@ -10,8 +10,10 @@ from typing import Any
 
 from arbor.config import Settings
 from arbor.errors import ArborError, CapabilityDenied, InvalidArguments
+from arbor.observability import metrics
 from arbor.persistence import ALLOWED, DENIED, AuditEntry, CheckpointStore
 from arbor.persistence.capabilities import CapabilityRecord
+from arbor.runtime import telemetry
 from arbor.runtime.guard import Guard, process_guard
 from arbor.security import (
     CapabilityAuthority,
@@ -71,7 +73,7 @@ class CapabilityInfo:
 
 @dataclass(frozen=True)
 class GrantRequest:
-    """What to grant: a pattern and optional narrowing terms, as `arbor.grant` takes them."""
+    """A grant request: a pattern and optional narrowing terms, as `arbor.grant` takes them."""
 
     pattern: str
     operations: tuple[str, ...] | None = None
@@ -123,12 +125,17 @@ class CapabilityService:
     """
 
     def __init__(
-        self, store: CheckpointStore, settings: Settings, signing_key: bytes | None = None
+        self,
+        store: CheckpointStore,
+        settings: Settings,
+        signing_key: bytes | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.authority = _authority(store, signing_key)
-        self.guard: Guard = process_guard(store, settings)
+        # The process's guard by default, so grants and checks share one revocation list.
+        self.guard: Guard = guard or process_guard(store, settings)
 
     def grant(
         self, principal: str, request: GrantRequest, granted_by: str = OPERATOR
@@ -145,6 +152,7 @@ class CapabilityService:
             depth=request.depth or 0,
         )
         record = self._save(token, granted_by)
+        _count_grant(record, delegated=False)
         self.audit(granted_by, "grant", record.pattern, ALLOWED, to=principal, id=token.id)
         return CapabilityInfo.from_record(record)
 
@@ -197,11 +205,12 @@ class CapabilityService:
         )
         raise AssertionError("unreachable")
 
-    def revoke(self, capability_id: str, by: str = OPERATOR) -> list[str]:
+    def revoke(self, capability_id: str, by: str = OPERATOR, checked: bool = False) -> list[str]:
         """Revoke a capability and everything delegated from it; returns the revoked ids.
 
         An agent may revoke a capability it holds or one delegated, at any depth, from a
-        capability it holds. The operator may revoke any.
+        capability it holds. The operator may revoke any, and so may a caller whose
+        capability for ``arbor://capability/revoke/<holder>`` was checked (``checked``).
 
         Raises:
             CapabilityDenied: ``by`` is an agent with no such relation to the capability.
@@ -213,7 +222,7 @@ class CapabilityService:
                 f"capability {capability_id!r} not found; arbor.capabilities(principal) "
                 "lists the ids"
             )
-        if by != OPERATOR and not self._is_ancestor_held(by, record):
+        if by != OPERATOR and not checked and not self._is_ancestor_held(by, record):
             self._deny(
                 by,
                 f"arbor://capability/revoke/{record.principal}",
@@ -222,6 +231,9 @@ class CapabilityService:
             )
         revoked = self.store.revoke_capabilities([capability_id])
         self.guard.verifier.revoke(*revoked)
+        telemetry.record(metrics.record_capability_revocation, "requested", 1)
+        if len(revoked) > 1:
+            telemetry.record(metrics.record_capability_revocation, "cascade", len(revoked) - 1)
         self.audit(by, "revoke", record.pattern, ALLOWED, id=capability_id, cascade=len(revoked))
         return revoked
 
@@ -230,6 +242,7 @@ class CapabilityService:
         revoked = self.store.revoke_capabilities(principal=principal)
         if revoked:
             self.guard.verifier.revoke(*revoked)
+            telemetry.record(metrics.record_capability_revocation, "agent_stopped", len(revoked))
             self.audit(by, "revoke", principal, ALLOWED, holder=principal, cascade=len(revoked))
         return revoked
 
@@ -243,10 +256,18 @@ class CapabilityService:
     def audit(self, actor: str, action: str, resource: str, decision: str, **detail: Any) -> None:
         """Append one audit row for ``actor``; a database outage is logged, not raised."""
         entry = AuditEntry(
-            principal=actor, action=action, resource=resource, decision=decision, detail=detail
+            principal=actor,
+            action=action,
+            resource=resource,
+            decision=decision,
+            detail=detail,
+            trace_id=telemetry.current_trace_id(),
         )
         try:
             self.store.append_audit(entry)
+            telemetry.record(
+                metrics.record_audit_row, action, "allow" if decision == ALLOWED else "deny"
+            )
         except ArborError as error:
             logger.error(
                 "audit row %s %s on %s was not written: %s", actor, action, resource, error
@@ -276,6 +297,7 @@ class CapabilityService:
                 self.audit(holder, "delegate", error.uri, DENIED, reason=error.reason)
             raise
         record = self._save(child, holder)
+        _count_grant(record, delegated=True)
         self.audit(holder, "delegate", record.pattern, ALLOWED, to=to_principal, id=child.id)
         return CapabilityInfo.from_record(record)
 
@@ -310,6 +332,12 @@ class CapabilityService:
         return datetime.now(UTC) + timedelta(seconds=self.settings.capability_ttl_s)
 
 
+def _count_grant(record: CapabilityRecord, delegated: bool) -> None:
+    kind = record.pattern.split("/")[2]
+    for operation in record.operations:
+        telemetry.record(metrics.record_capability_grant, kind, operation, delegated)
+
+
 def grant_requests(items: Iterable[Any] | None) -> list[GrantRequest]:
     """Parse the ``capabilities=`` argument of a spawn."""
     if items is None:
@@ -338,9 +366,13 @@ def _authority(store: CheckpointStore, signing_key: bytes | None) -> CapabilityA
     if stored is None:
         pair = generate_keypair()
         stored = store.store_signing_key(pair.public_key, pair.private_key)
-        logger.warning(
+        # On one machine with the embedded store this is the expected set-up; a shared
+        # database is where a readable private key matters.
+        level = logging.WARNING if store.dialect == "postgresql" else logging.INFO
+        logger.log(
+            level,
             "generated a capability signing key and stored it in the database; set "
-            "ARBOR_SIGNING_KEY_SECRET to keep the private key in a secret provider instead"
+            "ARBOR_SIGNING_KEY_SECRET to keep the private key in a secret provider instead",
         )
     if stored[1] is None:
         raise ArborError(

@@ -16,6 +16,7 @@ from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.persistence import RUNNING, STARTING, AgentRecord, open_store
+from arbor.runtime import telemetry
 from arbor.runtime.cell import CAPABILITY_HEADER, AgentCell
 from arbor.runtime.context import RuntimeContext
 from arbor.runtime.guard import Wallet, process_guard
@@ -47,6 +48,7 @@ class AgentActor:
         durability: str | None,
     ) -> None:
         self._settings = Settings(**settings)
+        telemetry.configure_process(self._settings)
         self._agent_class = agent_class
         self._name = name
         self._loop = asyncio.new_event_loop()

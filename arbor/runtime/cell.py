@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from arbor.messages import Envelope, ErrorInfo, Reply, new_message_id
 from arbor.persistence import CheckpointStore
 from arbor.persistence.jsonstate import encode_reply, encode_state
 from arbor.runtime.outbox import Outbox
+from arbor.runtime.telemetry import CellTelemetry
 
 if TYPE_CHECKING:
     from arbor.runtime.guard import Guard, Wallet
@@ -106,6 +108,8 @@ class AgentCell:
         self._current_id: str | None = None
         self._child_count = 0
 
+        self.telemetry = CellTelemetry(name, agent_class.__name__, node_id)
+        restore_started = time.perf_counter()
         self.epoch = store.begin_incarnation(name, node_id)
         checkpoint = store.load_checkpoint(name)
 
@@ -135,12 +139,18 @@ class AgentCell:
             # The first checkpoint makes every later incarnation independent of the spawn
             # arguments, so the reconciler can rebuild the agent from the store alone.
             self._committed_json = encode_state(name, instance.snapshot())
+            started = time.perf_counter()
             self.checkpoint_version = store.write_checkpoint(
                 name, self.epoch, self._committed_json, [], checkpoint_keep
+            )
+            self.telemetry.record_checkpoint(
+                len(self._committed_json), time.perf_counter() - started
             )
             logger.info("agent %s incarnation %d started fresh", name, self.epoch)
         self.agent = instance
         instance.on_start()
+        if checkpoint is not None:
+            self.telemetry.record_restore(self.epoch, time.perf_counter() - restore_started)
 
     async def handle(self, envelope: Envelope) -> Reply:
         """Apply one message and return its reply; a handler's error becomes part of the reply.
@@ -149,23 +159,30 @@ class AgentCell:
         serialises messages, and with ``offload_io`` the checkpoint write runs in a thread.
         """
         async with self._lock:
-            admitted = self._admit(envelope)
-            if isinstance(admitted, Reply):
-                return admitted
-            running = self._begin(envelope)
-            try:
-                value = admitted(*envelope.args, **envelope.kwargs)
-                if inspect.isawaitable(value):
-                    value = await value
-                error = None
-            except Exception as raised:
-                value, error = None, self._handler_error(envelope, raised)
-            finally:
-                self._current_id = None
-                _running_cell.reset(running)
-            if self.offload_io:
-                return await asyncio.to_thread(self._settle, envelope, value, error)
-            return self._settle(envelope, value, error)
+            started = time.perf_counter()
+            with self.telemetry.message(envelope, self.epoch):
+                reply = await self._handle_locked(envelope)
+            self.telemetry.record_message(envelope, reply, time.perf_counter() - started)
+            return reply
+
+    async def _handle_locked(self, envelope: Envelope) -> Reply:
+        admitted = self._admit(envelope)
+        if isinstance(admitted, Reply):
+            return admitted
+        running = self._begin(envelope)
+        try:
+            value = admitted(*envelope.args, **envelope.kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+            error = None
+        except Exception as raised:
+            value, error = None, self._handler_error(envelope, raised)
+        finally:
+            self._current_id = None
+            _running_cell.reset(running)
+        if self.offload_io:
+            return await asyncio.to_thread(self._settle, envelope, value, error)
+        return self._settle(envelope, value, error)
 
     def handle_now(self, envelope: Envelope, run: Callable[[Awaitable[Any]], Any]) -> Reply:
         """Apply one message in the calling thread; ``run`` drives an async handler's coroutine.
@@ -173,6 +190,13 @@ class AgentCell:
         The caller makes sure that only one message runs at a time, as a synchronous Ray
         actor does.
         """
+        started = time.perf_counter()
+        with self.telemetry.message(envelope, self.epoch):
+            reply = self._handle_now(envelope, run)
+        self.telemetry.record_message(envelope, reply, time.perf_counter() - started)
+        return reply
+
+    def _handle_now(self, envelope: Envelope, run: Callable[[Awaitable[Any]], Any]) -> Reply:
         admitted = self._admit(envelope)
         if isinstance(admitted, Reply):
             return admitted
@@ -361,11 +385,13 @@ class AgentCell:
     def _commit(self, state_json: str) -> None:
         processed = [[message_id, outcome] for message_id, outcome in self._processed.items()]
         outbox = self.outbox.records() if self.outbox is not None else []
+        started = time.perf_counter()
         try:
             self.checkpoint_version = self.store.write_checkpoint(
                 self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
             )
         except CheckpointConflict:
+            self.telemetry.record_checkpoint(0, time.perf_counter() - started, "conflict")
             self.fenced = True
             logger.error(
                 "agent %s incarnation %d was fenced off by a newer epoch; it stops taking messages",
@@ -373,6 +399,10 @@ class AgentCell:
                 self.epoch,
             )
             raise
+        except StoreUnavailable:
+            self.telemetry.record_checkpoint(0, time.perf_counter() - started, "error")
+            raise
+        self.telemetry.record_checkpoint(len(state_json), time.perf_counter() - started)
         self._committed_json = state_json
 
     def _bind(self, envelope: Envelope, handler: Any) -> None:

@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 
 from arbor.config import Settings
 from arbor.errors import ArborError, CapabilityDenied, InvalidCapability, InvalidResource
+from arbor.observability import metrics
 from arbor.persistence import DENIED, AuditCounter, AuditEntry, CheckpointStore
+from arbor.runtime import telemetry
 from arbor.security import CapabilityToken, CapabilityVerifier, Decision, parse_resource
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,12 @@ class Guard:
 
     def record_denial(self, decision: Decision) -> None:
         """Write one denial to the audit log; a database outage is logged, not raised."""
+        telemetry.record(
+            metrics.record_capability_denied,
+            _kind(decision.resource),
+            decision.right,
+            _denial_reason(decision.reason),
+        )
         logger.warning(
             "capability denied: %s may not %s on %s: %s",
             decision.principal,
@@ -78,9 +86,11 @@ class Guard:
             resource=decision.resource,
             decision=DENIED,
             detail={"reason": decision.reason, "token": decision.token_id},
+            trace_id=telemetry.current_trace_id(),
         )
         try:
             self.store.append_audit(entry)
+            telemetry.record(metrics.record_audit_row, decision.right, "deny")
         except ArborError as error:
             logger.error(
                 "audit row for the denial of %s on %s was not written: %s",
@@ -204,6 +214,29 @@ def _public_key(store: CheckpointStore) -> str:
                 f"{SIGNING_KEY_WAIT_S} s; start the registry with arbor.init() first"
             )
         time.sleep(0.2)
+
+
+def _kind(uri: str) -> str:
+    parts = uri.split("/")
+    return (
+        parts[2]
+        if len(parts) > 2 and parts[2] in ("agent", "capability", "secret", "audit")
+        else "other"
+    )
+
+
+def _denial_reason(reason: str) -> str:
+    """Map a denial's text onto the bounded reasons the denial metric takes."""
+    for word, label in (
+        ("revoked", "revoked"),
+        ("expired", "expired"),
+        ("no capability", "missing"),
+        ("invalid", "invalid_token"),
+        ("depth", "depth_exceeded"),
+    ):
+        if word in reason:
+            return label
+    return "constraint"
 
 
 def _right(uri: str) -> str:

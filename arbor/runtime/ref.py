@@ -20,6 +20,7 @@ from arbor.errors import (
 )
 from arbor.messages import Envelope, Reply
 from arbor.runtime.cell import CAPABILITY_HEADER, running_cell
+from arbor.runtime.telemetry import outgoing_headers
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,9 @@ class AgentRef:
             envelope.message_id = message_id
         elif origin is not None:
             envelope.message_id = origin.next_message_id()
+        trace_headers = outgoing_headers()
+        if trace_headers:
+            envelope.headers.update(trace_headers)
         if origin is not None:
             token = origin.credential(kind, self._name)
             if token is not None:
