@@ -155,7 +155,7 @@ def test_stop_from_an_agent_needs_the_stop_right() -> None:
         arbor.get("sec/victim").ask("get")
 
 
-def test_secret_read_needs_capability_and_stays_out_of_the_store(
+def test_secret_read_needs_capability(
     store: CheckpointStore,
 ) -> None:
     environment = {"env_vars": {"ARBOR_SECRET_DB_PASSWORD": SECRET_VALUE}}

@@ -47,9 +47,13 @@ def open_store(
     Agent processes pass ``migrate=False``: the client and the registry have migrated the
     schema before any agent starts, and skipping the check shortens every spawn.
 
+    With ``ARBOR_DATABASE_PASSWORD_SECRET`` set, a PostgreSQL URL gets its password from
+    the secret provider (Vault or the environment) here, in every process that opens it.
+
     Raises:
         ArborError: the URL scheme is neither ``postgresql`` nor ``sqlite``.
         StoreUnavailable: the database stayed unreachable through every retry.
+        SecretError: the password secret could not be read.
     """
     settings = settings or get_settings()
     url = url or settings.database_url
@@ -57,6 +61,9 @@ def open_store(
     store: CheckpointStore
     if scheme in ("postgresql", "postgres"):
         from arbor.persistence.postgres import PostgresStore
+
+        if settings.database_password_secret:
+            url = _with_secret_password(url, settings)
 
         store = PostgresStore(
             url, settings.db_pool_max, settings.db_retry_attempts, settings.db_retry_backoff_s
@@ -84,6 +91,17 @@ def open_store(
         store.close()
         raise
     return store
+
+
+def _with_secret_password(url: str, settings: Settings) -> str:
+    """Put the password from ``ARBOR_DATABASE_PASSWORD_SECRET`` into the PostgreSQL URL."""
+    from arbor.security.secrets import provider_from_settings, resolve_database_url
+
+    provider = provider_from_settings(settings)
+    try:
+        return resolve_database_url(settings.model_copy(update={"database_url": url}), provider)
+    finally:
+        provider.close()
 
 
 def absolute_database_url(url: str) -> str:

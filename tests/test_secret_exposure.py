@@ -1,0 +1,80 @@
+"""A secret an agent reads from Vault stays out of Ray's state API, which the dashboard shows.
+
+The agents read from the Vault-compatible test server in tests/fake_vault.py on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+from ray.util import state
+
+import arbor
+from arbor.config import reset_settings
+from tests.agents import Delegator
+from tests.fake_vault import FakeVault
+
+SECRET_VALUE = "vault-only-7f3a9c"
+
+VARIABLES = {
+    "ARBOR_DASHBOARD": "true",
+    "ARBOR_SECRET_PROVIDER": "vault",
+    "ARBOR_VAULT_AUTH": "token",
+}
+
+
+@pytest.fixture(scope="module")
+def vault() -> Iterator[FakeVault]:
+    with FakeVault() as server:
+        server.put("payments", {"api_key": SECRET_VALUE})
+        yield server
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster(module_pg_url: str, vault: FakeVault) -> Iterator[None]:
+    token = vault.issue_token(ttl=3600, max_ttl=7200)
+    saved = {
+        key: os.environ.get(key) for key in [*VARIABLES, "ARBOR_VAULT_URL", "ARBOR_VAULT_TOKEN"]
+    }
+    os.environ.update(VARIABLES)
+    os.environ["ARBOR_VAULT_URL"] = vault.url
+    os.environ["ARBOR_VAULT_TOKEN"] = token
+    reset_settings()
+    arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
+    yield
+    arbor.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    reset_settings()
+
+
+def test_secret_read_through_vault_is_not_in_the_state_api() -> None:
+    reader = arbor.spawn(Delegator, "exposure/reader")
+    arbor.grant("exposure/reader", "arbor://secret/read/payments/api_key")
+    assert reader.ask("read_secret", "payments/api_key") == SECRET_VALUE
+
+    views = {
+        "actors": state.list_actors(detail=True, limit=1000),
+        "tasks": state.list_tasks(detail=True, limit=1000),
+        "workers": state.list_workers(detail=True, limit=1000),
+        "jobs": state.list_jobs(),
+    }
+    for name, rows in views.items():
+        text = json.dumps([getattr(row, "__dict__", row) for row in rows], default=str)
+        assert SECRET_VALUE not in text, name
+    assert any(row.class_name == "Delegator" for row in views["actors"])
+
+
+def test_denied_secret_read_names_the_path_not_the_value() -> None:
+    reader = arbor.spawn(Delegator, "exposure/denied")
+    with pytest.raises(arbor.HandlerError) as caught:
+        reader.ask("read_secret", "payments/api_key")
+    assert "arbor://secret/read/payments/api_key" in str(caught.value)
+    assert SECRET_VALUE not in str(caught.value)
+    assert SECRET_VALUE not in caught.value.traceback
