@@ -60,6 +60,7 @@ from arbor.errors import (  # noqa: E402
     StoreUnavailable,
     UnknownHandler,
 )
+from arbor.http_client import connect  # noqa: E402
 from arbor.registry.info import AgentInfo  # noqa: E402
 from arbor.registry.security import CapabilityInfo  # noqa: E402
 from arbor.runtime.ref import AgentRef  # noqa: E402
@@ -88,6 +89,7 @@ __all__ = [
     "StateNotSerializable",
     "StoreUnavailable",
     "UnknownHandler",
+    "connect",
     "capabilities",
     "get",
     "grant",

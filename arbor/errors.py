@@ -180,6 +180,29 @@ class ClusterUnavailable(ArborError):
     """No Ray cluster is running at the configured address."""
 
 
+class InvalidApiKey(ArborError, PermissionError):
+    """An HTTP request's bearer key is missing, malformed, unknown, revoked or wrong."""
+
+
+class GatewayError(ArborError):
+    """An HTTP gateway error that no more specific Arbor exception describes.
+
+    Attributes:
+        status: the HTTP status code.
+        code: the error code of the response body, such as ``execution_not_found``.
+        field: the request field at fault, or None.
+    """
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        self.status = status
+        self.code = code
+        self.field = field
+        super().__init__(message)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.status, self.code, str(self), self.field))
+
+
 class AgentTypeNotImportable(ArborError):
     """An agent class cannot be imported by path, so it cannot be recreated from the store."""
 

@@ -75,7 +75,9 @@ def test_up_agents_status_down(tmp_path: Path) -> None:
         "ARBOR_RAY_ADDRESS": "",
     }
     dashboard_port = str(closed_port())
-    up = run_arbor("up", "--num-cpus", "1", "--dashboard-port", dashboard_port, env=env)
+    up = run_arbor(
+        "up", "--num-cpus", "1", "--dashboard-port", dashboard_port, "--no-gateway", env=env
+    )
     try:
         assert up.returncode == 0, up.stderr
         assert "Ray address:  127.0.0.1:" in up.stdout

@@ -34,6 +34,7 @@ from arbor.persistence.base import (
     split_statements,
 )
 from arbor.persistence.capabilities import CapabilityTables
+from arbor.persistence.gateway import GatewayTables
 
 # Seconds to wait for a pooled connection before the attempt counts as failed and is
 # retried. It is short because the retry loop, not the pool, sets the total wait.
@@ -56,7 +57,7 @@ _AGENT_COLUMNS = (
 )
 
 
-class PostgresStore(CheckpointStore, CapabilityTables):
+class PostgresStore(CheckpointStore, CapabilityTables, GatewayTables):
     """Checkpoint store in PostgreSQL; state is kept as jsonb."""
 
     dialect = "postgresql"

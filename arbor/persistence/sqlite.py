@@ -35,6 +35,7 @@ from arbor.persistence.base import (
     split_statements,
 )
 from arbor.persistence.capabilities import CapabilityTables
+from arbor.persistence.gateway import GatewayTables
 
 # Milliseconds a writer waits for another process's write lock before SQLite reports
 # "database is locked"; many agent processes share one file, each holding it briefly.
@@ -48,7 +49,7 @@ _AGENT_COLUMNS = (
 _AUDIT_COLUMNS = "seq, at, principal, action, resource, decision, detail, trace_id, prev_hash, hash"
 
 
-class SQLiteStore(CheckpointStore, CapabilityTables):
+class SQLiteStore(CheckpointStore, CapabilityTables, GatewayTables):
     """Checkpoint store in one SQLite file, shared by every process on the machine.
 
     WAL journaling lets readers run beside the single writer, and ``synchronous=FULL``

@@ -33,6 +33,7 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "capability": frozenset({"grant", "delegate", "revoke"}),
     "secret": frozenset({"read"}),
     "audit": frozenset({"read"}),
+    "command": frozenset({"run", "inspect"}),
 }
 
 # Longer URIs are rejected before any other work, so a check never scans a huge string.
