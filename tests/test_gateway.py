@@ -1037,3 +1037,10 @@ def test_generated_requests_get_no_5xx_or_schema_violation(gateway: Gateway) -> 
 
         check()
     assert cases >= 500
+
+
+def test_malformed_body_without_key_is_401(gateway: Gateway) -> None:
+    status, result, headers = call(gateway, "POST", "/v1/agents", {"bogus": 1})
+    assert status == 401
+    assert result["error"]["code"] == "unauthorized"
+    assert headers.get("www-authenticate") == "Bearer"

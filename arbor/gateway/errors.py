@@ -125,6 +125,15 @@ async def _arbor_error(request: Request, error: ArborError) -> JSONResponse:
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    authorization = request.headers.get("authorization", "")
+    if request.url.path.startswith("/v1/") and not authorization.lower().startswith("bearer "):
+        # FastAPI validates the body before the key dependency runs; a request without a
+        # key gets 401 whatever its body, so it learns nothing about the API's checks.
+        return arbor_error_response(
+            InvalidApiKey(
+                "missing API key; send the header 'Authorization: Bearer arbor_<id>_<secret>'"
+            )
+        )
     problems = error.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid request", "type": ""}
     location = [str(part) for part in first.get("loc", ())]
