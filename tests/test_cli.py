@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -75,13 +76,19 @@ def test_up_agents_status_down(tmp_path: Path) -> None:
         "ARBOR_RAY_ADDRESS": "",
     }
     dashboard_port = str(closed_port())
+    gateway_port = str(closed_port())
     up = run_arbor(
-        "up", "--num-cpus", "1", "--dashboard-port", dashboard_port, "--no-gateway", env=env
+        "up", "--num-cpus", "1", "--dashboard-port", dashboard_port, "--port", gateway_port, env=env
     )
     try:
         assert up.returncode == 0, up.stderr
         assert "Ray address:  127.0.0.1:" in up.stdout
         assert f"http://127.0.0.1:{dashboard_port}" in up.stdout
+        assert f"gateway:      http://127.0.0.1:{gateway_port}" in up.stdout
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{gateway_port}/healthz", timeout=30
+        ) as reply:
+            assert reply.status == 200
 
         spawn = subprocess.run(
             [
