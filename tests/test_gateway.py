@@ -1044,3 +1044,23 @@ def test_malformed_body_without_key_is_401(gateway: Gateway) -> None:
     assert status == 401
     assert result["error"]["code"] == "unauthorized"
     assert headers.get("www-authenticate") == "Bearer"
+
+
+def test_requests_are_counted_in_the_metrics_export(gateway: Gateway) -> None:
+    from arbor.observability import summary
+
+    for _ in range(3):
+        call(gateway, "GET", "/v1/agent-types")
+    urls = [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node["Alive"]
+    ]
+    deadline = time.monotonic() + 60
+    counted = 0.0
+    while time.monotonic() < deadline:
+        counted = summary.read_exports(urls).totals.get("ray_arbor_gateway_requests_total", 0.0)
+        if counted >= 3:
+            break
+        time.sleep(1)
+    assert counted >= 3

@@ -153,6 +153,22 @@ def test_one_trace_spans_an_ask_chain_across_nodes(nodes: list[str]) -> None:
     for hop in hops:
         assert by_agent[hop["agent"]][1] == hop["span_id"]
 
+    # Each relay changes state, so its durable checkpoint is a child of its message span.
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with Collector.lock:
+            checkpoints = [
+                span
+                for span in Collector.spans
+                if span[0] == trace_id and span[3] == "arbor.checkpoint"
+            ]
+            spawns = [span for span in Collector.spans if span[3] == "arbor.spawn"]
+        if len(checkpoints) >= 3 and len(spawns) >= 3:
+            break
+        time.sleep(0.2)
+    assert {span[2] for span in checkpoints} == set(spans)
+    assert {span[4]["arbor.agent"] for span in spawns} >= set(names)
+
     logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
     lines = []
     for hop in hops:
@@ -188,3 +204,10 @@ def test_denial_audit_row_carries_the_trace_id(nodes: list[str], module_pg_url: 
             break
         time.sleep(0.2)
     assert {"trace/a", "trace/b", "trace/c"} <= agents
+    with Collector.lock:
+        denied = [
+            span
+            for span in Collector.spans
+            if span[0] == row.trace_id and span[3] == "arbor.capability.denied"
+        ]
+    assert [span[4]["arbor.principal"] for span in denied] == ["trace/c"]

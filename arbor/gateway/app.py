@@ -23,13 +23,14 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
 import ray
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
@@ -66,10 +67,12 @@ from arbor.gateway.models import (
     SpawnBody,
     StopBody,
 )
+from arbor.observability import metrics
 from arbor.persistence import open_store
 from arbor.persistence.gateway import FINAL_STATUSES, ExecutionRecord
 from arbor.registry.security import GrantRequest
 from arbor.registry.spec import build_spawn_spec, validate_name
+from arbor.runtime import telemetry
 from arbor.runtime.ref import AgentRef
 
 logger = logging.getLogger(__name__)
@@ -98,6 +101,31 @@ app = FastAPI(
 install_error_handlers(app)
 _body_limit = {"bytes": 1_048_576}
 app.add_middleware(BodyLimitMiddleware, limit=lambda: _body_limit["bytes"])
+
+
+@app.middleware("http")
+async def _observe_request(request: Request, call_next: Any) -> Any:
+    """Count and time each request by route and status, in the caller's trace if any."""
+    started = time.perf_counter()
+    status = 500
+    attributes = {"http.request.method": request.method, "url.path": request.url.path}
+    try:
+        with telemetry.incoming_span("arbor.gateway.request", dict(request.headers), attributes):
+            response = await call_next(request)
+            status = response.status_code
+            return response
+    finally:
+        route = request.scope.get("route")
+        template = getattr(route, "path", None) or "<unmatched>"
+        telemetry.record(
+            metrics.record_gateway_request,
+            template,
+            request.method,
+            status,
+            time.perf_counter() - started,
+        )
+
+
 _bearer = HTTPBearer(auto_error=False, description="An API key from `arbor keys create`.")
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of the last page")]
@@ -170,6 +198,7 @@ class Gateway:
         from arbor.runtime.guard import process_guard
 
         self.settings = Settings(**settings)
+        telemetry.configure_process(self.settings)
         _body_limit["bytes"] = self.settings.gateway_max_body_bytes
         self.store = open_store(self.settings.database_url, self.settings)
         self.guard = process_guard(self.store, self.settings)

@@ -85,6 +85,12 @@ class Registry:
         A retried request with the same ``spawn_id`` finishes the first one instead of
         failing with `NameTaken`.
         """
+        with telemetry.span(
+            "arbor.spawn", {"arbor.agent": spec.name, "arbor.type": spec.type_path}
+        ):
+            return await self._spawn(spec)
+
+    async def _spawn(self, spec: SpawnSpec) -> AgentInfo:
         if spec.spawner is not None and self._settings.enforce_capabilities:
             await asyncio.to_thread(
                 self._security.guard.require,

@@ -102,7 +102,31 @@ class AgentActor:
             guard = process_guard(self._store, self._settings)
             wallet = Wallet(name, guard)
         context = RuntimeContext(name, self._settings)
-        cell = AgentCell(
+        with telemetry.span("arbor.restore", {"arbor.agent": name}):
+            cell = self._new_cell(name, context, init_args, init_kwargs, durability, guard, wallet)
+        context.attach(cell)
+        self._cell = cell
+        # Messages the last incarnation committed but may not have delivered.
+        if cell.outbox is not None:
+            cell.outbox.flush()
+        if durability == "periodic":
+            threading.Thread(
+                target=self._checkpoint_periodically,
+                name=f"arbor-checkpoint-{name}",
+                daemon=True,
+            ).start()
+
+    def _new_cell(
+        self,
+        name: str,
+        context: RuntimeContext,
+        init_args: tuple[Any, ...] | None,
+        init_kwargs: dict[str, Any] | None,
+        durability: str,
+        guard: Any,
+        wallet: Wallet | None,
+    ) -> AgentCell:
+        return AgentCell(
             name,
             self._agent_class,
             self._store,
@@ -118,17 +142,6 @@ class AgentActor:
             guard=guard,
             wallet=wallet,
         )
-        context.attach(cell)
-        self._cell = cell
-        # Messages the last incarnation committed but may not have delivered.
-        if cell.outbox is not None:
-            cell.outbox.flush()
-        if durability == "periodic":
-            threading.Thread(
-                target=self._checkpoint_periodically,
-                name=f"arbor-checkpoint-{name}",
-                daemon=True,
-            ).start()
 
     def _bound_record(self) -> AgentRecord | None:
         """Return the agent the registry gave this warm actor, if any."""

@@ -28,6 +28,7 @@ from arbor.errors import (
 from arbor.messages import Envelope, ErrorInfo, Reply, new_message_id
 from arbor.persistence import CheckpointStore
 from arbor.persistence.jsonstate import encode_reply, encode_state
+from arbor.runtime import telemetry
 from arbor.runtime.outbox import Outbox
 from arbor.runtime.telemetry import CellTelemetry
 
@@ -387,9 +388,10 @@ class AgentCell:
         outbox = self.outbox.records() if self.outbox is not None else []
         started = time.perf_counter()
         try:
-            self.checkpoint_version = self.store.write_checkpoint(
-                self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
-            )
+            with telemetry.span("arbor.checkpoint", {"arbor.agent": self.name}, child_only=True):
+                self.checkpoint_version = self.store.write_checkpoint(
+                    self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
+                )
         except CheckpointConflict:
             self.telemetry.record_checkpoint(0, time.perf_counter() - started, "conflict")
             self.fenced = True

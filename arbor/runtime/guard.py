@@ -89,7 +89,11 @@ class Guard:
             trace_id=telemetry.current_trace_id(),
         )
         try:
-            self.store.append_audit(entry)
+            with telemetry.span(
+                "arbor.capability.denied",
+                {"arbor.principal": decision.principal, "arbor.resource": decision.resource},
+            ):
+                self.store.append_audit(entry)
             telemetry.record(metrics.record_audit_row, decision.right, "deny")
         except ArborError as error:
             logger.error(

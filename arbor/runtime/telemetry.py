@@ -15,8 +15,10 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from opentelemetry import trace
 
 from arbor.config import Settings
 from arbor.messages import Envelope, Reply
@@ -101,23 +103,13 @@ class CellTelemetry:
         with logs.agent_log_context(
             agent_id=self.name, agent_type=self.agent_type, incarnation=epoch, node_id=self.node
         ):
-            if not _tracing:
-                yield
-                return
-            if not _should_trace(envelope.headers):
-                # Messages sent from here carry the decision on, so the whole trace is
-                # left out rather than sampled again at each hop.
-                parent = envelope.headers.get("traceparent") or _unsampled_traceparent()
-                token = _unsampled.set(parent[:-2] + "00")
-                try:
-                    yield
-                finally:
-                    _unsampled.reset(token)
-                return
-            attributes = {"arbor.agent_type": self.agent_type, "arbor.kind": envelope.kind}
-            with tracing.span_from_carrier("arbor.message", envelope.headers, attributes) as span:
-                span.set_attribute("arbor.agent", self.name)
-                span.set_attribute("arbor.handler", envelope.handler)
+            attributes = {
+                "arbor.agent_type": self.agent_type,
+                "arbor.kind": envelope.kind,
+                "arbor.agent": self.name,
+                "arbor.handler": envelope.handler,
+            }
+            with incoming_span("arbor.message", envelope.headers, attributes):
                 yield
 
     def record_message(self, envelope: Envelope, reply: Reply, seconds: float) -> None:
@@ -146,7 +138,7 @@ class CellTelemetry:
         _safely(metrics.record_recovery, self.agent_type, "process", seconds)
 
 
-def _should_trace(headers: dict[str, str]) -> bool:
+def _should_trace(headers: Mapping[str, str]) -> bool:
     """Decide whether a message's span is recorded, before any span object exists.
 
     A message that carries W3C trace context follows the sender's sampled flag; one
@@ -161,6 +153,53 @@ def _should_trace(headers: dict[str, str]) -> bool:
         except ValueError:
             return random.random() < _ratio
     return random.random() < _ratio
+
+
+@contextlib.contextmanager
+def incoming_span(
+    name: str, headers: Mapping[str, str], attributes: dict[str, Any]
+) -> Iterator[None]:
+    """Run a request that arrived with ``headers`` in a span continuing the sender's trace.
+
+    An unrecorded request records nothing, and the requests it makes carry the unsampled
+    flag on, so the whole trace is left out rather than sampled again at each hop.
+    """
+    if not _tracing:
+        yield
+        return
+    if not _should_trace(headers):
+        parent = headers.get("traceparent") or _unsampled_traceparent()
+        token = _unsampled.set(parent[:-2] + "00")
+        try:
+            yield
+        finally:
+            _unsampled.reset(token)
+        return
+    with tracing.span_from_carrier(name, headers, attributes):
+        yield
+
+
+@contextlib.contextmanager
+def span(
+    name: str, attributes: dict[str, Any] | None = None, *, child_only: bool = False
+) -> Iterator[None]:
+    """Run a step (a spawn, a checkpoint, a restore, a denial) in a span of its own.
+
+    Inside a recorded span it becomes a child. Elsewhere it starts a trace with probability
+    ``ARBOR_TRACE_SAMPLE_RATIO``, unless ``child_only`` or the surrounding message is
+    unrecorded.
+    """
+    if not _tracing:
+        yield
+        return
+    current = trace.get_current_span()
+    if not current.is_recording() and (
+        child_only or _unsampled.get() is not None or random.random() >= _ratio
+    ):
+        yield
+        return
+    with tracing.start_span(name, attributes):
+        yield
 
 
 def record(function: Any, *args: Any) -> None:
