@@ -178,7 +178,7 @@ def test_stopped_agent_wallet_has_nothing_to_present(
     assert wallet.token_for(TARGET) is None
 
 
-def test_self_delegated_token_outside_the_registry_is_still_bounded(
+def test_offline_delegation_stays_bounded(
     service: CapabilityService,
 ) -> None:
     token = service.guard.verifier.load(grant(service, "planner", depth=1))

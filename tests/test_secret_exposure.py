@@ -54,7 +54,7 @@ def cluster(module_pg_url: str, vault: FakeVault) -> Iterator[None]:
     reset_settings()
 
 
-def test_secret_read_through_vault_is_not_in_the_state_api() -> None:
+def test_vault_secret_absent_from_state_api() -> None:
     reader = arbor.spawn(Delegator, "exposure/reader")
     arbor.grant("exposure/reader", "arbor://secret/read/payments/api_key")
     assert reader.ask("read_secret", "payments/api_key") == SECRET_VALUE
@@ -71,7 +71,7 @@ def test_secret_read_through_vault_is_not_in_the_state_api() -> None:
     assert any(row.class_name == "Delegator" for row in views["actors"])
 
 
-def test_denied_secret_read_names_the_path_not_the_value() -> None:
+def test_denied_secret_read_hides_value() -> None:
     reader = arbor.spawn(Delegator, "exposure/denied")
     with pytest.raises(arbor.HandlerError) as caught:
         reader.ask("read_secret", "payments/api_key")
