@@ -25,7 +25,7 @@ class AgentContext(Protocol):
 
     @property
     def capabilities(self) -> list[Any]:
-        """The live capabilities this agent holds, as `arbor.CapabilityInfo`."""
+        """Return the live capabilities this agent holds, as `arbor.CapabilityInfo`."""
 
     def get(self, name: str) -> Any:
         """Return an `AgentRef` to another agent; messages carry this agent as sender."""

@@ -74,4 +74,5 @@ def test_difference_keeps_only_what_happened_between_readings() -> None:
 
 def test_unreadable_export_is_listed_not_raised() -> None:
     read = summary.read_exports(["http://127.0.0.1:1/metrics"])
-    assert len(read.errors) == 1 and "127.0.0.1:1" in read.errors[0]
+    assert len(read.errors) == 1
+    assert "127.0.0.1:1" in read.errors[0]

@@ -127,7 +127,7 @@ async def _arbor_error(request: Request, error: ArborError) -> JSONResponse:
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     authorization = request.headers.get("authorization", "")
     if request.url.path.startswith("/v1/") and not authorization.lower().startswith("bearer "):
-        # FastAPI validates the body before the key dependency runs; a request without a
+        # FastAPI validates the body before the key dependency runs. A request without a
         # key gets 401 whatever its body, so it learns nothing about the API's checks.
         return arbor_error_response(
             InvalidApiKey(

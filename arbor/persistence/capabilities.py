@@ -1,7 +1,7 @@
 """Store tables for capabilities, revocations and the cluster signing key.
 
-The methods are shared by the SQLite and PostgreSQL stores, which mix this class in;
-they differ only in placeholders and in how times and JSON are kept.
+The SQLite and PostgreSQL stores share these methods by mixing this class in. The two
+differ only in placeholders and in how times and JSON are kept.
 """
 
 from __future__ import annotations

@@ -167,7 +167,13 @@ class CapabilityService:
         """
         _check_principal(to_principal)
         parent = self.store.get_capability(parent_id)
-        pattern = request.pattern if request else (parent.pattern if parent else parent_id)
+        # The pattern the audit row names when the delegation is denied.
+        if request is not None:
+            pattern = request.pattern
+        elif parent is not None:
+            pattern = parent.pattern
+        else:
+            pattern = parent_id
         if parent is None or parent.principal != holder:
             self._deny(holder, pattern, "delegate", f"{holder!r} holds no capability {parent_id!r}")
         assert parent is not None

@@ -46,7 +46,7 @@ class RuntimeContext:
 
     @property
     def capabilities(self) -> list[CapabilityInfo]:
-        """The live capabilities this agent holds, read from the store."""
+        """Return the live capabilities this agent holds, read from the store."""
         from arbor.registry.security import CapabilityInfo
 
         cell = self._require_cell()

@@ -135,7 +135,8 @@ class Wallet:
         self.principal = principal
         self.guard = guard
         self._tokens: list[CapabilityToken] = []
-        self._by_uri: dict[str, str] = {}
+        # The token last found for each resource, so a repeated request skips the search.
+        self._by_uri: dict[str, CapabilityToken] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -157,23 +158,24 @@ class Wallet:
     def token_for(self, uri: str) -> str | None:
         """Return the text of a live token that grants ``uri``, or None if none does."""
         cached = self._by_uri.get(uri)
-        if cached is not None and self._usable(self.guard.verifier.load(cached)):
-            return cached
+        if cached is not None and self._usable(cached):
+            return cached.to_string()
         found = self._find(uri)
         if found is None:
             # A capability granted since the last read is found at once. A request that
             # finds none costs this read, as its denial costs an audit row anyway.
             self.reload()
             found = self._find(uri)
-        if found is not None:
-            self._by_uri[uri] = found
-        return found
+        if found is None:
+            return None
+        self._by_uri[uri] = found
+        return found.to_string()
 
     def tokens(self) -> list[CapabilityToken]:
         """Return the live tokens held, as last read."""
         return [token for token in self._tokens if self._usable(token)]
 
-    def _find(self, uri: str) -> str | None:
+    def _find(self, uri: str) -> CapabilityToken | None:
         try:
             resource = parse_resource(uri)
         except InvalidResource:
@@ -184,7 +186,7 @@ class Wallet:
                 and resource.operation in token.operations
                 and token.pattern.matches(resource)
             ):
-                return token.to_string()
+                return token
         return None
 
     def _usable(self, token: CapabilityToken) -> bool:

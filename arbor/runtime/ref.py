@@ -135,9 +135,7 @@ class AgentRef:
         within its ``ARBOR_DEDUP_WINDOW``.
         """
         envelope = self._envelope("send", handler, args, kwargs, message_id)
-        origin = self._origin
-        if origin is None:
-            origin = running_cell()
+        origin = self._sending_origin()
         if origin is not None and origin.stage_send(self._name, envelope):
             return envelope.message_id
         actor = self._resolve(time.monotonic() + _default_timeout())
@@ -181,10 +179,7 @@ class AgentRef:
         kwargs: dict[str, Any],
         message_id: str | None,
     ) -> Envelope:
-        origin = self._origin
-        if origin is None:
-            # A reference made or received inside a handler sends as the running agent.
-            origin = running_cell()
+        origin = self._sending_origin()
         sender = origin.name if origin is not None else self._sender
         envelope = Envelope(handler=handler, args=args, kwargs=kwargs, kind=kind, sender=sender)
         if message_id is not None:
@@ -199,6 +194,13 @@ class AgentRef:
             if token is not None:
                 envelope.headers[CAPABILITY_HEADER] = token
         return envelope
+
+    def _sending_origin(self) -> Any:
+        """Return the agent this reference sends as: its own origin, else the running one.
+
+        A reference made or received inside a handler sends as the running agent.
+        """
+        return self._origin if self._origin is not None else running_cell()
 
     def _resolve(self, deadline: float) -> Any:
         """Return the agent's actor handle, waiting while a recreation is under way."""

@@ -14,7 +14,6 @@ import os
 import random
 import secrets
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -124,18 +123,18 @@ class CellTelemetry:
         else:
             status = "error"
         handler = UNKNOWN_HANDLER if status == "rejected" else envelope.handler
-        _safely(metrics.record_message, self.agent_type, handler, status, seconds)
+        record(metrics.record_message, self.agent_type, handler, status, seconds)
 
     def record_checkpoint(self, nbytes: int, seconds: float, status: str = "ok") -> None:
         """Count one checkpoint write."""
-        _safely(metrics.record_checkpoint, self.agent_type, nbytes, seconds, status)
+        record(metrics.record_checkpoint, self.agent_type, nbytes, seconds, status)
 
     def record_restore(self, epoch: int, seconds: float) -> None:
         """Count a new incarnation that restored a checkpoint, and how long that took."""
         if epoch <= 1:
             return
-        _safely(metrics.record_restart, self.agent_type, self.node, "crash")
-        _safely(metrics.record_recovery, self.agent_type, "process", seconds)
+        record(metrics.record_restart, self.agent_type, self.node, "crash")
+        record(metrics.record_recovery, self.agent_type, "process", seconds)
 
 
 def _should_trace(headers: Mapping[str, str]) -> bool:
@@ -204,16 +203,7 @@ def span(
 
 def record(function: Any, *args: Any) -> None:
     """Call a `metrics` function, logging instead of raising if it fails."""
-    _safely(function, *args)
-
-
-def _safely(function: Any, *args: Any) -> None:
     try:
         function(*args)
     except Exception as error:
         logger.warning("metric %s not recorded: %s", function.__name__, error)
-
-
-def monotonic() -> float:
-    """Return a clock reading for durations, in seconds."""
-    return time.perf_counter()
