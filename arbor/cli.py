@@ -317,9 +317,13 @@ def _up(args: argparse.Namespace, console: Console) -> int:
     try:
         _connect_existing()
         console.print(
-            "joined the running Ray cluster; --port and --num-cpus apply only to a new one"
+            "joined the running Ray cluster; --ray-port and --num-cpus apply only to a new one"
         )
     except ClusterUnavailable:
+        if get_settings().ray_address:
+            # An explicit address that cannot be joined is an error, not a cue to start
+            # another cluster on what may be the same port.
+            raise
         _start_head(args)
         _connect_existing()
         console.print("started a local Ray cluster on 127.0.0.1")
@@ -332,7 +336,18 @@ def _up(args: argparse.Namespace, console: Console) -> int:
     if not args.no_gateway:
         from arbor.gateway import deploy
 
-        url = deploy(args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        try:
+            url = deploy(args.host, args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        except ArborError:
+            raise
+        except Exception as error:
+            # Serve raises its own errors, for example when another Serve instance is
+            # starting in the same cluster. One line with the cause is enough here.
+            lines = str(error).strip().splitlines() or [""]
+            raise ArborError(
+                f"the gateway could not be deployed: {type(error).__name__}: {lines[-1]}; "
+                "retry `arbor up`, or pass --no-gateway"
+            ) from error
         console.print(f"gateway:      {url} (API keys: `arbor keys create NAME`)")
     console.print("registry and reconciler are running; stop everything with `arbor down`")
     return 0
@@ -358,8 +373,10 @@ def _start_head(args: argparse.Namespace) -> None:
     environment = {"RAY_core_worker_internal_heartbeat_ms": RETRY_TIMER_MS, **os.environ}
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        raise ClusterUnavailable(f"`ray start` failed: {lines[-1] if lines else 'no output'}")
+        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        # Ray names the conflicting port or file a few lines above its last line.
+        detail = " | ".join(line.strip() for line in lines[-3:]) or "no output"
+        raise ClusterUnavailable(f"`ray start` failed: {detail}")
 
 
 def _free_port() -> int:

@@ -44,6 +44,19 @@ def test_status_without_cluster_prints_one_error_line(tmp_path: Path) -> None:
     assert "arbor up" in error_lines(result)[0]
 
 
+def test_up_with_unreachable_address_starts_nothing(tmp_path: Path) -> None:
+    port = closed_port()
+    env = {
+        "ARBOR_RAY_ADDRESS": f"127.0.0.1:{port}",
+        "ARBOR_DATABASE_URL": f"sqlite:///{tmp_path}/arbor.db",
+    }
+    result = run_arbor("up", "--no-gateway", env=env)
+    assert result.returncode == 1
+    assert len(error_lines(result)) == 1
+    assert f"no Ray cluster at '127.0.0.1:{port}'" in error_lines(result)[0]
+    assert "started a local Ray cluster" not in result.stdout
+
+
 def test_unreachable_database_error_redacts_password() -> None:
     env = {
         "ARBOR_DATABASE_URL": f"postgresql://arbor:s3cret@127.0.0.1:{closed_port()}/arbor",

@@ -33,6 +33,8 @@ def export_port(module_pg_url: str) -> Iterator[int]:
     """A local cluster with Arbor whose metrics agent serves Prometheus text on the port."""
     port = free_port()
     ray.init(
+        # A new cluster even when another one runs on this machine.
+        address="local",
         num_cpus=2,
         object_store_memory=100 * 1024**2,
         include_dashboard=False,

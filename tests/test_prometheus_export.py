@@ -81,6 +81,8 @@ def export_port() -> Iterator[int]:
         ray.shutdown()
     port = free_port()
     ray.init(
+        # A new cluster even when another one runs on this machine.
+        address="local",
         num_cpus=1,
         object_store_memory=80 * 1024 * 1024,
         include_dashboard=False,
