@@ -29,6 +29,8 @@ _keep_ray_on_loopback()
 from arbor.agent import Agent  # noqa: E402
 from arbor.client import (  # noqa: E402
     capabilities,
+    claim_cluster_lease,
+    cluster_lease,
     get,
     grant,
     init,
@@ -49,6 +51,7 @@ from arbor.errors import (  # noqa: E402
     CapabilityDenied,
     CheckpointConflict,
     CheckpointNotFound,
+    ClusterLeaseLost,
     ClusterUnavailable,
     HandlerError,
     InvalidAgentName,
@@ -79,6 +82,7 @@ __all__ = [
     "CapabilityDenied",
     "CheckpointConflict",
     "CheckpointNotFound",
+    "ClusterLeaseLost",
     "ClusterUnavailable",
     "HandlerError",
     "InvalidAgentName",
@@ -97,6 +101,8 @@ __all__ = [
     "list_agents",
     "list_checkpoints",
     "reconcile",
+    "claim_cluster_lease",
+    "cluster_lease",
     "restore",
     "revoke",
     "shutdown",

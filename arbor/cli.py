@@ -96,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the cluster, the registry and agent counts")
     status.set_defaults(run=_status)
 
+    lease = commands.add_parser(
+        "lease",
+        help="show which Ray cluster holds the cluster lease and runs the agents",
+        description="Show the cluster lease. Only the holder's registry recreates agents; "
+        "a new cluster takes the lease when its registry first starts. --claim moves the "
+        "agents to the cluster this command connects to, for a rollback.",
+    )
+    lease.add_argument(
+        "--claim",
+        action="store_true",
+        help="take the lease for this cluster; the holder stops its agents and this "
+        "cluster restores them from their checkpoints",
+    )
+    lease.set_defaults(run=_lease)
+
     metrics_command = commands.add_parser(
         "metrics",
         help="print key numbers from the cluster's metrics: agents, message rate, "
@@ -416,9 +431,33 @@ def _status(args: argparse.Namespace, console: Console) -> int:
         f"registry:     pid {registry['pid']}, {registry['reconciler_passes']} reconciler passes"
     )
     console.print(f"store:        {registry['database_url']}")
+    lease = arbor.cluster_lease()
+    held = "held by this cluster" if lease["held"] else f"held by cluster {lease['holder']}"
+    console.print(f"lease:        {held} (this cluster is {lease['cluster_id']})")
     summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "none"
     console.print(f"agents:       {summary}")
     return 0
+
+
+def _lease(args: argparse.Namespace, console: Console) -> int:
+    _connect_existing()
+    lease = arbor.claim_cluster_lease() if args.claim else arbor.cluster_lease()
+    console.print(f"this cluster: {lease['cluster_id']}")
+    if lease["holder"] is None:
+        console.print("holder:       none yet; this cluster's registry takes it on its next start")
+        return 0
+    console.print(
+        f"holder:       {lease['holder']} (generation {lease['generation']}, "
+        f"claimed {lease['claimed_at']})"
+    )
+    if lease["held"]:
+        console.print("This cluster runs the agents.")
+        return 0
+    console.print(
+        "Another cluster runs the agents; this one recreates none. Run `arbor lease --claim` "
+        "to move them here."
+    )
+    return 1
 
 
 def _metrics(args: argparse.Namespace, console: Console) -> int:

@@ -239,6 +239,26 @@ def reconcile() -> list[str]:
     return result
 
 
+def cluster_lease() -> dict[str, Any]:
+    """Return the cluster lease: this cluster's id, the holder's, and whether they match.
+
+    Keys: ``cluster_id``, ``holder``, ``generation``, ``claimed_at`` and ``held``.
+    """
+    result: dict[str, Any] = _call(_registry().lease.remote(), timeout=_REGISTRY_TIMEOUT_S)
+    return result
+
+
+def claim_cluster_lease() -> dict[str, Any]:
+    """Move the agents to the connected cluster by taking the cluster lease for it.
+
+    The cluster that held the lease stops its agent actors at its next reconciler pass,
+    and this cluster brings them back from their checkpoints. Use it to roll back to a
+    cluster that is still running after a newer one took over.
+    """
+    result: dict[str, Any] = _call(_registry().claim_lease.remote(), timeout=_REGISTRY_TIMEOUT_S)
+    return result
+
+
 def grant(
     principal: str,
     pattern: str,

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
         description="Seconds between writes of the counts of allowed capability checks to "
         "the audit log; denials are written at once.",
     )
+    cluster_id: str | None = Field(
+        default=None,
+        description="The Ray cluster's id for the cluster lease. The registry sets it in the "
+        "settings of the agent actors it starts; leave it unset.",
+    )
     dashboard: bool = Field(
         default=True,
         description="Start the Ray dashboard when Arbor starts a local Ray cluster.",

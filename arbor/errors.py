@@ -180,6 +180,26 @@ class ClusterUnavailable(ArborError):
     """No Ray cluster is running at the configured address."""
 
 
+class ClusterLeaseLost(ArborError):
+    """Another Ray cluster holds the cluster lease, so this one may not run agents.
+
+    A new cluster takes the lease when its registry first starts, as during a RayService
+    upgrade; `arbor lease --claim` gives it back to the cluster it is run against.
+    """
+
+    def __init__(self, cluster_id: str, holder: str) -> None:
+        super().__init__(
+            f"Ray cluster {cluster_id} no longer holds the cluster lease: cluster {holder} "
+            "runs the agents now. Connect to that cluster, or run `arbor lease --claim` "
+            "against this one to move the agents back here"
+        )
+        self.cluster_id = cluster_id
+        self.holder = holder
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.cluster_id, self.holder))
+
+
 class InvalidApiKey(ArborError, PermissionError):
     """An HTTP request's bearer key is missing, malformed, unknown, revoked or wrong."""
 

@@ -19,6 +19,7 @@ from arbor.errors import (
     AgentNotFound,
     ArborError,
     CheckpointConflict,
+    ClusterLeaseLost,
     NameTaken,
     StateNotSerializable,
     StoreUnavailable,
@@ -934,3 +935,37 @@ def test_stopped_agent_cannot_begin_incarnation(store: CheckpointStore) -> None:
     store.set_status("halted", STOPPED)
     with pytest.raises(AgentNotFound, match="stopped"):
         store.begin_incarnation("halted", None)
+
+
+# The cluster lease
+
+
+def test_cluster_lease_is_none_before_any_claim(store: CheckpointStore) -> None:
+    assert store.cluster_lease() is None
+
+
+def test_claim_by_new_cluster_takes_lease_and_bumps_generation(store: CheckpointStore) -> None:
+    first = store.claim_cluster_lease("blue")
+    again = store.claim_cluster_lease("blue")
+    taken = store.claim_cluster_lease("green")
+
+    assert (first.holder, first.generation) == ("blue", 1)
+    assert (again.holder, again.generation) == ("blue", 1)
+    assert (taken.holder, taken.generation) == ("green", 2)
+    assert taken.claimed_at >= first.claimed_at
+    assert store.cluster_lease() == taken
+
+
+def test_incarnation_of_cluster_without_lease_is_refused(store: CheckpointStore) -> None:
+    store.create_agent(make_record())
+    store.claim_cluster_lease("green")
+
+    with pytest.raises(ClusterLeaseLost) as raised:
+        store.begin_incarnation("alpha", "node-a", "blue")
+
+    assert raised.value.holder == "green"
+    assert "arbor lease --claim" in str(raised.value)
+    assert store.get_agent("alpha").epoch == 0  # type: ignore[union-attr]
+    assert store.begin_incarnation("alpha", "node-a", "green") == 1
+    # Code that runs cells without a registry passes no cluster id and is not checked.
+    assert store.begin_incarnation("alpha", "node-a") == 2

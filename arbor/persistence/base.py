@@ -114,12 +114,18 @@ class CheckpointStore(ABC):
         """Replace the agent's stored spawn options."""
 
     @abstractmethod
-    def begin_incarnation(self, name: str, node_id: str | None) -> int:
+    def begin_incarnation(
+        self, name: str, node_id: str | None, cluster_id: str | None = None
+    ) -> int:
         """Take the next epoch for a starting incarnation and mark the agent running.
+
+        Args:
+            cluster_id: the Ray cluster the incarnation runs in; None skips the lease check.
 
         Raises:
             AgentNotFound: no record has this name, or the agent is stopped. The check keeps
                 an actor recreated during a stop from bringing the agent back.
+            ClusterLeaseLost: another cluster holds the cluster lease.
         """
 
     @abstractmethod

@@ -35,6 +35,7 @@ from arbor.persistence.base import (
 )
 from arbor.persistence.capabilities import CapabilityTables
 from arbor.persistence.gateway import GatewayTables
+from arbor.persistence.lease import LeaseTables
 
 # Seconds to wait for a pooled connection before the attempt counts as failed and is
 # retried. It is short because the retry loop, not the pool, sets the total wait.
@@ -57,7 +58,7 @@ _AGENT_COLUMNS = (
 )
 
 
-class PostgresStore(CheckpointStore, CapabilityTables, GatewayTables):
+class PostgresStore(CheckpointStore, CapabilityTables, GatewayTables, LeaseTables):
     """Checkpoint store in PostgreSQL; state is kept as jsonb."""
 
     dialect = "postgresql"
@@ -195,9 +196,12 @@ class PostgresStore(CheckpointStore, CapabilityTables, GatewayTables):
 
         self._retry("update_options", step)
 
-    def begin_incarnation(self, name: str, node_id: str | None) -> int:
+    def begin_incarnation(
+        self, name: str, node_id: str | None, cluster_id: str | None = None
+    ) -> int:
         def step() -> int:
             with self._transaction() as connection:
+                self.check_cluster_lease(connection, cluster_id)
                 row = connection.execute(
                     "UPDATE arbor_agents SET epoch = epoch + 1, status = %s, node_id = %s, "
                     "started_at = now(), updated_at = now() "

@@ -36,6 +36,7 @@ from arbor.persistence.base import (
 )
 from arbor.persistence.capabilities import CapabilityTables
 from arbor.persistence.gateway import GatewayTables
+from arbor.persistence.lease import LeaseTables
 
 # Milliseconds a writer waits for another process's write lock before SQLite reports
 # "database is locked"; many agent processes share one file, each holding it briefly.
@@ -49,7 +50,7 @@ _AGENT_COLUMNS = (
 _AUDIT_COLUMNS = "seq, at, principal, action, resource, decision, detail, trace_id, prev_hash, hash"
 
 
-class SQLiteStore(CheckpointStore, CapabilityTables, GatewayTables):
+class SQLiteStore(CheckpointStore, CapabilityTables, GatewayTables, LeaseTables):
     """Checkpoint store in one SQLite file, shared by every process on the machine.
 
     WAL journaling lets readers run beside the single writer, and ``synchronous=FULL``
@@ -193,10 +194,13 @@ class SQLiteStore(CheckpointStore, CapabilityTables, GatewayTables):
 
         self._retry("update_options", step)
 
-    def begin_incarnation(self, name: str, node_id: str | None) -> int:
+    def begin_incarnation(
+        self, name: str, node_id: str | None, cluster_id: str | None = None
+    ) -> int:
         def step() -> int:
             now = time.time()
             with self._transaction() as connection:
+                self.check_cluster_lease(connection, cluster_id)
                 row = connection.execute(
                     "UPDATE arbor_agents SET epoch = epoch + 1, status = ?, node_id = ?, "
                     "started_at = ?, updated_at = ? "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from arbor.errors import (
     AgentTypeNotImportable,
     ArborError,
     CheckpointNotFound,
+    ClusterLeaseLost,
     HandlerError,
 )
 from arbor.observability import metrics
@@ -54,9 +56,22 @@ class Registry:
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self._settings = Settings(**settings)
+        cluster_id, first_start = _cluster_identity()
+        # The agent actors this registry starts get the cluster id with their settings.
+        self._settings = Settings(**{**settings, "cluster_id": cluster_id})
         telemetry.configure_process(self._settings)
         self._store = open_store(self._settings.database_url, self._settings)
+        self._cluster_id = cluster_id
+        self._lease = self._store.cluster_lease()
+        if first_start or self._lease is None:
+            # A new cluster takes over the agents, as during a RayService upgrade.
+            self._lease = self._store.claim_cluster_lease(cluster_id)
+            logger.info(
+                "Ray cluster %s took the cluster lease (generation %d)",
+                cluster_id,
+                self._lease.generation,
+            )
+        self._stood_down = False
         self._security = CapabilityService(
             self._store, self._settings, _signing_key(self._settings)
         )
@@ -77,7 +92,32 @@ class Registry:
             "pid": os.getpid(),
             "database_url": redact_url(self._settings.database_url),
             "reconciler_passes": self._passes,
+            "cluster_id": self._cluster_id,
         }
+
+    async def lease(self) -> dict[str, Any]:
+        """Return the cluster lease as the store has it and whether this cluster holds it."""
+        lease = await asyncio.to_thread(self._store.cluster_lease)
+        if lease is not None:
+            self._lease = lease
+        return _lease_info(self._cluster_id, lease)
+
+    async def claim_lease(self) -> dict[str, Any]:
+        """Take the cluster lease for this cluster, so that its registry runs the agents.
+
+        The cluster that held it stops its agents at its next reconciler pass, and this
+        one's reconciler brings them back here from their checkpoints.
+        """
+        async with self._reconcile_lock:
+            self._lease = await asyncio.to_thread(self._store.claim_cluster_lease, self._cluster_id)
+            self._stood_down = False
+        logger.warning(
+            "Ray cluster %s claimed the cluster lease (generation %d)",
+            self._cluster_id,
+            self._lease.generation,
+        )
+        await self.reconcile()
+        return _lease_info(self._cluster_id, self._lease)
 
     async def spawn(self, spec: SpawnSpec) -> AgentInfo:
         """Reserve the name, create the agent's actor and wait until it has restored.
@@ -85,6 +125,7 @@ class Registry:
         A retried request with the same ``spawn_id`` finishes the first one instead of
         failing with `NameTaken`.
         """
+        self._require_lease()
         with telemetry.span(
             "arbor.spawn", {"arbor.agent": spec.name, "arbor.type": spec.type_path}
         ):
@@ -365,6 +406,7 @@ class Registry:
 
     async def restore(self, name: str, version: int) -> AgentInfo:
         """Make checkpoint ``version`` the agent's latest state and restart it on that state."""
+        self._require_lease()
         record = await asyncio.to_thread(self._store.get_agent, name)
         if record is None:
             raise AgentNotFound(name)
@@ -426,8 +468,20 @@ class Registry:
         return await asyncio.to_thread(self._store.list_checkpoints, name)
 
     async def reconcile(self) -> list[str]:
-        """Run one reconciler pass now; returns the names of the agents it recreated."""
+        """Run one reconciler pass now; returns the names of the agents it recreated.
+
+        A cluster that lost the cluster lease recreates nothing; its first pass after the
+        loss stops the agent actors it still runs.
+        """
         async with self._reconcile_lock:
+            lease = await asyncio.to_thread(self._store.cluster_lease)
+            if lease is not None:
+                self._lease = lease
+            if not self._holds_lease():
+                if not self._stood_down:
+                    await self._stand_down()
+                self._passes += 1
+                return []
             records = await asyncio.to_thread(self._store.list_agents)
             alive_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
             recreated = []
@@ -438,6 +492,41 @@ class Registry:
             self._passes += 1
             self._report_gauges(records, alive_nodes)
             return recreated
+
+    def _holds_lease(self) -> bool:
+        return self._lease is None or self._lease.holder == self._cluster_id
+
+    def _require_lease(self) -> None:
+        if not self._holds_lease():
+            assert self._lease is not None
+            raise ClusterLeaseLost(self._cluster_id, self._lease.holder)
+
+    async def _stand_down(self) -> None:
+        """Stop this cluster's agent and warm actors after another cluster took the lease.
+
+        Their agents come back in the holder's cluster, from the same checkpoints; killing
+        the actors here keeps two incarnations from taking turns fencing each other.
+        """
+        assert self._lease is not None
+        logger.warning(
+            "Ray cluster %s lost the cluster lease to cluster %s (generation %d); stopping "
+            "its agent actors here, and recreating none",
+            self._cluster_id,
+            self._lease.holder,
+            self._lease.generation,
+        )
+        records = await asyncio.to_thread(self._store.list_agents)
+        names = {actor_name(record) for record in records}
+        named = await asyncio.to_thread(ray.util.list_named_actors, True)
+        for entry in named:
+            name = entry["name"]
+            if entry["namespace"] != NAMESPACE:
+                continue
+            if name in names or name.startswith(WARM_PREFIX):
+                with contextlib.suppress(ValueError):
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        self._warm.clear()
+        self._stood_down = True
 
     async def _needs_recreation(self, record: AgentRecord, alive_nodes: set[str]) -> bool:
         if record.name in self._inflight or record.status not in (RUNNING, STARTING):
@@ -606,6 +695,39 @@ class Registry:
             except ValueError:
                 return
             await asyncio.sleep(0.1)
+
+
+# Where a Ray cluster keeps its id for the cluster lease, in Ray's internal key-value store.
+_CLUSTER_ID_KEY = b"cluster-id"
+_KV_NAMESPACE = b"arbor"
+
+
+def _cluster_identity() -> tuple[str, bool]:
+    """Return this Ray cluster's id and whether this call created it.
+
+    The id lives in the cluster's GCS, so a restarted registry keeps it and a new Ray
+    cluster gets a new one.
+    """
+    from ray.experimental import internal_kv
+
+    candidate = uuid.uuid4().hex[:12]
+    existed = internal_kv._internal_kv_put(
+        _CLUSTER_ID_KEY, candidate.encode(), overwrite=False, namespace=_KV_NAMESPACE
+    )
+    if not existed:
+        return candidate, True
+    stored = internal_kv._internal_kv_get(_CLUSTER_ID_KEY, namespace=_KV_NAMESPACE)
+    return stored.decode(), False
+
+
+def _lease_info(cluster_id: str, lease: Any) -> dict[str, Any]:
+    return {
+        "cluster_id": cluster_id,
+        "holder": lease.holder if lease else None,
+        "generation": lease.generation if lease else 0,
+        "claimed_at": lease.claimed_at.isoformat() if lease else None,
+        "held": lease is None or lease.holder == cluster_id,
+    }
 
 
 def _type_name(type_path: str) -> str:

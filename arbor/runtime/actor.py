@@ -141,6 +141,9 @@ class AgentActor:
             outbox=Outbox(functools.partial(_dispatch, wallet), _delivered),
             guard=guard,
             wallet=wallet,
+            # An incarnation of a cluster that lost the lease refuses to start; the error
+            # in __init__ ends the actor without a restart.
+            cluster_id=self._settings.cluster_id,
         )
 
     def _bound_record(self) -> AgentRecord | None:

@@ -82,6 +82,7 @@ class AgentCell:
         outbox: Outbox | None = None,
         guard: Guard | None = None,
         wallet: Wallet | None = None,
+        cluster_id: str | None = None,
     ) -> None:
         self.name = name
         # With a guard, messages from other agents must carry a capability for this one.
@@ -111,7 +112,7 @@ class AgentCell:
 
         self.telemetry = CellTelemetry(name, agent_class.__name__, node_id)
         restore_started = time.perf_counter()
-        self.epoch = store.begin_incarnation(name, node_id)
+        self.epoch = store.begin_incarnation(name, node_id, cluster_id)
         checkpoint = store.load_checkpoint(name)
 
         instance = agent_class.__new__(agent_class)
