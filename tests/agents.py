@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import arbor
@@ -173,3 +174,11 @@ class Chain(arbor.Agent):
         if not rest:
             return [here]
         return [here, *self.context.get(rest[0]).ask("relay", rest[1:])]
+
+
+class Sleeper(arbor.Agent):
+    """Holds its mailbox for a while, so that messages queue behind it."""
+
+    def nap(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -9,7 +10,7 @@ import pytest
 import ray
 
 import arbor
-from tests.agents import Counter, Delegator
+from tests.agents import Counter, Delegator, Sleeper
 from tests.test_cli import run_arbor
 from tests.test_prometheus_export import (
     PROMETHEUS,
@@ -37,16 +38,23 @@ def export_port(module_pg_url: str) -> Iterator[int]:
         address="local",
         num_cpus=2,
         object_store_memory=100 * 1024**2,
-        include_dashboard=False,
+        # The registry reads mailbox depths from Ray's state API, which the dashboard serves.
+        include_dashboard=True,
         namespace="arbor",
         _metrics_export_port=port,
         _system_config={"metrics_report_interval_ms": 1000},
     )
-    arbor.init(database_url=module_pg_url)
+    previous = os.environ.get("ARBOR_MAILBOX_SAMPLE_INTERVAL_S")
+    os.environ["ARBOR_MAILBOX_SAMPLE_INTERVAL_S"] = "1"
     try:
+        arbor.init(database_url=module_pg_url)
         yield port
     finally:
         arbor.shutdown()
+        if previous is None:
+            os.environ.pop("ARBOR_MAILBOX_SAMPLE_INTERVAL_S", None)
+        else:
+            os.environ["ARBOR_MAILBOX_SAMPLE_INTERVAL_S"] = previous
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +158,23 @@ def test_arbor_metrics_prints_the_workload(
 
 def _rows(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.count("│") >= 3]
+
+
+def test_queued_messages_show_as_mailbox_depth(
+    export_port: int,
+    prometheus_url: str,  # noqa: F811
+) -> None:
+    sleeper = arbor.spawn(Sleeper, "metrics/sleeper")
+    for _ in range(20):
+        sleeper.send("nap", 0.5)
+    query = 'sum(ray_arbor_mailbox_depth{agent_type="Sleeper"})'
+
+    queued = wait_for(prometheus_url, query, lambda value: value >= 5)
+    assert queued is not None
+    assert queued >= 5
+    assert queued <= 19
+
+    # The ask queues behind the sends, so its reply means the mailbox is empty.
+    assert sleeper.ask("nap", 0, timeout=60) == 0
+    drained = wait_for(prometheus_url, query, lambda value: value == 0)
+    assert drained == 0

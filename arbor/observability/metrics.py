@@ -365,10 +365,11 @@ def record_message(agent_type: str, handler: str, status: str, seconds: float) -
 
 
 def set_mailbox_depth(agent_type: str, node: str, depth: int) -> None:
-    """Set the number of messages waiting in this process for agents of ``agent_type``.
+    """Set the number of messages waiting for agents of ``agent_type`` on ``node``.
 
-    Each process reports its own value and Ray labels it with the process's ``WorkerId``,
-    so a process that hosts several agents of one type passes their sum.
+    The registry sets it for dedicated agents from Ray's task state. Ray labels each
+    process's value with its ``WorkerId``, so a process that reports several agents of one
+    type passes their sum.
     """
     if not enabled():
         return

@@ -25,7 +25,7 @@ from arbor.errors import (
     ClusterLeaseLost,
     HandlerError,
 )
-from arbor.observability import metrics
+from arbor.observability import mailbox, metrics
 from arbor.persistence import (
     ALLOWED,
     FAILED,
@@ -82,6 +82,9 @@ class Registry:
         self._warm: dict[str, deque[tuple[str, Any]]] = {}
         self._refilling: set[str] = set()
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
+        self._mailbox_sampler = asyncio.get_running_loop().create_task(
+            self._sample_mailboxes_forever()
+        )
         logger.info("registry started (pid %d)", os.getpid())
 
     async def ping(self) -> dict[str, Any]:
@@ -625,6 +628,46 @@ class Registry:
                     self._settings.reconcile_interval_s,
                 )
             await asyncio.sleep(self._settings.reconcile_interval_s)
+
+    async def _sample_mailboxes_forever(self) -> None:
+        """Set the mailbox depth gauges from Ray's task state at a fixed interval."""
+        interval = self._settings.mailbox_sample_interval_s
+        if interval == 0 or not self._settings.metrics:
+            return
+        reported: set[tuple[str, str]] = set()
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reported = await asyncio.to_thread(self._sample_mailboxes, reported)
+                failing = False
+            except Exception as error:
+                # Logged once per outage: the dashboard may be restarting or overloaded.
+                if not failing:
+                    logger.warning(
+                        "could not read mailbox depths from Ray's state API: %s; retrying "
+                        "every %.0f s",
+                        _one_line(error),
+                        interval,
+                    )
+                failing = True
+
+    def _sample_mailboxes(self, reported: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Set the gauge for each agent type and node; returns the keys that were non-zero.
+
+        Keys that were non-zero at the last sample and have nothing queued now are set to 0.
+        """
+        api_url = mailbox.state_api_url()
+        if api_url is None:
+            return reported
+        records = self._store.list_agents(RUNNING)
+        agent_types = {_type_name(record.type_path) for record in records}
+        depths = mailbox.sample_depths(api_url, agent_types)
+        for agent_type, node in reported | set(depths):
+            telemetry.record(
+                metrics.set_mailbox_depth, agent_type, node, depths.get((agent_type, node), 0)
+            )
+        return set(depths)
 
     async def _remove_stray_warm_actors(self) -> None:
         """Kill the unclaimed warm actors of an earlier registry incarnation.
