@@ -26,7 +26,7 @@ def _keep_ray_on_loopback() -> None:
 
 _keep_ray_on_loopback()
 
-from arbor.agent import Agent  # noqa: E402
+from arbor.agent import Agent, handler  # noqa: E402
 from arbor.client import (  # noqa: E402
     capabilities,
     claim_cluster_lease,
@@ -59,6 +59,7 @@ from arbor.errors import (  # noqa: E402
     InvalidCapability,
     InvalidResource,
     NameTaken,
+    QuotaExceeded,
     StateNotSerializable,
     StoreUnavailable,
     UnknownHandler,
@@ -90,6 +91,7 @@ __all__ = [
     "InvalidCapability",
     "InvalidResource",
     "NameTaken",
+    "QuotaExceeded",
     "StateNotSerializable",
     "StoreUnavailable",
     "UnknownHandler",
@@ -97,6 +99,7 @@ __all__ = [
     "capabilities",
     "get",
     "grant",
+    "handler",
     "init",
     "list_agents",
     "list_checkpoints",

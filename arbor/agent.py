@@ -108,6 +108,58 @@ class Agent:
     def on_start(self) -> None:
         """Run after ``__init__`` or `restore`, once per incarnation; override for set-up."""
 
+    def on_recover(self, reason: str) -> None:
+        """Run after `on_start` when this incarnation restored a checkpoint to recover.
+
+        ``reason`` is ``"crash"`` when Ray restarted the agent's process after it died,
+        ``"recreated"`` when the reconciler started a new actor (its node was lost, or the
+        Ray cluster was replaced), and ``"rollback"`` after `arbor.restore`. State changes
+        made here are committed with the next message's checkpoint.
+        """
+
+    def on_stop(self) -> None:
+        """Run once on a graceful `arbor.stop`, before the final checkpoint.
+
+        State changes made here are committed. It must finish within
+        ``ARBOR_STOP_TIMEOUT_S`` (30 s); after that the registry kills the agent's process,
+        and the agent keeps its last committed checkpoint.
+        """
+
+
+def handler(*, timeout: float | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a method as a message handler with options; ``timeout`` limits its running time.
+
+    A handler still running ``timeout`` seconds after it started fails its message with
+    `AskTimeout`. The agent's process is restarted from its last checkpoint, so the
+    message's partial changes are dropped and the next message runs in a fresh
+    incarnation. ``ARBOR_HANDLER_TIMEOUT_S`` sets a default for handlers without one.
+
+    Example:
+        >>> class Crawler(arbor.Agent):
+        ...     @arbor.handler(timeout=30)
+        ...     def fetch(self, url: str) -> str:
+        ...         ...
+    """
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        from arbor.errors import InvalidArguments
+
+        raise InvalidArguments(f"timeout={timeout!r} is invalid; pass a number of seconds > 0")
+
+    def mark(function: Callable[..., Any]) -> Callable[..., Any]:
+        function._arbor_timeout = timeout  # type: ignore[attr-defined]
+        return function
+
+    return mark
+
+
+def handler_timeout(agent_class: type[Agent], name: str) -> float | None:
+    """Return the timeout that `handler` set on handler ``name``, or None."""
+    function = getattr(agent_class, name, None)
+    timeout: float | None = getattr(function, "_arbor_timeout", None)
+    return timeout
+
 
 # Methods of the base class that are part of the runtime contract, never handlers.
 _RESERVED = frozenset(name for name in vars(Agent) if not name.startswith("_"))

@@ -62,6 +62,26 @@ class Settings(BaseSettings):
         description="Seconds to wait for a new agent's actor to restore and respond; a cold "
         "Ray worker with a large runtime_env can take tens of seconds to start.",
     )
+    handler_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Default running-time limit of a message handler, in seconds; 0 means "
+        "none. A handler past its limit fails its message with AskTimeout, and the agent's "
+        "process restarts from the last checkpoint. @arbor.handler(timeout=...) sets one "
+        "handler's limit.",
+    )
+    stop_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a graceful stop waits for the agent's on_stop hook and final "
+        "checkpoint before it kills the agent's process.",
+    )
+    max_agents: int = Field(
+        default=0,
+        ge=0,
+        description="Cap on agents starting or running in the cluster; a spawn past it fails "
+        "with QuotaExceeded. 0 means no cap.",
+    )
     reconcile_interval_s: float = Field(
         default=2.0,
         gt=0,

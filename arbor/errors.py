@@ -83,6 +83,21 @@ class AskTimeout(ArborError, TimeoutError):
     """An ask got no reply within its timeout; the message may still be processed later."""
 
 
+class QuotaExceeded(ArborError):
+    """A spawn would take the cluster past its cap on running agents (``ARBOR_MAX_AGENTS``)."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(
+            f"cannot spawn agent {name!r}: {limit} agents already run, the cap that "
+            "ARBOR_MAX_AGENTS sets; stop agents you no longer need, or raise the cap"
+        )
+        self.name = name
+        self.limit = limit
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.name, self.limit))
+
+
 class StateNotSerializable(ArborError, ValueError):
     """An agent's snapshot contains a value that a JSON checkpoint cannot store."""
 

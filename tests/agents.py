@@ -182,3 +182,61 @@ class Sleeper(arbor.Agent):
     def nap(self, seconds: float) -> float:
         time.sleep(seconds)
         return seconds
+
+
+class Lifecycle(arbor.Agent):
+    """Records its lifecycle hooks in its state; one handler has a time limit."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.recoveries: list[str] = []
+        self.stopped = False
+
+    def on_recover(self, reason: str) -> None:
+        self.recoveries.append(reason)
+
+    def on_stop(self) -> None:
+        self.stopped = True
+
+    def add(self) -> int:
+        self.count += 1
+        return self.count
+
+    def state(self) -> dict[str, Any]:
+        return {"count": self.count, "recoveries": self.recoveries}
+
+    @arbor.handler(timeout=1.0)
+    def hang(self) -> None:
+        # This change must be dropped with the timed-out message.
+        self.count += 100
+        time.sleep(120)
+
+
+class SlowStopper(arbor.Agent):
+    """Takes longer in on_stop than a stop waits."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stopped = False
+
+    def add(self) -> int:
+        self.count += 1
+        return self.count
+
+    def on_stop(self) -> None:
+        self.stopped = True
+        time.sleep(60)
+
+
+class BrokenRecovery(arbor.Agent):
+    """Raises in on_recover; the agent must still come back."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_recover(self, reason: str) -> None:
+        raise RuntimeError(f"on_recover failed on purpose ({reason})")
+
+    def add(self) -> int:
+        self.count += 1
+        return self.count

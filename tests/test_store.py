@@ -969,3 +969,14 @@ def test_incarnation_of_cluster_without_lease_is_refused(store: CheckpointStore)
     assert store.begin_incarnation("alpha", "node-a", "green") == 1
     # Code that runs cells without a registry passes no cluster id and is not checked.
     assert store.begin_incarnation("alpha", "node-a") == 2
+
+
+def test_count_agents_counts_given_statuses(store: CheckpointStore) -> None:
+    for name in ("a", "b", "c"):
+        store.create_agent(make_record(name=name, spawn_id=f"spawn-{name}"))
+    store.begin_incarnation("a", "node-a")
+    store.set_status("c", STOPPED)
+
+    assert store.count_agents((RUNNING,)) == 1
+    assert store.count_agents((RUNNING, STARTING)) == 2
+    assert store.count_agents((FAILED,)) == 0

@@ -113,6 +113,18 @@ class CheckpointStore(ABC):
     def update_options(self, name: str, options: dict[str, Any]) -> None:
         """Replace the agent's stored spawn options."""
 
+    def count_agents(self, statuses: tuple[str, ...]) -> int:
+        """Return how many agents have one of ``statuses``."""
+        marks = ", ".join("%s" if self.dialect == "postgresql" else "?" for _ in statuses)
+        sql = f"SELECT count(*) FROM arbor_agents WHERE status IN ({marks})"
+
+        def step() -> int:
+            with self._transaction() as connection:  # type: ignore[attr-defined]
+                return int(connection.execute(sql, statuses).fetchone()[0])
+
+        result: int = self._retry("count_agents", step)
+        return result
+
     @abstractmethod
     def begin_incarnation(
         self, name: str, node_id: str | None, cluster_id: str | None = None

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError
+from ray.experimental import internal_kv
 
 from arbor.agent import import_type
 from arbor.config import NAMESPACE, Settings
@@ -24,6 +25,7 @@ from arbor.errors import (
     CheckpointNotFound,
     ClusterLeaseLost,
     HandlerError,
+    QuotaExceeded,
 )
 from arbor.observability import mailbox, metrics
 from arbor.persistence import (
@@ -40,12 +42,15 @@ from arbor.registry.info import AgentInfo, actor_name
 from arbor.registry.security import OPERATOR, CapabilityInfo, CapabilityService, GrantRequest
 from arbor.registry.spec import PLACEMENT_KEYS, SpawnSpec, ray_actor_options
 from arbor.runtime import telemetry
-from arbor.runtime.actor import WARM_PREFIX, create_agent_actor, create_warm_actor
+from arbor.runtime.actor import (
+    KV_NAMESPACE,
+    WARM_PREFIX,
+    create_agent_actor,
+    create_warm_actor,
+    rollback_key,
+)
 
 logger = logging.getLogger(__name__)
-
-# Seconds the registry waits for a stopping agent to commit its final checkpoint.
-STOP_TIMEOUT_S = 30.0
 
 
 class Registry:
@@ -163,6 +168,11 @@ class Registry:
                 # A retried spawn whose first attempt is recorded; finish that one instead.
                 self._warm[spec.type_path].appendleft(slot)
                 slot = None
+            if await self._over_quota():
+                await asyncio.to_thread(self._store.delete_agent, spec.name)
+                if slot is not None:
+                    self._warm[spec.type_path].appendleft(slot)
+                raise QuotaExceeded(spec.name, self._settings.max_agents)
             try:
                 granted = await asyncio.to_thread(self._grant_at_birth, spec)
             except BaseException:
@@ -214,6 +224,18 @@ class Registry:
         finally:
             self._inflight.discard(spec.name)
         return await self._spawned(spec)
+
+    async def _over_quota(self) -> bool:
+        """Return True when more agents start or run than ``ARBOR_MAX_AGENTS`` allows.
+
+        It runs after the new record is stored, so two spawns racing for the last place
+        both see the other and both fail, rather than both passing the cap.
+        """
+        limit = self._settings.max_agents
+        if limit == 0:
+            return False
+        count = await asyncio.to_thread(self._store.count_agents, (RUNNING, STARTING))
+        return count > limit
 
     async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
         logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
@@ -382,8 +404,15 @@ class Registry:
             handle = None
         if handle is not None:
             try:
-                await asyncio.wait_for(handle.stop.remote(), STOP_TIMEOUT_S)
-            except (RayActorError, asyncio.TimeoutError) as error:
+                await asyncio.wait_for(handle.stop.remote(), self._settings.stop_timeout_s)
+            except asyncio.TimeoutError:
+                logger.warning(
+                    "agent %s did not finish on_stop and its final checkpoint within "
+                    "ARBOR_STOP_TIMEOUT_S (%s s); killing it, so it keeps its last checkpoint",
+                    name,
+                    self._settings.stop_timeout_s,
+                )
+            except RayActorError as error:
                 logger.warning("agent %s did not stop cleanly (%s); killing it", name, error)
             ray.kill(handle, no_restart=True)
             # A spawn under the same name right after a purge must not find this actor.
@@ -438,6 +467,10 @@ class Registry:
             except ValueError:
                 handle = None
             if handle is not None:
+                # The restarted incarnation reads this to call on_recover("rollback").
+                internal_kv._internal_kv_put(
+                    rollback_key(name), b"1", overwrite=True, namespace=KV_NAMESPACE
+                )
                 ray.kill(handle, no_restart=False)
                 await self._wait_for_incarnation(name, handle, newer_than=epoch)
         logger.info("agent %s restored to checkpoint version %d", name, version)
@@ -742,7 +775,6 @@ class Registry:
 
 # Where a Ray cluster keeps its id for the cluster lease, in Ray's internal key-value store.
 _CLUSTER_ID_KEY = b"cluster-id"
-_KV_NAMESPACE = b"arbor"
 
 
 def _cluster_identity() -> tuple[str, bool]:
@@ -751,15 +783,13 @@ def _cluster_identity() -> tuple[str, bool]:
     The id lives in the cluster's GCS, so a restarted registry keeps it and a new Ray
     cluster gets a new one.
     """
-    from ray.experimental import internal_kv
-
     candidate = uuid.uuid4().hex[:12]
     existed = internal_kv._internal_kv_put(
-        _CLUSTER_ID_KEY, candidate.encode(), overwrite=False, namespace=_KV_NAMESPACE
+        _CLUSTER_ID_KEY, candidate.encode(), overwrite=False, namespace=KV_NAMESPACE
     )
     if not existed:
         return candidate, True
-    stored = internal_kv._internal_kv_get(_CLUSTER_ID_KEY, namespace=_KV_NAMESPACE)
+    stored = internal_kv._internal_kv_get(_CLUSTER_ID_KEY, namespace=KV_NAMESPACE)
     return stored.decode(), False
 
 

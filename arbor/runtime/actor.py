@@ -7,6 +7,8 @@ import functools
 import logging
 import os
 import threading
+import time
+import warnings
 from typing import Any
 
 import ray
@@ -23,6 +25,11 @@ from arbor.runtime.guard import Wallet, process_guard
 from arbor.runtime.outbox import Outbox
 
 logger = logging.getLogger(__name__)
+
+# Seconds between the watchdog's checks of a running handler's deadline.
+_WATCH_INTERVAL_S = 0.05
+# Ray's internal key-value namespace for Arbor's keys.
+KV_NAMESPACE = b"arbor"
 
 
 class AgentActor:
@@ -57,6 +64,11 @@ class AgentActor:
         self._node_id = ray.get_runtime_context().get_node_id()
         self._stopping = threading.Event()
         self._cell: AgentCell | None = None
+        # The running message with a time limit, as (envelope, limit, deadline), and the
+        # thread that ends the process when a deadline passes.
+        self._watched: tuple[Envelope, float, float] | None = None
+        self._watch_lock = threading.Lock()
+        self._watchdog: threading.Thread | None = None
         if name is not None:
             self._start(name, init_args, init_kwargs, durability or self._settings.durability)
             return
@@ -144,6 +156,9 @@ class AgentActor:
             # An incarnation of a cluster that lost the lease refuses to start; the error
             # in __init__ ends the actor without a restart.
             cluster_id=self._settings.cluster_id,
+            recovery=functools.partial(_recovery_reason, name),
+            handler_timeout_s=self._settings.handler_timeout_s,
+            run=self._loop.run_until_complete,
         )
 
     def _bound_record(self) -> AgentRecord | None:
@@ -175,13 +190,54 @@ class AgentActor:
                     message=f"warm actor {self._actor_name()} runs no agent yet",
                 ),
             )
+        timeout = cell.handler_timeout(envelope.handler)
+        if timeout is not None:
+            self._watch(envelope, timeout)
         with self._loop_lock:
             reply = cell.handle_now(envelope, self._loop.run_until_complete)
+        if timeout is not None:
+            with self._watch_lock:
+                self._watched = None
         if cell.fenced:
             _exit_fenced(cell)
         if reply.error is None and not isinstance(reply.value, Reply):
             return reply.value
         return reply
+
+    def _watch(self, envelope: Envelope, timeout: float) -> None:
+        with self._watch_lock:
+            self._watched = (envelope, timeout, time.monotonic() + timeout)
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(
+                target=self._watch_forever, name=f"arbor-watchdog-{self._name}", daemon=True
+            )
+            self._watchdog.start()
+
+    def _watch_forever(self) -> None:
+        """End the process when a handler runs past its limit, recording the timeout first.
+
+        A Python thread cannot be stopped from outside, so a restart from the checkpoint is
+        the only way to free the agent. Ray then retries the message on the new
+        incarnation, which replies with the recorded `AskTimeout`.
+        """
+        while True:
+            time.sleep(_WATCH_INTERVAL_S)
+            with self._watch_lock:
+                watched = self._watched
+                if watched is None or time.monotonic() < watched[2]:
+                    continue
+                envelope, timeout, _ = watched
+                cell = self._cell
+                assert cell is not None
+                try:
+                    cell.record_timeout(envelope, timeout)
+                except Exception:
+                    logger.exception(
+                        "agent %s could not record the timeout of message %s; restarting anyway",
+                        cell.name,
+                        envelope.message_id,
+                    )
+                os._exit(1)
 
     def info(self) -> dict[str, Any]:
         """Return the process id, node, epoch and checkpoint version of this incarnation."""
@@ -242,6 +298,28 @@ def _dispatch(wallet: Wallet | None, target: str, wire: list[Any]) -> Any:
         if token is not None:
             wire = [*wire[:7], {**wire[7], CAPABILITY_HEADER: token}, *wire[8:]]
     return handle.handle.remote(tuple(wire))
+
+
+def _recovery_reason(name: str) -> str:
+    """Return why this incarnation restores a checkpoint, for the agent's `on_recover`."""
+    from ray.experimental import internal_kv
+
+    key = rollback_key(name)
+    if internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE) is not None:
+        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+        return "rollback"
+    with warnings.catch_warnings():
+        # Ray's property reads its own deprecated actor_id and warns about it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+    if reconstructed:
+        return "crash"
+    return "recreated"
+
+
+def rollback_key(name: str) -> bytes:
+    """Return the key under which `arbor.restore` marks the restart it causes."""
+    return f"rollback/{name}".encode()
 
 
 def _delivered(reply: Any) -> bool | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import json
 import logging
 import time
 import traceback
@@ -16,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from arbor.agent import Agent, resolve_handler
+from arbor.agent import Agent, handler_names, handler_timeout, resolve_handler
 from arbor.errors import (
     CapabilityDenied,
     CheckpointConflict,
@@ -83,8 +84,16 @@ class AgentCell:
         guard: Guard | None = None,
         wallet: Wallet | None = None,
         cluster_id: str | None = None,
+        recovery: Callable[[], str] | None = None,
+        handler_timeout_s: float = 0.0,
+        run: Callable[[Awaitable[Any]], Any] | None = None,
     ) -> None:
         self.name = name
+        # Runs an async lifecycle hook's coroutine; None where no private loop exists.
+        self._run = run
+        # The default running-time limit of handlers without their own, 0 for none.
+        self.handler_timeout_s = handler_timeout_s
+        self._timeouts: dict[str, float | None] = {}
         # With a guard, messages from other agents must carry a capability for this one.
         self.guard = guard
         # The capabilities this agent holds, presented with the requests it makes.
@@ -151,6 +160,8 @@ class AgentCell:
             logger.info("agent %s incarnation %d started fresh", name, self.epoch)
         self.agent = instance
         instance.on_start()
+        if checkpoint is not None and recovery is not None:
+            self._call_hook("on_recover", recovery())
         if checkpoint is not None:
             self.telemetry.record_restore(self.epoch, time.perf_counter() - restore_started)
 
@@ -294,9 +305,69 @@ class AgentCell:
                 self.flush_now()
 
     def stop_now(self) -> None:
-        """Commit any pending state and refuse further messages; the caller serialises."""
+        """Run `on_stop`, commit any pending state and refuse further messages.
+
+        The caller serialises this with messages.
+        """
+        if not (self.fenced or self.stopped):
+            self._call_hook("on_stop")
         self.flush_now()
         self.stopped = True
+
+    def handler_timeout(self, handler: str) -> float | None:
+        """Return the running-time limit of ``handler`` in seconds, or None for no limit."""
+        if handler in self._timeouts:
+            return self._timeouts[handler]
+        default = self.handler_timeout_s or None
+        if not isinstance(handler, str) or handler not in handler_names(self.agent_class):
+            # Not cached: the name came from a message and may be anything.
+            return default
+        timeout = handler_timeout(self.agent_class, handler) or default
+        self._timeouts[handler] = timeout
+        return timeout
+
+    def record_timeout(self, envelope: Envelope, seconds: float) -> None:
+        """Commit the last checkpoint again with ``envelope`` recorded as timed out.
+
+        The caller then ends the process. The restarted incarnation restores the state from
+        before the message, and Ray's retry of the message gets the `AskTimeout` reply
+        from the deduplication record instead of running the handler again.
+        """
+        message = (
+            f"agent {self.name!r} handler {envelope.handler!r} ran longer than its {seconds:g} s "
+            "limit, so its changes were dropped and the agent restarted from its last checkpoint"
+        )
+        checkpoint = self.store.load_checkpoint(self.name)
+        assert checkpoint is not None, "an agent writes its first checkpoint at start"
+        outcome = {_ERROR: ["timeout", "arbor.errors.AskTimeout", message, ""]}
+        processed = [
+            [message_id, kept]
+            for message_id, kept in checkpoint.processed
+            if message_id != envelope.message_id
+        ]
+        processed.append([envelope.message_id, outcome])
+        self.store.write_checkpoint(
+            self.name,
+            self.epoch,
+            json.dumps(checkpoint.state),
+            processed[-max(self.dedup_window, 1) :],
+            self.checkpoint_keep,
+            checkpoint.outbox,
+        )
+        logger.error("%s (message %s)", message, envelope.message_id)
+
+    def _call_hook(self, hook: str, *args: Any) -> None:
+        """Run a lifecycle hook; its error is logged, so the agent still starts or stops."""
+        try:
+            result = getattr(self.agent, hook)(*args)
+            if inspect.isawaitable(result):
+                if self._run is None:
+                    raise TypeError(f"{hook} must be a plain method here, not a coroutine")
+                self._run(result)
+        except Exception:
+            logger.exception(
+                "agent %s incarnation %d: %s raised; the agent goes on", self.name, self.epoch, hook
+            )
 
     async def stop(self) -> None:
         """Commit any pending state and refuse further messages."""

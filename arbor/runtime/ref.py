@@ -257,6 +257,8 @@ class AgentRef:
             raise UnknownHandler(error.message)
         if error.kind == "invalid_arguments":
             raise InvalidArguments(f"agent {self._name!r} handler {handler!r}: {error.message}")
+        if error.kind == "timeout":
+            raise AskTimeout(error.message)
         if error.kind == "stopped":
             self._handle = None
             raise AgentNotFound(self._name, error.message)

@@ -1,0 +1,178 @@
+"""Lifecycle hooks, handler time limits and the agent cap, on real Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import arbor
+from arbor.persistence import open_store
+from tests.agents import BrokenRecovery, Counter, Lifecycle, SlowStopper
+
+STOP_TIMEOUT_S = 2
+MAX_AGENTS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster(module_pg_url: str) -> Iterator[str]:
+    settings = {"ARBOR_STOP_TIMEOUT_S": str(STOP_TIMEOUT_S), "ARBOR_MAX_AGENTS": str(MAX_AGENTS)}
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
+    yield module_pg_url
+    arbor.shutdown()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def stored_state(database_url: str, name: str) -> dict[str, object]:
+    store = open_store(database_url, migrate=False)
+    try:
+        checkpoint = store.load_checkpoint(name)
+    finally:
+        store.close()
+    assert checkpoint is not None
+    state: dict[str, object] = checkpoint.state
+    return state
+
+
+def test_crash_calls_on_recover_with_crash() -> None:
+    ref = arbor.spawn(Lifecycle, "life/crash")
+    ref.ask("add")
+
+    os.kill(ref.info()["pid"], signal.SIGKILL)
+
+    assert ref.ask("state", timeout=60) == {"count": 1, "recoveries": ["crash"]}
+    arbor.stop("life/crash", purge=True)
+
+
+def test_restore_calls_on_recover_with_rollback() -> None:
+    ref = arbor.spawn(Lifecycle, "life/rollback")
+    ref.ask("add")
+    version = max(info.version for info in arbor.list_checkpoints("life/rollback"))
+    ref.ask("add")
+
+    arbor.restore("life/rollback", version)
+
+    assert ref.ask("state", timeout=60) == {"count": 1, "recoveries": ["rollback"]}
+    arbor.stop("life/rollback", purge=True)
+
+
+def test_reconciler_recreation_calls_on_recover_with_recreated() -> None:
+    import ray
+
+    ref = arbor.spawn(Lifecycle, "life/recreated")
+    ref.ask("add")
+    ray.kill(ray.get_actor("life/recreated", namespace="arbor"), no_restart=True)
+
+    # The background reconciler may recreate it first; the ask waits for either.
+    arbor.reconcile()
+    assert ref.ask("state", timeout=60) == {"count": 1, "recoveries": ["recreated"]}
+    arbor.stop("life/recreated", purge=True)
+
+
+def test_failing_on_recover_does_not_stop_recovery() -> None:
+    ref = arbor.spawn(BrokenRecovery, "life/broken")
+    ref.ask("add")
+
+    os.kill(ref.info()["pid"], signal.SIGKILL)
+
+    assert ref.ask("add", timeout=60) == 2
+    arbor.stop("life/broken", purge=True)
+
+
+def test_fresh_spawn_does_not_call_on_recover() -> None:
+    ref = arbor.spawn(Lifecycle, "life/fresh")
+
+    assert ref.ask("state") == {"count": 0, "recoveries": []}
+    arbor.stop("life/fresh", purge=True)
+
+
+def test_graceful_stop_commits_on_stop_changes(cluster: str) -> None:
+    ref = arbor.spawn(Lifecycle, "life/stop")
+    ref.ask("add")
+
+    arbor.stop("life/stop")
+
+    state = stored_state(cluster, "life/stop")
+    assert state["stopped"] is True
+    assert state["count"] == 1
+
+
+def test_slow_on_stop_is_cut_off_at_stop_timeout(cluster: str) -> None:
+    ref = arbor.spawn(SlowStopper, "life/slow-stop")
+    ref.ask("add")
+
+    started = time.monotonic()
+    arbor.stop("life/slow-stop")
+    elapsed = time.monotonic() - started
+
+    assert elapsed < STOP_TIMEOUT_S + 10
+    assert elapsed >= STOP_TIMEOUT_S
+    state = stored_state(cluster, "life/slow-stop")
+    assert state == {"count": 1, "stopped": False}
+    with pytest.raises(arbor.AgentNotFound, match="stopped"):
+        arbor.get("life/slow-stop")
+
+
+def test_handler_past_its_timeout_fails_with_ask_timeout() -> None:
+    ref = arbor.spawn(Lifecycle, "life/hang")
+    ref.ask("add")
+    incarnation = ref.info()["incarnation"]
+
+    started = time.monotonic()
+    with pytest.raises(arbor.AskTimeout, match="1 s limit"):
+        ref.ask("hang", timeout=60)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 15
+    # The agent answers again, without the timed-out message's change.
+    assert ref.ask("state", timeout=30)["count"] == 1
+    assert ref.ask("add") == 2
+    assert ref.info()["incarnation"] == incarnation + 1
+    arbor.stop("life/hang", purge=True)
+
+
+def test_retry_of_timed_out_message_gets_same_error() -> None:
+    ref = arbor.spawn(Lifecycle, "life/hang-retry")
+    with pytest.raises(arbor.AskTimeout):
+        ref.ask("hang", message_id="hang-1", timeout=60)
+
+    started = time.monotonic()
+    with pytest.raises(arbor.AskTimeout, match="limit"):
+        ref.ask("hang", message_id="hang-1", timeout=60)
+
+    assert time.monotonic() - started < 1.0
+    assert ref.ask("state")["count"] == 0
+    arbor.stop("life/hang-retry", purge=True)
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "5"])
+def test_invalid_handler_timeout_is_rejected(value: object) -> None:
+    with pytest.raises(arbor.InvalidArguments, match="timeout"):
+        arbor.handler(timeout=value)  # type: ignore[arg-type]
+
+
+def test_spawn_past_agent_cap_raises_quota_exceeded() -> None:
+    running = sum(info.status in ("running", "starting") for info in arbor.list_agents())
+    names = [f"life/quota/{index}" for index in range(MAX_AGENTS - running)]
+    for name in names:
+        arbor.spawn(Counter, name)
+
+    with pytest.raises(arbor.QuotaExceeded) as raised:
+        arbor.spawn(Counter, "life/quota/over")
+
+    assert raised.value.limit == MAX_AGENTS
+    assert "ARBOR_MAX_AGENTS" in str(raised.value)
+    assert "life/quota/over" not in {info.name for info in arbor.list_agents()}
+    arbor.stop(names[0], purge=True)
+    arbor.spawn(Counter, "life/quota/over")
+    for name in [*names[1:], "life/quota/over"]:
+        arbor.stop(name, purge=True)
