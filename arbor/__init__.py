@@ -45,6 +45,7 @@ from arbor.client import (  # noqa: E402
 )
 from arbor.errors import (  # noqa: E402
     AgentNotFound,
+    AgentOverloaded,
     AgentTypeNotImportable,
     ArborError,
     AskTimeout,
@@ -76,6 +77,7 @@ __all__ = [
     "AgentInfo",
     "CapabilityInfo",
     "AgentNotFound",
+    "AgentOverloaded",
     "AgentRef",
     "AgentTypeNotImportable",
     "ArborError",

@@ -83,6 +83,24 @@ class AskTimeout(ArborError, TimeoutError):
     """An ask got no reply within its timeout; the message may still be processed later."""
 
 
+class AgentOverloaded(ArborError):
+    """This process has as many unfinished messages to an agent as its ``max_pending`` allows.
+
+    Retry later with backoff, or spread the work over more agents.
+    """
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(
+            f"agent {name!r} already has {limit} unfinished messages from this process, its "
+            "max_pending limit; retry later with backoff, or spread the work over more agents"
+        )
+        self.name = name
+        self.limit = limit
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.name, self.limit))
+
+
 class QuotaExceeded(ArborError):
     """A spawn would take the cluster past its cap on running agents (``ARBOR_MAX_AGENTS``)."""
 

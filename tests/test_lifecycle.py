@@ -1,4 +1,4 @@
-"""Lifecycle hooks, handler time limits and the agent cap, on real Ray."""
+"""Lifecycle hooks, handler time limits, mailbox limits and the agent cap, on real Ray."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 import arbor
 from arbor.persistence import open_store
-from tests.agents import BrokenRecovery, Counter, Lifecycle, SlowStopper
+from tests.agents import BrokenRecovery, Counter, Lifecycle, Sleeper, SlowStopper
 
 STOP_TIMEOUT_S = 2
 MAX_AGENTS = 12
@@ -152,6 +152,49 @@ def test_retry_of_timed_out_message_gets_same_error() -> None:
     assert time.monotonic() - started < 1.0
     assert ref.ask("state")["count"] == 0
     arbor.stop("life/hang-retry", purge=True)
+
+
+def test_full_mailbox_fails_fast_with_agent_overloaded() -> None:
+    ref = arbor.spawn(Sleeper, "life/sleeper", max_pending=2)
+    ref.send("nap", 1.0)
+    ref.send("nap", 1.0)
+
+    started = time.perf_counter()
+    with pytest.raises(arbor.AgentOverloaded) as raised:
+        ref.send("nap", 1.0)
+    elapsed = time.perf_counter() - started
+
+    assert elapsed < 0.010
+    assert raised.value.limit == 2
+    assert "life/sleeper" in str(raised.value)
+    assert "max_pending" in str(raised.value)
+    with pytest.raises(arbor.AgentOverloaded):
+        arbor.get("life/sleeper").ask("nap", 0)
+    # Once the mailbox drains, messages go through again.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert ref.ask("nap", 0, timeout=30) == 0
+            break
+        except arbor.AgentOverloaded:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    arbor.stop("life/sleeper", purge=True)
+
+
+def test_agent_without_limit_queues_past_any_count() -> None:
+    ref = arbor.spawn(Sleeper, "life/unlimited")
+    for _ in range(20):
+        ref.send("nap", 0.01)
+
+    assert ref.ask("nap", 0, timeout=30) == 0
+    arbor.stop("life/unlimited", purge=True)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_invalid_max_pending_is_rejected(value: object) -> None:
+    with pytest.raises(arbor.InvalidArguments, match="max_pending"):
+        arbor.spawn(Sleeper, "life/bad-pending", max_pending=value)
 
 
 @pytest.mark.parametrize("value", [0, -1, True, "5"])

@@ -14,7 +14,6 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError
-from ray.experimental import internal_kv
 
 from arbor.agent import import_type
 from arbor.config import NAMESPACE, Settings
@@ -40,15 +39,9 @@ from arbor.persistence import (
 )
 from arbor.registry.info import AgentInfo, actor_name
 from arbor.registry.security import OPERATOR, CapabilityInfo, CapabilityService, GrantRequest
-from arbor.registry.spec import PLACEMENT_KEYS, SpawnSpec, ray_actor_options
-from arbor.runtime import telemetry
-from arbor.runtime.actor import (
-    KV_NAMESPACE,
-    WARM_PREFIX,
-    create_agent_actor,
-    create_warm_actor,
-    rollback_key,
-)
+from arbor.registry.spec import ARBOR_ONLY_KEYS, PLACEMENT_KEYS, SpawnSpec, ray_actor_options
+from arbor.runtime import kv, telemetry
+from arbor.runtime.actor import WARM_PREFIX, create_agent_actor, create_warm_actor
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +166,7 @@ class Registry:
                 if slot is not None:
                     self._warm[spec.type_path].appendleft(slot)
                 raise QuotaExceeded(spec.name, self._settings.max_agents)
+            _publish_mailbox_limit(spec.name, spec.options)
             try:
                 granted = await asyncio.to_thread(self._grant_at_birth, spec)
             except BaseException:
@@ -335,7 +329,7 @@ class Registry:
 
     def _take_warm(self, spec: SpawnSpec) -> tuple[str, Any] | None:
         """Return a ready warm actor for ``spec``, or None when it needs a cold start."""
-        if any(key != "durability" for key in spec.options if key in PLACEMENT_KEYS):
+        if any(key not in ARBOR_ONLY_KEYS for key in spec.options if key in PLACEMENT_KEYS):
             return None
         ready = self._warm.get(spec.type_path)
         return ready.popleft() if ready else None
@@ -344,7 +338,7 @@ class Registry:
         size = self._settings.warm_pool_size
         if size == 0 or spec.type_path in self._refilling:
             return
-        if any(key != "durability" for key in spec.options if key in PLACEMENT_KEYS):
+        if any(key not in ARBOR_ONLY_KEYS for key in spec.options if key in PLACEMENT_KEYS):
             return
         self._refilling.add(spec.type_path)
         asyncio.get_running_loop().create_task(self._refill(spec.type_path, spec.agent_class))
@@ -397,6 +391,7 @@ class Registry:
         if record is None:
             raise AgentNotFound(name)
         await asyncio.to_thread(self._store.set_status, name, STOPPED)
+        kv.delete(kv.max_pending_key(name))
         actor = actor_name(record)
         try:
             handle = ray.get_actor(actor, namespace=NAMESPACE)
@@ -468,9 +463,7 @@ class Registry:
                 handle = None
             if handle is not None:
                 # The restarted incarnation reads this to call on_recover("rollback").
-                internal_kv._internal_kv_put(
-                    rollback_key(name), b"1", overwrite=True, namespace=KV_NAMESPACE
-                )
+                kv.put(kv.rollback_key(name), b"1")
                 ray.kill(handle, no_restart=False)
                 await self._wait_for_incarnation(name, handle, newer_than=epoch)
         logger.info("agent %s restored to checkpoint version %d", name, version)
@@ -609,6 +602,8 @@ class Registry:
             options = {key: value for key, value in options.items() if key != "actor"}
             await asyncio.to_thread(self._store.update_options, record.name, options)
         node_alive = options.get("node_id") in alive_nodes if options.get("node_id") else True
+        # A new Ray cluster's key-value store lacks the limits the old one held.
+        _publish_mailbox_limit(record.name, options)
         try:
             create_agent_actor(
                 record.name,
@@ -773,10 +768,6 @@ class Registry:
             await asyncio.sleep(0.1)
 
 
-# Where a Ray cluster keeps its id for the cluster lease, in Ray's internal key-value store.
-_CLUSTER_ID_KEY = b"cluster-id"
-
-
 def _cluster_identity() -> tuple[str, bool]:
     """Return this Ray cluster's id and whether this call created it.
 
@@ -784,13 +775,18 @@ def _cluster_identity() -> tuple[str, bool]:
     cluster gets a new one.
     """
     candidate = uuid.uuid4().hex[:12]
-    existed = internal_kv._internal_kv_put(
-        _CLUSTER_ID_KEY, candidate.encode(), overwrite=False, namespace=KV_NAMESPACE
-    )
-    if not existed:
+    if not kv.put(kv.CLUSTER_ID, candidate.encode(), overwrite=False):
         return candidate, True
-    stored = internal_kv._internal_kv_get(_CLUSTER_ID_KEY, namespace=KV_NAMESPACE)
+    stored = kv.get(kv.CLUSTER_ID)
+    assert stored is not None
     return stored.decode(), False
+
+
+def _publish_mailbox_limit(name: str, options: dict[str, Any]) -> None:
+    """Make the agent's ``max_pending`` limit readable by every process of the cluster."""
+    limit = options.get("max_pending")
+    if limit is not None:
+        kv.put(kv.max_pending_key(name), str(limit).encode())
 
 
 def _lease_info(cluster_id: str, lease: Any) -> dict[str, Any]:

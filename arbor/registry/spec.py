@@ -33,8 +33,12 @@ PLACEMENT_KEYS = frozenset(
         "node_affinity",
         "spread",
         "durability",
+        "max_pending",
     }
 )
+
+# Spawn options that Ray does not see, so a spawn with them can still claim a warm actor.
+ARBOR_ONLY_KEYS = frozenset({"durability", "max_pending"})
 
 
 @dataclass
@@ -180,6 +184,14 @@ def _check_options(options: dict[str, Any]) -> None:
         raise InvalidArguments(f"spread={spread!r} is invalid; pass True or False")
     if spread and node_id is not None:
         raise InvalidArguments("spread=True and node_id cannot be combined; choose one placement")
+    max_pending = options.get("max_pending")
+    if max_pending is not None and (
+        not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1
+    ):
+        raise InvalidArguments(
+            f"max_pending={max_pending!r} is invalid; pass the number of unfinished messages "
+            "(>= 1) that one process may have sent to the agent"
+        )
     durability = options.get("durability")
     if durability is not None and durability not in ("durable", "periodic"):
         raise InvalidArguments(f"durability={durability!r} is invalid; use 'durable' or 'periodic'")

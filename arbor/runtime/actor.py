@@ -18,7 +18,7 @@ from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.persistence import RUNNING, STARTING, AgentRecord, open_store
-from arbor.runtime import telemetry
+from arbor.runtime import kv, telemetry
 from arbor.runtime.cell import CAPABILITY_HEADER, AgentCell
 from arbor.runtime.context import RuntimeContext
 from arbor.runtime.guard import Wallet, process_guard
@@ -28,8 +28,6 @@ logger = logging.getLogger(__name__)
 
 # Seconds between the watchdog's checks of a running handler's deadline.
 _WATCH_INTERVAL_S = 0.05
-# Ray's internal key-value namespace for Arbor's keys.
-KV_NAMESPACE = b"arbor"
 
 
 class AgentActor:
@@ -302,11 +300,9 @@ def _dispatch(wallet: Wallet | None, target: str, wire: list[Any]) -> Any:
 
 def _recovery_reason(name: str) -> str:
     """Return why this incarnation restores a checkpoint, for the agent's `on_recover`."""
-    from ray.experimental import internal_kv
-
-    key = rollback_key(name)
-    if internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE) is not None:
-        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+    key = kv.rollback_key(name)
+    if kv.get(key) is not None:
+        kv.delete(key)
         return "rollback"
     with warnings.catch_warnings():
         # Ray's property reads its own deprecated actor_id and warns about it.
@@ -315,11 +311,6 @@ def _recovery_reason(name: str) -> str:
     if reconstructed:
         return "crash"
     return "recreated"
-
-
-def rollback_key(name: str) -> bytes:
-    """Return the key under which `arbor.restore` marks the restart it causes."""
-    return f"rollback/{name}".encode()
 
 
 def _delivered(reply: Any) -> bool | None:

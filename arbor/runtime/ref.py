@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
@@ -13,12 +14,14 @@ from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorErr
 from arbor.config import NAMESPACE, REGISTRY_NAME, get_settings
 from arbor.errors import (
     AgentNotFound,
+    AgentOverloaded,
     AskTimeout,
     HandlerError,
     InvalidArguments,
     UnknownHandler,
 )
 from arbor.messages import Envelope, Reply
+from arbor.runtime import kv
 from arbor.runtime.cell import CAPABILITY_HEADER, running_cell
 from arbor.runtime.telemetry import outgoing_headers
 
@@ -90,7 +93,7 @@ class AgentRef:
         deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
         while True:
             actor = self._resolve(deadline)
-            object_ref = actor.handle.remote(envelope.to_wire())
+            object_ref = self._submit(actor, envelope)
             try:
                 reply = ray.get(object_ref, timeout=max(deadline - time.monotonic(), 0.0))
             except GetTimeoutError:
@@ -114,7 +117,7 @@ class AgentRef:
         deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
         while True:
             actor = self._resolve(deadline)
-            object_ref = actor.handle.remote(envelope.to_wire())
+            object_ref = self._submit(actor, envelope)
             try:
                 reply = await asyncio.wait_for(
                     object_ref, timeout=max(deadline - time.monotonic(), 0.0)
@@ -139,8 +142,16 @@ class AgentRef:
         if origin is not None and origin.stage_send(self._name, envelope):
             return envelope.message_id
         actor = self._resolve(time.monotonic() + _default_timeout())
-        actor.handle.remote(envelope.to_wire())
+        self._submit(actor, envelope)
         return envelope.message_id
+
+    def _submit(self, actor: Any, envelope: Envelope) -> Any:
+        """Submit the message, or raise `AgentOverloaded` when the agent's limit is reached."""
+        limit = _pending.admit(self._name)
+        object_ref = actor.handle.remote(envelope.to_wire())
+        if limit is not None:
+            _pending.track(self._name, object_ref)
+        return object_ref
 
     def info(self, timeout: float = 30.0) -> dict[str, Any]:
         """Return the running incarnation's process id, node, epoch and checkpoint version."""
@@ -270,6 +281,47 @@ class AgentRef:
             f"agent {self._name!r} handler {handler!r} did not reply within {seconds} s; the "
             "message may still be applied, so retry with the same message_id to stay idempotent"
         )
+
+
+class _PendingMessages:
+    """The unfinished messages this process sent to agents that have a ``max_pending`` limit.
+
+    Ray queues an actor's calls inside its process, where neither the agent nor other
+    senders can count them, so each sending process counts its own messages.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._limits: dict[str, int | None] = {}
+        self._refs: dict[str, list[Any]] = {}
+
+    def admit(self, name: str) -> int | None:
+        """Return the agent's limit, or None; raise `AgentOverloaded` when it is reached."""
+        limit = self._limit(name)
+        if limit is None:
+            return None
+        with self._lock:
+            refs = self._refs.get(name, [])
+            if len(refs) >= limit:
+                _, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
+                self._refs[name] = refs
+            if len(refs) >= limit:
+                raise AgentOverloaded(name, limit)
+        return limit
+
+    def track(self, name: str, object_ref: Any) -> None:
+        with self._lock:
+            self._refs.setdefault(name, []).append(object_ref)
+
+    def _limit(self, name: str) -> int | None:
+        if name not in self._limits:
+            # Read once per agent and process: the limit is fixed at spawn.
+            value = kv.get(kv.max_pending_key(name)) if ray.is_initialized() else None
+            self._limits[name] = int(value) if value else None
+        return self._limits[name]
+
+
+_pending = _PendingMessages()
 
 
 def _check_timeout(timeout: float | None) -> None:
