@@ -25,8 +25,6 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -59,14 +57,13 @@ _agent_fields: contextvars.ContextVar[AgentLogFields] = contextvars.ContextVar(
 )
 
 
-@contextmanager
 def agent_log_context(
     *,
     agent_id: str | None = None,
     agent_type: str | None = None,
     incarnation: int | None = None,
     node_id: str | None = None,
-) -> Iterator[AgentLogFields]:
+) -> AgentLogScope:
     """Set the agent fields of log records emitted inside the block.
 
     The fields live in a context variable, so each asyncio task and thread has its own
@@ -78,12 +75,30 @@ def agent_log_context(
         with agent_log_context(agent_id="c1", agent_type="Counter", incarnation=2):
             logger.info("restored checkpoint %d", version)
     """
-    fields = AgentLogFields(agent_id, agent_type, incarnation, node_id)
-    token = _agent_fields.set(fields)
-    try:
-        yield fields
-    finally:
-        _agent_fields.reset(token)
+    return AgentLogScope(AgentLogFields(agent_id, agent_type, incarnation, node_id))
+
+
+class AgentLogScope:
+    """A ``with`` block whose log records carry ``fields``, which it yields.
+
+    The runtime keeps one `AgentLogFields` per incarnation and enters a new scope for
+    each message, which costs a context variable set and reset.
+    """
+
+    __slots__ = ("fields", "_token")
+
+    def __init__(self, fields: AgentLogFields) -> None:
+        self.fields = fields
+        self._token: contextvars.Token[AgentLogFields] | None = None
+
+    def __enter__(self) -> AgentLogFields:
+        self._token = _agent_fields.set(self.fields)
+        return self.fields
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _agent_fields.reset(self._token)
+            self._token = None
 
 
 def current_agent_log_fields() -> AgentLogFields:

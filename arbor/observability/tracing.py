@@ -28,8 +28,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextvars import Token
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -43,6 +44,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from arbor.config import Settings, get_settings
@@ -61,6 +63,9 @@ MAX_CARRIER_VALUE_LENGTH = 8192
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 _provider: TracerProvider | None = None
+# The tracer of `_provider`. The SDK's get_tracer (1.45) builds scope objects and resets a
+# warnings filter on each call, which costs more than starting a span, so it runs once.
+_tracer: trace.Tracer | None = None
 _global_provider_set = False
 _lock = threading.Lock()
 
@@ -91,7 +96,7 @@ def configure_tracing(
     Raises:
         ConfigError: an OTLP endpoint is set but the exporter package is not installed.
     """
-    global _provider, _global_provider_set
+    global _provider, _tracer, _global_provider_set
     settings = settings or get_settings()
 
     resource = Resource.create()
@@ -108,6 +113,7 @@ def configure_tracing(
     with _lock:
         previous = _provider
         _provider = provider
+        _tracer = provider.get_tracer(TRACER_NAME)
         if not _global_provider_set:
             trace.set_tracer_provider(provider)
             _global_provider_set = True
@@ -135,19 +141,20 @@ def use_in_memory_exporter(sample_ratio: float = 1.0) -> InMemorySpanExporter:
 
 def shutdown_tracing() -> None:
     """Flush and stop the provider Arbor installed, so later spans are not recorded."""
-    global _provider
+    global _provider, _tracer
     with _lock:
         provider = _provider
         _provider = None
+        _tracer = None
     if provider is not None:
         provider.shutdown()
 
 
 def get_tracer() -> trace.Tracer:
     """Return Arbor's tracer: from the configured provider, else OpenTelemetry's global one."""
-    provider = _provider
-    if provider is not None:
-        return provider.get_tracer(TRACER_NAME)
+    tracer = _tracer
+    if tracer is not None:
+        return tracer
     return trace.get_tracer(TRACER_NAME)
 
 
@@ -163,15 +170,14 @@ def inject_context() -> dict[str, str]:
     return carrier
 
 
-@contextmanager
 def span_from_carrier(
     name: str,
     carrier: Mapping[str, Any] | None,
     attributes: Mapping[str, AttributeValue] | None = None,
     *,
     kind: trace.SpanKind = trace.SpanKind.SERVER,
-) -> Iterator[trace.Span]:
-    """Start a span that continues the trace in ``carrier`` and make it current.
+) -> ActiveSpan:
+    """Start a span that continues the trace in ``carrier``, to make current in a ``with``.
 
     A missing, empty or unreadable carrier starts a new trace. An exception raised inside
     the block is recorded on the span, which is marked as an error, and re-raised.
@@ -184,30 +190,63 @@ def span_from_carrier(
         attributes: span attributes; bounded values such as the agent type and handler.
         kind: the span kind; SERVER fits a request that gets a reply.
 
-    Yields:
-        The started span.
+    Returns:
+        A context manager whose ``with`` block runs in the span and yields it.
     """
     parent = propagate.extract(_clean_carrier(carrier), context=otel_context.Context())
-    with get_tracer().start_as_current_span(
-        name, context=parent, kind=kind, attributes=attributes
-    ) as span:
-        yield span
+    tracer = get_tracer()
+    return ActiveSpan(tracer.start_span(name, context=parent, kind=kind, attributes=attributes))
 
 
-@contextmanager
 def start_span(
     name: str,
     attributes: Mapping[str, AttributeValue] | None = None,
     *,
     kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-) -> Iterator[trace.Span]:
-    """Start a child of the current span (or a new trace) and make it current.
+) -> ActiveSpan:
+    """Start a child of the current span (or a new trace), to make current in a ``with``.
 
     Used for spawns, checkpoints, recoveries and denied capability checks. An exception
     raised inside the block is recorded on the span and re-raised.
     """
-    with get_tracer().start_as_current_span(name, kind=kind, attributes=attributes) as span:
-        yield span
+    return ActiveSpan(get_tracer().start_span(name, kind=kind, attributes=attributes))
+
+
+class ActiveSpan:
+    """A started span that a ``with`` block makes current and ends on exit.
+
+    It does what the SDK's ``start_as_current_span`` does (an ``Exception`` leaving the
+    block is recorded as an event and sets the status to ERROR) in one object instead of
+    two nested generators, which saves a few microseconds per span.
+    """
+
+    __slots__ = ("span", "_token")
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+        self._token: Token[otel_context.Context] | None = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        span = self.span
+        try:
+            if self._token is not None:
+                otel_context.detach(self._token)
+            # Only Exception subclasses are errors, as in the SDK, so GeneratorExit and
+            # KeyboardInterrupt end the span without an error status.
+            if isinstance(exc, Exception) and span.is_recording():
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        finally:
+            span.end()
 
 
 def current_trace_ids() -> tuple[str, str] | None:
@@ -234,13 +273,17 @@ def _otlp_exporter() -> SpanExporter | None:
     if not any(os.environ.get(variable) for variable in _ENDPOINT_VARIABLES):
         return None
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: F401
+            OTLPSpanExporter,
+        )
+
+        from arbor.observability.otlp import OTLPHTTPSpanExporter
     except ImportError as error:
         raise ConfigError(
             "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP/HTTP exporter is not installed; "
             "install it with pip install 'arbor[otlp]' or unset the variable"
         ) from error
-    return OTLPSpanExporter()
+    return OTLPHTTPSpanExporter()
 
 
 def _clean_carrier(carrier: Mapping[str, Any] | None) -> dict[str, str]:

@@ -12,9 +12,10 @@ import contextvars
 import logging
 import os
 import random
-import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import trace
@@ -85,7 +86,11 @@ def current_trace_id() -> str | None:
 
 
 def _unsampled_traceparent() -> str:
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+    # The ids need to be unique, not secret, so they come from `random` without a system
+    # call, as the SDK's own ids do. W3C treats an all-zero id as invalid.
+    trace_id = random.getrandbits(128) or 1
+    span_id = random.getrandbits(64) or 1
+    return f"00-{trace_id:032x}-{span_id:016x}-00"
 
 
 class CellTelemetry:
@@ -95,21 +100,25 @@ class CellTelemetry:
         self.name = name
         self.agent_type = agent_type
         self.node = node_id or "unknown"
+        self._log_fields = logs.AgentLogFields(name, agent_type, None, self.node)
 
-    @contextlib.contextmanager
-    def message(self, envelope: Envelope, epoch: int) -> Iterator[None]:
-        """Run the handling of one message with its log fields and, if traced, its span."""
-        with logs.agent_log_context(
-            agent_id=self.name, agent_type=self.agent_type, incarnation=epoch, node_id=self.node
-        ):
-            attributes = {
-                "arbor.agent_type": self.agent_type,
-                "arbor.kind": envelope.kind,
-                "arbor.agent": self.name,
-                "arbor.handler": envelope.handler,
-            }
-            with incoming_span("arbor.message", envelope.headers, attributes):
-                yield
+    def message(self, envelope: Envelope, epoch: int) -> AbstractContextManager[None]:
+        """Return the scope that runs one message with its log fields and, if traced, its span."""
+        fields = self._log_fields
+        if fields.incarnation != epoch:
+            fields = logs.AgentLogFields(self.name, self.agent_type, epoch, self.node)
+            self._log_fields = fields
+        log_scope = logs.AgentLogScope(fields)
+        if not _tracing:
+            return log_scope
+        attributes = {
+            "arbor.agent_type": self.agent_type,
+            "arbor.kind": envelope.kind,
+            "arbor.agent": self.name,
+            "arbor.handler": envelope.handler,
+        }
+        span_scope = incoming_span("arbor.message", envelope.headers, attributes)
+        return _MessageScope(log_scope, span_scope)
 
     def record_message(self, envelope: Envelope, reply: Reply, seconds: float) -> None:
         """Observe one handled message by its outcome."""
@@ -154,51 +163,93 @@ def _should_trace(headers: Mapping[str, str]) -> bool:
     return random.random() < _ratio
 
 
-@contextlib.contextmanager
 def incoming_span(
     name: str, headers: Mapping[str, str], attributes: dict[str, Any]
-) -> Iterator[None]:
-    """Run a request that arrived with ``headers`` in a span continuing the sender's trace.
+) -> AbstractContextManager[Any]:
+    """Return the scope that runs a request arriving with ``headers`` in a span of its own.
 
-    An unrecorded request records nothing, and the requests it makes carry the unsampled
-    flag on, so the whole trace is left out rather than sampled again at each hop.
+    The span continues the sender's trace. An unrecorded request records nothing, and the
+    requests it makes carry the unsampled flag on, so the whole trace is left out rather
+    than sampled again at each hop.
     """
     if not _tracing:
-        yield
-        return
+        return _NO_SPAN
     if not _should_trace(headers):
         parent = headers.get("traceparent") or _unsampled_traceparent()
-        token = _unsampled.set(parent[:-2] + "00")
-        try:
-            yield
-        finally:
-            _unsampled.reset(token)
-        return
-    with tracing.span_from_carrier(name, headers, attributes):
-        yield
+        return _UnsampledScope(parent[:-2] + "00")
+    return tracing.span_from_carrier(name, headers, attributes)
 
 
-@contextlib.contextmanager
 def span(
     name: str, attributes: dict[str, Any] | None = None, *, child_only: bool = False
-) -> Iterator[None]:
-    """Run a step (a spawn, a checkpoint, a restore, a denial) in a span of its own.
+) -> AbstractContextManager[Any]:
+    """Return the scope that runs a step (a spawn, a checkpoint, a restore, a denial) in a span.
 
     Inside a recorded span it becomes a child. Elsewhere it starts a trace with probability
     ``ARBOR_TRACE_SAMPLE_RATIO``, unless ``child_only`` or the surrounding message is
     unrecorded.
     """
     if not _tracing:
-        yield
-        return
+        return _NO_SPAN
     current = trace.get_current_span()
     if not current.is_recording() and (
         child_only or _unsampled.get() is not None or random.random() >= _ratio
     ):
-        yield
-        return
-    with tracing.start_span(name, attributes):
-        yield
+        return _NO_SPAN
+    return tracing.start_span(name, attributes)
+
+
+# Returned where nothing is recorded; a nullcontext can be entered any number of times.
+_NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
+
+
+class _UnsampledScope:
+    """A scope that marks the code inside it as part of an unrecorded trace."""
+
+    __slots__ = ("_traceparent", "_token")
+
+    def __init__(self, traceparent: str) -> None:
+        self._traceparent = traceparent
+        self._token: contextvars.Token[str | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _unsampled.set(self._traceparent)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _unsampled.reset(self._token)
+            self._token = None
+
+
+class _MessageScope:
+    """The log fields of a message around its span (or unsampled mark), as one scope."""
+
+    __slots__ = ("_log_scope", "_span_scope")
+
+    def __init__(
+        self, log_scope: logs.AgentLogScope, span_scope: AbstractContextManager[Any]
+    ) -> None:
+        self._log_scope = log_scope
+        self._span_scope = span_scope
+
+    def __enter__(self) -> None:
+        self._log_scope.__enter__()
+        try:
+            self._span_scope.__enter__()
+        except BaseException:
+            self._log_scope.__exit__(None, None, None)
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            self._span_scope.__exit__(exc_type, exc, traceback)
+        finally:
+            self._log_scope.__exit__(None, None, None)
 
 
 def record(function: Any, *args: Any) -> None:
