@@ -28,6 +28,7 @@ _keep_ray_on_loopback()
 
 from arbor.agent import Agent, handler  # noqa: E402
 from arbor.client import (  # noqa: E402
+    cancel_reminder,
     capabilities,
     claim_cluster_lease,
     cluster_lease,
@@ -37,6 +38,7 @@ from arbor.client import (  # noqa: E402
     list_agents,
     list_checkpoints,
     reconcile,
+    reminders,
     restore,
     revoke,
     shutdown,
@@ -59,6 +61,7 @@ from arbor.errors import (  # noqa: E402
     InvalidArguments,
     InvalidCapability,
     InvalidResource,
+    InvalidTopicName,
     NameTaken,
     QuotaExceeded,
     StateNotSerializable,
@@ -67,8 +70,11 @@ from arbor.errors import (  # noqa: E402
 )
 from arbor.http_client import connect  # noqa: E402
 from arbor.registry.info import AgentInfo  # noqa: E402
+from arbor.registry.reminder_spec import ReminderInfo  # noqa: E402
 from arbor.registry.security import CapabilityInfo  # noqa: E402
+from arbor.registry.topic_spec import SubscriptionInfo, TopicEvent  # noqa: E402
 from arbor.runtime.ref import AgentRef  # noqa: E402
+from arbor.topic_client import Subscription, publish, subscribe, subscriptions  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -76,6 +82,7 @@ __all__ = [
     "Agent",
     "AgentInfo",
     "CapabilityInfo",
+    "ReminderInfo",
     "AgentNotFound",
     "AgentOverloaded",
     "AgentRef",
@@ -92,12 +99,20 @@ __all__ = [
     "InvalidArguments",
     "InvalidCapability",
     "InvalidResource",
+    "InvalidTopicName",
     "NameTaken",
     "QuotaExceeded",
     "StateNotSerializable",
     "StoreUnavailable",
     "UnknownHandler",
+    "Subscription",
+    "SubscriptionInfo",
+    "TopicEvent",
+    "publish",
+    "subscribe",
+    "subscriptions",
     "connect",
+    "cancel_reminder",
     "capabilities",
     "get",
     "grant",
@@ -106,6 +121,7 @@ __all__ = [
     "list_agents",
     "list_checkpoints",
     "reconcile",
+    "reminders",
     "claim_cluster_lease",
     "cluster_lease",
     "restore",

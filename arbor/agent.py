@@ -56,6 +56,45 @@ class AgentContext(Protocol):
     async def checkpoint(self) -> int:
         """Commit a checkpoint now, in the middle of a handler; returns its version."""
 
+    def schedule(
+        self,
+        handler: Any,
+        *args: Any,
+        delay: float | None = None,
+        every: float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Start an in-memory timer that sends this agent ``handler``; returns its id."""
+
+    def cancel_timer(self, timer_id: str) -> bool:
+        """Cancel a timer; returns whether it was scheduled."""
+
+    def remind(
+        self,
+        name: str,
+        *,
+        at: Any = None,
+        delay: float | None = None,
+        every: float | None = None,
+        payload: Any = None,
+    ) -> Any:
+        """Set a durable reminder, delivered to ``on_reminder(name, payload)``."""
+
+    def reminders(self) -> list[Any]:
+        """Return this agent's reminders as `arbor.ReminderInfo`, soonest first."""
+
+    def cancel_reminder(self, name: str) -> bool:
+        """Delete one of this agent's reminders; returns whether it existed."""
+
+    def publish(self, topic: str, event: Any) -> int:
+        """Publish a JSON event to ``topic``; returns its seq in the topic."""
+
+    def subscribe(self, topic: str, handler: Any, *, max_lag: int | None = None) -> Any:
+        """Deliver later events of ``topic`` to ``handler(topic, event)``, durably."""
+
+    def unsubscribe(self, topic: str) -> bool:
+        """Stop deliveries of ``topic`` to this agent; returns whether it was subscribed."""
+
 
 class Agent:
     """Base class of a stateful agent; each public method is a message handler.
@@ -65,6 +104,9 @@ class Agent:
     and None. After a crash, Arbor builds the instance without calling ``__init__`` and
     passes the last checkpoint to `restore`. Put set-up that every incarnation needs (open
     clients, caches) in `on_start`, which runs after ``__init__`` or `restore`.
+
+    An agent that sets durable reminders (``self.context.remind``) defines the handler
+    ``on_reminder(self, name, payload)``, which receives each firing.
 
     Example:
         >>> class Counter(arbor.Agent):

@@ -16,6 +16,7 @@ from arbor.config import NAMESPACE, REGISTRY_NAME, Settings, get_settings, reset
 from arbor.errors import AgentNotFound, AgentTypeNotImportable, ArborError, ClusterUnavailable
 from arbor.persistence import CheckpointInfo, absolute_database_url, open_store
 from arbor.registry.info import AgentInfo
+from arbor.registry.reminder_spec import ReminderInfo
 from arbor.registry.security import CapabilityInfo
 from arbor.registry.spec import build_spawn_spec, validate_name
 from arbor.runtime.ref import AgentRef
@@ -320,6 +321,32 @@ def capabilities(
     """Return the capabilities ``principal`` holds (every principal's when None)."""
     result: list[CapabilityInfo] = _call(
         _registry().capabilities.remote(principal, include_revoked), timeout=_REGISTRY_TIMEOUT_S
+    )
+    return result
+
+
+def reminders(agent: str | None = None) -> list[ReminderInfo]:
+    """Return the durable reminders of ``agent`` (every agent's when None), soonest first.
+
+    Example:
+        >>> [(r.name, r.due_at, r.every) for r in arbor.reminders("jobs/coordinator")]
+        [('report', datetime.datetime(2030, 1, 1, 9, 0, tzinfo=datetime.timezone.utc), 3600.0)]
+    """
+    result: list[ReminderInfo] = _call(
+        _registry().reminders.remote(agent), timeout=_REGISTRY_TIMEOUT_S
+    )
+    return result
+
+
+def cancel_reminder(agent: str, name: str) -> bool:
+    """Delete reminder ``name`` of ``agent``, on the operator's authority.
+
+    Returns:
+        Whether the reminder existed. A delivery the registry already sent still reaches
+        the agent.
+    """
+    result: bool = _call(
+        _registry().cancel_reminder.remote(agent, name), timeout=_REGISTRY_TIMEOUT_S
     )
     return result
 

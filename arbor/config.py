@@ -92,6 +92,27 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds a spawn may take before the reconciler treats its agent as lost.",
     )
+    reminder_min_period_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Shortest period of a periodic reminder, in seconds. Each firing costs a "
+        "registry-to-agent message and a database write; use timers for finer periods.",
+    )
+    reminder_resync_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds between the registry's full re-reads of the reminder table. "
+        "Reminders set through the registry take effect at once; the re-read only picks up "
+        "rows changed by other processes, such as a second registry during an upgrade.",
+    )
+    topic_max_lag: int = Field(
+        default=10_000,
+        ge=1,
+        description="Events a topic subscriber may fall behind the newest one before the "
+        "oldest undelivered events are skipped for it and counted; subscribe(max_lag=...) "
+        "sets it per subscription. It bounds each topic's stored log to about this many "
+        "events, so a stalled subscriber cannot grow the database without end.",
+    )
     db_retry_attempts: int = Field(
         default=8,
         ge=1,

@@ -41,6 +41,10 @@ class InvalidAgentName(ArborError, ValueError):
     """An agent name is empty, too long, or uses characters outside the allowed set."""
 
 
+class InvalidTopicName(ArborError, ValueError):
+    """A topic name is empty, too long, or uses characters outside the allowed set."""
+
+
 class UnknownHandler(ArborError, AttributeError):
     """A message names a handler the agent does not have, or a private method."""
 

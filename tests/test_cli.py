@@ -126,6 +126,14 @@ def test_up_agents_status_down(tmp_path: Path) -> None:
         status = run_arbor("status", env=env)
         assert status.returncode == 0, status.stderr
         assert "1 running" in status.stdout
+        assert "lease:        held by this cluster" in status.stdout
+
+        lease = run_arbor("lease", env=env)
+        assert lease.returncode == 0, lease.stderr
+        assert "This cluster runs the agents." in lease.stdout
+        claimed = run_arbor("lease", "--claim", env=env)
+        assert claimed.returncode == 0, claimed.stderr
+        assert "generation 1," in claimed.stdout
     finally:
         down = run_arbor("down", env=env)
     assert down.returncode == 0, down.stderr

@@ -172,7 +172,8 @@ def test_queued_messages_show_as_mailbox_depth(
     queued = wait_for(prometheus_url, query, lambda value: value >= 5)
     assert queued is not None
     assert queued >= 5
-    assert queued <= 19
+    # Ray's task events lag, so the message being handled may still count as queued.
+    assert queued <= 20
 
     # The ask queues behind the sends, so its reply means the mailbox is empty.
     assert sleeper.ask("nap", 0, timeout=60) == 0

@@ -313,6 +313,42 @@ def test_exception_in_span_is_recorded_and_raised(spans: InMemorySpanExporter) -
     assert span.events[0].name == "exception"
 
 
+def test_interrupt_in_span_ends_it_without_error(spans: InMemorySpanExporter) -> None:
+    with pytest.raises(KeyboardInterrupt), tracing.start_span("arbor.message"):
+        raise KeyboardInterrupt
+
+    (span,) = spans.get_finished_spans()
+    assert span.end_time is not None
+    assert span.status.status_code == trace.StatusCode.UNSET
+    assert span.events == ()
+
+
+def test_span_context_restored_after_block(spans: InMemorySpanExporter) -> None:
+    with tracing.start_span("outer") as outer:
+        with tracing.start_span("inner") as inner:
+            assert trace.get_current_span() is inner
+        assert trace.get_current_span() is outer
+
+    assert not trace.get_current_span().get_span_context().is_valid
+    inner_span, outer_span = spans.get_finished_spans()
+    assert inner_span.parent.span_id == outer_span.context.span_id
+
+
+def test_tracer_follows_reconfigured_provider() -> None:
+    first = tracing.use_in_memory_exporter()
+    first_tracer = tracing.get_tracer()
+    second = tracing.use_in_memory_exporter()
+    try:
+        assert tracing.get_tracer() is tracing.get_tracer()
+        assert tracing.get_tracer() is not first_tracer
+        with tracing.start_span("after"):
+            pass
+        assert first.get_finished_spans() == ()
+        assert [span.name for span in second.get_finished_spans()] == ["after"]
+    finally:
+        tracing.shutdown_tracing()
+
+
 def test_ratio_zero_drops_roots_but_follows_sampled_parent() -> None:
     exporter = tracing.use_in_memory_exporter(sample_ratio=0.0)
     try:
@@ -508,6 +544,10 @@ def call_every_recording_function() -> None:
     metrics.set_mailbox_depth("Counter", "node-1", 4)
     metrics.record_checkpoint("Counter", 120, 0.004)
     metrics.record_recovery("Counter", "process", 0.3)
+    metrics.record_reminder_fired("Counter", "ok", 0.004)
+    metrics.record_topic_published()
+    metrics.record_topic_delivery("Counter", "ok")
+    metrics.record_topic_skipped("Counter", 3)
     metrics.record_reconciler_action("recreate")
     metrics.set_nodes(alive=2, dead=1)
     metrics.record_node_lost()

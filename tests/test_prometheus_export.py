@@ -68,6 +68,10 @@ class Recorder:
             metrics.record_audit_row("capability.grant", "allow")
             metrics.record_gateway_request("/agents/{name}", "GET", 200, 0.01)
             metrics.record_gateway_request("/agents", "POST", 403, 0.001)
+            metrics.record_topic_published()
+            metrics.record_topic_delivery("Counter", "ok")
+            metrics.record_topic_skipped("Counter", 2)
+            metrics.record_reminder_fired("Counter", "ok", 0.003)
         metrics.set_active_agents("Counter", node, 3)
         metrics.set_mailbox_depth("Counter", node, 4)
         metrics.set_nodes(alive=1, dead=0)
@@ -204,6 +208,12 @@ def recorded(export_port: int, prometheus_url: str) -> dict[str, Any]:
         'sum(ray_arbor_gateway_requests_total{status="200"})': 5,
         'sum(ray_arbor_gateway_requests_total{status="403",route="/agents"})': 5,
         "sum(ray_arbor_gateway_request_duration_seconds_count)": 10,
+        "sum(ray_arbor_topic_events_published_total)": 5,
+        'sum(ray_arbor_topic_deliveries_total{status="ok"})': 5,
+        "sum(ray_arbor_topic_events_skipped_total)": 10,
+        'sum(ray_arbor_reminders_fired_total{status="ok"})': 5,
+        'sum(ray_arbor_reminder_lateness_seconds_bucket{le="0.005"})': 5,
+        "sum(ray_arbor_reminder_lateness_seconds_count)": 5,
     }
     try:
         yield {"nodes": nodes, "expected": expected}

@@ -94,6 +94,28 @@ RECOVERY_BUCKETS_S: tuple[float, ...] = (
     300.0,
 )
 
+# Seconds. A reminder normally fires within milliseconds of its due time, and one that
+# came due while its agent or the whole cluster was down fires up to hours late.
+LATENESS_BUCKETS_S: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    3600.0,
+)
+
 MetricKind = Literal["counter", "gauge", "histogram"]
 
 
@@ -180,6 +202,42 @@ METRICS: tuple[MetricSpec, ...] = (
         RECOVERY_BUCKETS_S,
     ),
     MetricSpec(
+        "arbor_reminders_fired_total",
+        "counter",
+        "Reminder deliveries the agent acknowledged, by agent type and status (ok, or error "
+        "when on_reminder raised or is missing).",
+        ("agent_type", "status"),
+    ),
+    MetricSpec(
+        "arbor_reminder_lateness_seconds",
+        "histogram",
+        "Time from a reminder's due time to the delivery that the agent acknowledged, by "
+        "agent type.",
+        ("agent_type",),
+        LATENESS_BUCKETS_S,
+    ),
+    MetricSpec(
+        "arbor_topic_events_published_total",
+        "counter",
+        "Events appended to topic logs. Topic names are chosen by users and unbounded, so "
+        "no topic metric has a topic label.",
+        (),
+    ),
+    MetricSpec(
+        "arbor_topic_deliveries_total",
+        "counter",
+        "Topic events delivered to subscribers, by the subscriber's agent type (client for "
+        "a client iterator) and status (ok, or error when the handler raised or is missing).",
+        ("agent_type", "status"),
+    ),
+    MetricSpec(
+        "arbor_topic_events_skipped_total",
+        "counter",
+        "Topic events a subscriber never received because it fell more than max_lag events "
+        "behind, by the subscriber's agent type.",
+        ("agent_type",),
+    ),
+    MetricSpec(
         "arbor_reconciler_actions_total",
         "counter",
         "Actions of the reconciler, by action.",
@@ -246,6 +304,8 @@ SPAWN_FAILURE_REASONS = frozenset(
 STOP_REASONS = frozenset({"requested", "purged", "fenced", "error"})
 RESTART_REASONS = frozenset({"crash", "node_lost", "reconciled", "restored"})
 RECOVERY_PATHS = frozenset({"process", "node", "reconcile"})
+REMINDER_STATUSES = frozenset({"ok", "error"})
+TOPIC_DELIVERY_STATUSES = frozenset({"ok", "error"})
 RECONCILER_ACTIONS = frozenset({"recreate", "mark_stopped", "remove_actor", "fail"})
 NODE_STATES = frozenset({"alive", "dead"})
 REVOCATION_REASONS = frozenset({"requested", "cascade", "agent_stopped", "expired"})
@@ -425,6 +485,67 @@ def record_recovery(agent_type: str, path: str, seconds: float) -> None:
     _check_value("path", path, RECOVERY_PATHS)
     _check_non_negative("seconds", seconds)
     _observe("arbor_recovery_duration_seconds", seconds, agent_type=agent_type, path=path)
+
+
+def record_reminder_fired(agent_type: str, status: str, lateness_s: float) -> None:
+    """Count one acknowledged reminder delivery and observe how late it was sent.
+
+    Args:
+        agent_type: the agent's class name.
+        status: one of `REMINDER_STATUSES`: ``ok``, or ``error`` when the agent's
+            ``on_reminder`` raised or is missing.
+        lateness_s: seconds from the due time to sending the delivery that was acknowledged.
+
+    Raises:
+        ValueError: ``status`` is unknown, or ``lateness_s`` is negative.
+    """
+    if not enabled():
+        return
+    _check_value("status", status, REMINDER_STATUSES)
+    _check_non_negative("lateness_s", lateness_s)
+    _inc("arbor_reminders_fired_total", agent_type=agent_type, status=status)
+    _observe("arbor_reminder_lateness_seconds", lateness_s, agent_type=agent_type)
+
+
+# --- topics -------------------------------------------------------------------------------
+
+
+def record_topic_published(count: int = 1) -> None:
+    """Count events appended to topic logs; a publish retried with the same id counts 0."""
+    if not enabled():
+        return
+    _check_non_negative("count", count)
+    if count > 0:
+        _inc("arbor_topic_events_published_total", count)
+
+
+def record_topic_delivery(agent_type: str, status: str, count: int = 1) -> None:
+    """Count topic events delivered to subscribers of ``agent_type``.
+
+    Args:
+        agent_type: the subscriber's class name, or ``client`` for a client iterator.
+        status: one of `TOPIC_DELIVERY_STATUSES`: ``ok``, or ``error`` when the handler
+            raised, is missing or rejected the arguments.
+        count: events delivered.
+
+    Raises:
+        ValueError: ``status`` is unknown, or ``count`` is negative.
+    """
+    if not enabled():
+        return
+    _check_value("status", status, TOPIC_DELIVERY_STATUSES)
+    _check_non_negative("count", count)
+    if count > 0:
+        _inc("arbor_topic_deliveries_total", count, agent_type=agent_type, status=status)
+
+
+def record_topic_skipped(agent_type: str, count: int) -> None:
+    """Count topic events skipped for a subscriber of ``agent_type`` that fell behind."""
+    if not enabled():
+        return
+    _check_non_negative("count", count)
+    if count > 0:
+        _inc("arbor_topic_events_skipped_total", count, agent_type=agent_type)
 
 
 def record_reconciler_action(action: str) -> None:

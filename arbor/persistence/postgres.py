@@ -36,6 +36,8 @@ from arbor.persistence.base import (
 from arbor.persistence.capabilities import CapabilityTables
 from arbor.persistence.gateway import GatewayTables
 from arbor.persistence.lease import LeaseTables
+from arbor.persistence.reminders import ReminderTables
+from arbor.persistence.topics import TopicTables
 
 # Seconds to wait for a pooled connection before the attempt counts as failed and is
 # retried. It is short because the retry loop, not the pool, sets the total wait.
@@ -58,7 +60,9 @@ _AGENT_COLUMNS = (
 )
 
 
-class PostgresStore(CheckpointStore, CapabilityTables, GatewayTables, LeaseTables):
+class PostgresStore(
+    CheckpointStore, CapabilityTables, GatewayTables, LeaseTables, ReminderTables, TopicTables
+):
     """Checkpoint store in PostgreSQL; state is kept as jsonb."""
 
     dialect = "postgresql"

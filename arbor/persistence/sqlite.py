@@ -37,6 +37,8 @@ from arbor.persistence.base import (
 from arbor.persistence.capabilities import CapabilityTables
 from arbor.persistence.gateway import GatewayTables
 from arbor.persistence.lease import LeaseTables
+from arbor.persistence.reminders import ReminderTables
+from arbor.persistence.topics import TopicTables
 
 # Milliseconds a writer waits for another process's write lock before SQLite reports
 # "database is locked"; many agent processes share one file, each holding it briefly.
@@ -50,7 +52,9 @@ _AGENT_COLUMNS = (
 _AUDIT_COLUMNS = "seq, at, principal, action, resource, decision, detail, trace_id, prev_hash, hash"
 
 
-class SQLiteStore(CheckpointStore, CapabilityTables, GatewayTables, LeaseTables):
+class SQLiteStore(
+    CheckpointStore, CapabilityTables, GatewayTables, LeaseTables, ReminderTables, TopicTables
+):
     """Checkpoint store in one SQLite file, shared by every process on the machine.
 
     WAL journaling lets readers run beside the single writer, and ``synchronous=FULL``

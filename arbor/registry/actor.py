@@ -38,8 +38,11 @@ from arbor.persistence import (
     open_store,
 )
 from arbor.registry.info import AgentInfo, actor_name
+from arbor.registry.reminder_spec import ReminderInfo, ReminderRequest
+from arbor.registry.reminders import ReminderService
 from arbor.registry.security import OPERATOR, CapabilityInfo, CapabilityService, GrantRequest
 from arbor.registry.spec import ARBOR_ONLY_KEYS, PLACEMENT_KEYS, SpawnSpec, ray_actor_options
+from arbor.registry.topics import TopicService
 from arbor.runtime import kv, telemetry
 from arbor.runtime.actor import WARM_PREFIX, create_agent_actor, create_warm_actor
 
@@ -83,6 +86,12 @@ class Registry:
         self._mailbox_sampler = asyncio.get_running_loop().create_task(
             self._sample_mailboxes_forever()
         )
+        self._reminders = ReminderService(self._store, self._settings, self._holds_lease)
+        self._reminder_loop = asyncio.get_running_loop().create_task(self._reminders.run_forever())
+        self._topics = TopicService(
+            self._store, self._settings, self._security.guard, self._holds_lease
+        )
+        self._topic_loop = asyncio.get_running_loop().create_task(self._topics.run_forever())
         logger.info("registry started (pid %d)", os.getpid())
 
     async def ping(self) -> dict[str, Any]:
@@ -364,6 +373,26 @@ class Registry:
         finally:
             self._refilling.discard(type_path)
 
+    async def set_reminder(
+        self, agent: str, request: ReminderRequest, by: str | None = None
+    ) -> ReminderInfo:
+        """Store a durable reminder for ``agent``; ``by`` is the agent itself or None."""
+        return await self._reminders.set_reminder(agent, request, by)
+
+    async def reminders(
+        self, agent: str | None = None, by: str | None = None
+    ) -> list[ReminderInfo]:
+        """Return the reminders of ``agent`` (every agent's when None), soonest first."""
+        return await self._reminders.list_reminders(agent, by)
+
+    async def cancel_reminder(self, agent: str, name: str, by: str | None = None) -> bool:
+        """Delete a reminder; returns whether it existed."""
+        return await self._reminders.cancel_reminder(agent, name, by)
+
+    async def topic(self, request: str, *args: Any) -> Any:
+        """Serve one topic request, such as ``subscribe`` or ``poll`` (see `TopicService`)."""
+        return await self._topics.request(request, *args)
+
     async def warm_pool(self) -> dict[str, int]:
         """Return the number of ready warm actors per agent type."""
         return {path: len(ready) for path, ready in self._warm.items()}
@@ -413,6 +442,8 @@ class Registry:
             # A spawn under the same name right after a purge must not find this actor.
             await self._wait_name_free(actor)
         await asyncio.to_thread(self._security.revoke_principal, name, by or OPERATOR)
+        await self._reminders.forget_agent(name)
+        await self._topics.forget_agent(name)
         if purge:
             await asyncio.to_thread(self._store.delete_agent, name)
         await asyncio.to_thread(

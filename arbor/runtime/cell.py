@@ -159,6 +159,9 @@ class AgentCell:
             )
             logger.info("agent %s incarnation %d started fresh", name, self.epoch)
         self.agent = instance
+        # Bound before on_start, so that on_start can use the context (to schedule timers).
+        if hasattr(context, "attach"):
+            context.attach(self)
         instance.on_start()
         if checkpoint is not None and recovery is not None:
             self._call_hook("on_recover", recovery())

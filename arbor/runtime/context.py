@@ -7,11 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from arbor.config import Settings
+from arbor.config import Settings, get_settings
+from arbor.errors import InvalidArguments
 from arbor.runtime.ref import AgentRef, registry_handle
+from arbor.runtime.timers import Timers
 
 if TYPE_CHECKING:
     from arbor.agent import Agent
+    from arbor.registry.reminder_spec import ReminderInfo
     from arbor.registry.security import CapabilityInfo
     from arbor.runtime.cell import AgentCell
     from arbor.security.secrets import Secret, SecretProvider
@@ -31,6 +34,7 @@ class RuntimeContext:
         self._name = name
         self._settings = settings
         self._cell: AgentCell | None = None
+        self._timers: Timers | None = None
 
     def attach(self, cell: AgentCell) -> None:
         """Bind the context to the cell that runs the agent, once it exists."""
@@ -143,6 +147,175 @@ class RuntimeContext:
             provider = _provider
         return provider.read(path)
 
+    def schedule(
+        self,
+        handler: Any,
+        *args: Any,
+        delay: float | None = None,
+        every: float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Send this agent ``handler(*args, **kwargs)`` after ``delay`` s, and/or every ``every`` s.
+
+        A timer lives in memory until it is cancelled, the agent stops, or its process
+        ends: a restarted incarnation has no timers until it schedules them again, for
+        example in ``on_start``. Each firing is a message through the agent's own actor,
+        so it waits its turn behind messages already queued. A periodic timer whose
+        previous firing has not been handled yet skips the tick instead of queueing more.
+
+        Args:
+            handler: the name of a public handler of this agent, or the bound method.
+            *args: positional arguments for the handler.
+            delay: seconds until the first firing; default one period.
+            every: the period in seconds; None fires once.
+            **kwargs: keyword arguments for the handler (``delay`` and ``every`` are taken).
+
+        Returns:
+            The timer id, for `cancel_timer`.
+
+        Raises:
+            UnknownHandler: the agent has no such public handler.
+            InvalidArguments: ``delay`` or ``every`` is negative, not a number, or missing.
+        """
+        from arbor.agent import resolve_handler
+        from arbor.errors import UnknownHandler
+
+        cell = self._require_cell()
+        name = handler
+        if callable(handler) and not isinstance(handler, str):
+            if getattr(handler, "__self__", None) is not cell.agent:
+                raise InvalidArguments(
+                    f"agent {self._name!r} cannot schedule {handler!r}; pass the name of one "
+                    "of its handlers, or a bound method of the agent such as self.tick"
+                )
+            name = handler.__name__
+        try:
+            resolve_handler(cell.agent, name)
+        except UnknownHandler as error:
+            raise UnknownHandler(f"agent {self._name!r} cannot schedule a timer: {error}") from None
+        return self._timer_scheduler().schedule(name, args, kwargs, delay, every)
+
+    def cancel_timer(self, timer_id: str) -> bool:
+        """Cancel a timer; returns whether it was scheduled.
+
+        A firing already sent to the mailbox still runs.
+        """
+        if self._timers is None:
+            return False
+        return self._timers.cancel(timer_id)
+
+    def remind(
+        self,
+        name: str,
+        *,
+        at: Any = None,
+        delay: float | None = None,
+        every: float | None = None,
+        payload: Any = None,
+    ) -> ReminderInfo:
+        """Set a durable reminder, delivered as ``on_reminder(name, payload)`` to this agent.
+
+        The reminder is stored and fired by the registry, so it survives crashes, node
+        loss and a new Ray cluster on the same database. Setting a name again replaces the
+        reminder. A firing missed while the agent or the cluster was down is delivered
+        once on recovery, and a periodic reminder then continues at the next period of its
+        original schedule.
+
+        Args:
+            name: unique among this agent's reminders.
+            at: when to fire: a timezone-aware datetime or Unix seconds.
+            delay: seconds from now until it fires; give ``at`` or ``delay``, not both.
+            every: the period in seconds, at least ``ARBOR_REMINDER_MIN_PERIOD_S``; without
+                ``at`` or ``delay`` the first firing is one period from now.
+            payload: a JSON value of at most 64 KiB, passed to ``on_reminder``.
+
+        Raises:
+            UnknownHandler: the agent class has no ``on_reminder`` handler.
+            InvalidArguments: a time, period, name or payload is invalid.
+        """
+        from arbor.agent import handler_names
+        from arbor.errors import UnknownHandler
+        from arbor.registry.reminder_spec import REMINDER_HANDLER, ReminderRequest
+
+        cell = self._require_cell()
+        agent_class = type(cell.agent).__name__
+        if REMINDER_HANDLER not in handler_names(type(cell.agent)):
+            raise UnknownHandler(
+                f"agent {self._name!r} cannot set reminder {name!r}: {agent_class} has no "
+                f"handler {REMINDER_HANDLER}; define {REMINDER_HANDLER}(self, name, payload) "
+                f"on {agent_class} to receive reminders"
+            )
+        settings = self._settings or get_settings()
+        request = ReminderRequest.parse(
+            self._name, name, at, delay, every, payload, settings.reminder_min_period_s
+        )
+        result: ReminderInfo = _call(
+            registry_handle().set_reminder.remote(self._name, request, self._name)
+        )
+        return result
+
+    def reminders(self) -> list[ReminderInfo]:
+        """Return this agent's reminders, soonest first."""
+        result: list[ReminderInfo] = _call(
+            registry_handle().reminders.remote(self._name, self._name)
+        )
+        return result
+
+    def cancel_reminder(self, name: str) -> bool:
+        """Delete one of this agent's reminders; returns whether it existed.
+
+        A delivery that the registry already sent still reaches the agent.
+        """
+        result: bool = _call(registry_handle().cancel_reminder.remote(self._name, name, self._name))
+        return result
+
+    def publish(self, topic: str, event: Any) -> int:
+        """Publish a JSON ``event`` to ``topic``; needs ``arbor://topic/publish/<topic>``.
+
+        The event is stored in the topic's log when this returns, and the registry
+        delivers it to each subscriber in the order published. Returns its seq.
+
+        Raises:
+            CapabilityDenied: this agent has no capability to publish to the topic.
+            InvalidTopicName: the topic name is invalid.
+            InvalidArguments: the event is not JSON or is larger than 256 KiB.
+        """
+        from arbor.runtime import topics
+
+        return topics.publish(self._require_cell(), topic, event)
+
+    def subscribe(self, topic: str, handler: Any, *, max_lag: int | None = None) -> Any:
+        """Deliver each later event of ``topic`` to ``handler(topic, event)`` of this agent.
+
+        The subscription is stored, so it survives restarts of the agent and of the
+        cluster; subscribing again changes the handler and keeps the position. Needs
+        ``arbor://topic/subscribe/<topic>``. Returns an `arbor.SubscriptionInfo`.
+
+        Args:
+            topic: the topic name.
+            handler: the name of a public handler, or the bound method.
+            max_lag: events this agent may fall behind before the oldest are skipped;
+                default ``ARBOR_TOPIC_MAX_LAG``.
+
+        Raises:
+            CapabilityDenied: this agent has no capability to subscribe to the topic.
+            UnknownHandler: the agent has no such public handler.
+            InvalidArguments: the handler cannot take ``(topic, event)``, or ``max_lag``
+                is not a positive integer.
+        """
+        from arbor.runtime import topics
+
+        return topics.subscribe(self._require_cell(), topic, handler, max_lag, _call)
+
+    def unsubscribe(self, topic: str) -> bool:
+        """Stop deliveries of ``topic`` to this agent; returns whether it was subscribed.
+
+        A delivery that the registry already sent still reaches the agent.
+        """
+        from arbor.runtime import topics
+
+        return topics.unsubscribe(self._require_cell(), topic, _call)
+
     async def checkpoint(self) -> int:
         """Commit the agent's state now, from inside a handler; returns the version."""
         if self._cell is None:
@@ -155,6 +328,22 @@ class RuntimeContext:
                 f"agent {self._name!r} is still starting; use the context after __init__"
             )
         return self._cell
+
+    def _timer_scheduler(self) -> Timers:
+        if self._timers is None:
+            # The agent's own actor, so a firing queues behind messages already sent to it.
+            handle = ray.get_runtime_context().current_actor
+            self._timers = Timers(
+                self._name,
+                send=lambda envelope: handle.handle.remote(envelope.to_wire()),
+                is_done=lambda reply: bool(ray.wait([reply], timeout=0)[0]),
+                is_alive=self._is_alive,
+            )
+        return self._timers
+
+    def _is_alive(self) -> bool:
+        cell = self._cell
+        return cell is None or not (cell.stopped or cell.fenced)
 
     def _token_for(self, uri: str) -> str | None:
         cell = self._cell

@@ -226,7 +226,7 @@ def _kind(uri: str) -> str:
     parts = uri.split("/")
     return (
         parts[2]
-        if len(parts) > 2 and parts[2] in ("agent", "capability", "secret", "audit")
+        if len(parts) > 2 and parts[2] in ("agent", "capability", "secret", "audit", "topic")
         else "other"
     )
 

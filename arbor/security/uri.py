@@ -34,6 +34,7 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "secret": frozenset({"read"}),
     "audit": frozenset({"read"}),
     "command": frozenset({"run", "inspect"}),
+    "topic": frozenset({"publish", "subscribe"}),
 }
 
 # Longer URIs are rejected before any other work, so a check never scans a huge string.
