@@ -14,6 +14,7 @@ from ray.util import state
 
 import arbor
 from arbor.config import reset_settings
+from arbor.observability.mailbox import state_api_url
 from tests.agents import Delegator
 from tests.fake_vault import FakeVault
 
@@ -59,11 +60,14 @@ def test_vault_secret_absent_from_state_api() -> None:
     arbor.grant("exposure/reader", "arbor://secret/read/payments/api_key")
     assert reader.ask("read_secret", "payments/api_key") == SECRET_VALUE
 
+    # This cluster's own state API, even when other Ray clusters run on the machine.
+    address = state_api_url()
+    assert address is not None, "the test cluster runs without a dashboard"
     views = {
-        "actors": state.list_actors(detail=True, limit=1000),
-        "tasks": state.list_tasks(detail=True, limit=1000),
-        "workers": state.list_workers(detail=True, limit=1000),
-        "jobs": state.list_jobs(),
+        "actors": state.list_actors(address=address, detail=True, limit=1000),
+        "tasks": state.list_tasks(address=address, detail=True, limit=1000),
+        "workers": state.list_workers(address=address, detail=True, limit=1000),
+        "jobs": state.list_jobs(address=address),
     }
     for name, rows in views.items():
         text = json.dumps([getattr(row, "__dict__", row) for row in rows], default=str)
