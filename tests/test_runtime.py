@@ -136,6 +136,18 @@ def test_unserialisable_state_is_rejected_and_rolled_back() -> None:
     assert ref.ask("items") == ["kept"]
 
 
+def test_kept_reply_is_detached_from_later_state_changes() -> None:
+    ref = arbor.spawn(Counter, "rt/alias")
+    ref.ask("append", "kept")
+    # The reply of items() is the agent's own list, kept for deduplication.
+    assert ref.ask("items") == ["kept"]
+    with pytest.raises(arbor.StateNotSerializable):
+        ref.ask("store_value", b"not json")
+
+    assert ref.ask("append", "after") == 2
+    assert ref.ask("items") == ["kept", "after"]
+
+
 def test_rejected_new_attribute_is_removed() -> None:
     ref = arbor.spawn(Counter, "rt/nan-new", start=2)
     with pytest.raises(arbor.StateNotSerializable, match=r"state\['extra'\]"):

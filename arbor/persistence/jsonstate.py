@@ -102,4 +102,8 @@ def encode_reply(value: Any) -> Any:
         _check("", value, "reply", set())
     except StateNotSerializable:
         return None
+    if isinstance(value, dict | list | tuple):
+        # A detached copy: the reply may share lists or dicts with the agent's state, which
+        # later handlers change, and the kept reply must stay as it was sent.
+        return json.loads(json.dumps(value))
     return value
