@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -180,6 +181,30 @@ def test_full_mailbox_fails_fast_with_agent_overloaded() -> None:
             assert time.monotonic() < deadline
             time.sleep(0.2)
     arbor.stop("life/sleeper", purge=True)
+
+
+def test_mailbox_limit_holds_for_concurrent_senders() -> None:
+    arbor.spawn(Sleeper, "life/raced", max_pending=2)
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def ask() -> None:
+        ref = arbor.get("life/raced")
+        barrier.wait()
+        try:
+            ref.ask("nap", 1.0, timeout=30)
+            outcomes.append("ok")
+        except arbor.AgentOverloaded:
+            outcomes.append("overloaded")
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert sorted(outcomes) == ["ok", "ok", "overloaded", "overloaded"]
+    arbor.stop("life/raced", purge=True)
 
 
 def test_agent_without_limit_queues_past_any_count() -> None:

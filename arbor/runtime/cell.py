@@ -368,8 +368,13 @@ class AgentCell:
                     raise TypeError(f"{hook} must be a plain method here, not a coroutine")
                 self._run(result)
         except Exception:
+            outcome = "stops" if hook == "on_stop" else "starts"
             logger.exception(
-                "agent %s incarnation %d: %s raised; the agent goes on", self.name, self.epoch, hook
+                "agent %s incarnation %d: %s raised; the agent %s anyway",
+                self.name,
+                self.epoch,
+                hook,
+                outcome,
             )
 
     async def stop(self) -> None:

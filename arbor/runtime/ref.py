@@ -148,9 +148,12 @@ class AgentRef:
     def _submit(self, actor: Any, envelope: Envelope) -> Any:
         """Submit the message, or raise `AgentOverloaded` when the agent's limit is reached."""
         limit = _pending.admit(self._name)
-        object_ref = actor.handle.remote(envelope.to_wire())
-        if limit is not None:
-            _pending.track(self._name, object_ref)
+        object_ref = None
+        try:
+            object_ref = actor.handle.remote(envelope.to_wire())
+        finally:
+            if limit is not None:
+                _pending.track(self._name, object_ref)
         return object_ref
 
     def info(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -294,24 +297,35 @@ class _PendingMessages:
         self._lock = threading.Lock()
         self._limits: dict[str, int | None] = {}
         self._refs: dict[str, list[Any]] = {}
+        # Places taken by threads that passed `admit` and have not submitted yet.
+        self._reserved: dict[str, int] = {}
 
     def admit(self, name: str) -> int | None:
-        """Return the agent's limit, or None; raise `AgentOverloaded` when it is reached."""
+        """Reserve a place and return the agent's limit, or None when it has none.
+
+        Raises:
+            AgentOverloaded: the limit is reached; nothing is reserved.
+        """
         limit = self._limit(name)
         if limit is None:
             return None
         with self._lock:
             refs = self._refs.get(name, [])
-            if len(refs) >= limit:
+            reserved = self._reserved.get(name, 0)
+            if len(refs) + reserved >= limit:
                 _, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
                 self._refs[name] = refs
-            if len(refs) >= limit:
+            if len(refs) + reserved >= limit:
                 raise AgentOverloaded(name, limit)
+            self._reserved[name] = reserved + 1
         return limit
 
-    def track(self, name: str, object_ref: Any) -> None:
+    def track(self, name: str, object_ref: Any | None) -> None:
+        """Turn a reservation into the submitted message's reference, or free it on None."""
         with self._lock:
-            self._refs.setdefault(name, []).append(object_ref)
+            self._reserved[name] -= 1
+            if object_ref is not None:
+                self._refs.setdefault(name, []).append(object_ref)
 
     def _limit(self, name: str) -> int | None:
         if name not in self._limits:
