@@ -203,6 +203,11 @@ class Registry:
                 await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
             except RayActorError as error:
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
+                # The new incarnation may have found that another cluster took the lease.
+                lease = await asyncio.to_thread(self._store.cluster_lease)
+                if lease is not None and lease.holder != self._cluster_id:
+                    self._lease = lease
+                    raise ClusterLeaseLost(self._cluster_id, lease.holder) from None
                 raise _spawn_error(spec.name, error) from None
             except ActorUnschedulableError as error:
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
@@ -398,11 +403,19 @@ class Registry:
         return {path: len(ready) for path, ready in self._warm.items()}
 
     async def locate(self, name: str) -> dict[str, str] | None:
-        """Return the agent's status and Ray actor name, or None if no agent has the name."""
+        """Return the agent's status and Ray actor name, or None if no agent has the name.
+
+        In a cluster without the cluster lease the answer also names this cluster and the
+        holder, since the agent runs in the holder's cluster.
+        """
         record = await asyncio.to_thread(self._store.get_agent, name)
         if record is None:
             return None
-        return {"status": record.status, "actor": actor_name(record)}
+        located = {"status": record.status, "actor": actor_name(record)}
+        if not self._holds_lease():
+            assert self._lease is not None
+            located.update(cluster_id=self._cluster_id, lease_holder=self._lease.holder)
+        return located
 
     async def stop(
         self, name: str, purge: bool = False, by: str | None = None, token: str | None = None

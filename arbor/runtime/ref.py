@@ -16,6 +16,7 @@ from arbor.errors import (
     AgentNotFound,
     AgentOverloaded,
     AskTimeout,
+    ClusterLeaseLost,
     HandlerError,
     InvalidArguments,
     UnknownHandler,
@@ -229,6 +230,8 @@ class AgentRef:
             located = locate(self._name)
             if located is None:
                 raise AgentNotFound(self._name)
+            if "lease_holder" in located:
+                raise ClusterLeaseLost(located["cluster_id"], located["lease_holder"])
             status, actor = located["status"], located["actor"]
             if actor != self._name and status in ("running", "starting"):
                 # The agent runs in a warm actor, which has a Ray name of its own.
