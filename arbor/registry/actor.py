@@ -103,6 +103,7 @@ class Registry:
             "database_url": redact_url(self._settings.database_url),
             "reconciler_passes": self._passes,
             "cluster_id": self._cluster_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     async def lease(self) -> dict[str, Any]:
