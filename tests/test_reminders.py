@@ -476,6 +476,13 @@ def test_new_cluster_fires_missed_reminders_once(cluster: str, tmp_path: Any) ->
         restarted_at = time.time()
         arbor.init(database_url=sqlite_url, num_cpus=2, object_store_memory=100 * 1024**2)
         periodic = periodic_times("rem/new-cluster", 2)
+        # The two reminders are delivered independently, so the one-shot may come later.
+        wait_for(
+            lambda: names(arbor.get("rem/new-cluster").ask("received"), "once"),
+            20,
+            "the one-shot",
+        )
+        time.sleep(1.0)
         deliveries = arbor.get("rem/new-cluster").ask("received")
     finally:
         arbor.shutdown()
