@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
     lease = commands.add_parser(
         "lease",
-        help="show which Ray cluster holds the cluster lease and runs the agents",
+        help="show which Ray cluster has the cluster lease and runs the agents",
         description="Show the cluster lease. Only the holder's registry recreates agents; "
         "a new cluster takes the lease when its registry first starts. --claim moves the "
         "agents to the cluster this command connects to, for a rollback.",

@@ -221,7 +221,7 @@ class ClusterLeaseLost(ArborError):
     """Another Ray cluster holds the cluster lease, so this one may not run agents.
 
     A new cluster takes the lease when its registry first starts, as during a RayService
-    upgrade; `arbor lease --claim` gives it back to the cluster it is run against.
+    upgrade. `arbor lease --claim` gives it back to the cluster it is run against.
     """
 
     def __init__(self, cluster_id: str, holder: str) -> None:

@@ -31,7 +31,7 @@ RECONCILE_INTERVAL_S = "0.3"
 
 
 def blue(database_url: str) -> None:
-    """Run the old cluster and answer one JSON line per command read from stdin."""
+    """Run the old cluster and print one JSON line per command read from stdin."""
     arbor.init(database_url=database_url, **CLUSTER)
     try:
         for name in NAMES:
@@ -96,7 +96,7 @@ class Blue:
         while True:
             line = self.process.stdout.readline()
             assert line, f"the blue cluster's process ended with code {self.process.poll()}"
-            # Ray copies worker log lines to the driver's stdout; answers are JSON objects.
+            # Ray copies worker log lines to the driver's stdout, so skip lines that are not JSON.
             if line.startswith("{"):
                 result: dict[str, Any] = json.loads(line)
                 return result

@@ -107,7 +107,7 @@ def test_graceful_stop_commits_on_stop_changes(cluster: str) -> None:
     assert state["count"] == 1
 
 
-def test_slow_on_stop_is_cut_off_at_stop_timeout(cluster: str) -> None:
+def test_slow_on_stop_is_killed(cluster: str) -> None:
     ref = arbor.spawn(SlowStopper, "life/slow-stop")
     ref.ask("add")
 
@@ -134,7 +134,7 @@ def test_handler_past_its_timeout_fails_with_ask_timeout() -> None:
     elapsed = time.monotonic() - started
 
     assert elapsed < 15
-    # The agent answers again, without the timed-out message's change.
+    # The agent replies again, without the timed-out message's change.
     assert ref.ask("state", timeout=30)["count"] == 1
     assert ref.ask("add") == 2
     assert ref.info()["incarnation"] == incarnation + 1

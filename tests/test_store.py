@@ -944,7 +944,7 @@ def test_cluster_lease_is_none_before_any_claim(store: CheckpointStore) -> None:
     assert store.cluster_lease() is None
 
 
-def test_claim_by_new_cluster_takes_lease_and_bumps_generation(store: CheckpointStore) -> None:
+def test_lease_claim_bumps_generation(store: CheckpointStore) -> None:
     first = store.claim_cluster_lease("blue")
     again = store.claim_cluster_lease("blue")
     taken = store.claim_cluster_lease("green")

@@ -96,25 +96,7 @@ RECOVERY_BUCKETS_S: tuple[float, ...] = (
 
 # Seconds. A reminder normally fires within milliseconds of its due time, and one that
 # came due while its agent or the whole cluster was down fires up to hours late.
-LATENESS_BUCKETS_S: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-    3600.0,
-)
+LATENESS_BUCKETS_S: tuple[float, ...] = (*LATENCY_BUCKETS_S[4:], 60.0, 300.0, 3600.0)
 
 MetricKind = Literal["counter", "gauge", "histogram"]
 

@@ -406,8 +406,8 @@ class Registry:
     async def locate(self, name: str) -> dict[str, str] | None:
         """Return the agent's status and Ray actor name, or None if no agent has the name.
 
-        In a cluster without the cluster lease the answer also names this cluster and the
-        holder, since the agent runs in the holder's cluster.
+        In a cluster without the cluster lease the result also names this cluster and the
+        lease holder, because the agent runs in the holder's cluster.
         """
         record = await asyncio.to_thread(self._store.get_agent, name)
         if record is None:

@@ -19,7 +19,7 @@ def rollback_key(name: str) -> bytes:
 
 
 def max_pending_key(name: str) -> bytes:
-    """Return the key that holds agent ``name``'s ``max_pending`` limit."""
+    """Return the key of agent ``name``'s ``max_pending`` limit."""
     return f"max-pending/{name}".encode()
 
 
