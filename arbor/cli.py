@@ -23,6 +23,7 @@ from rich.table import Table
 import arbor
 from arbor.config import get_settings, redact_url
 from arbor.errors import ArborError, ClusterUnavailable
+from arbor.names import namespace_of, validate_namespace
 from arbor.persistence import AuditEntry, CheckpointStore, absolute_database_url, open_store
 from arbor.persistence.audit import DECISIONS, format_time
 
@@ -130,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         choices=["starting", "running", "stopped", "failed"],
         help="only agents with this status",
+    )
+    agents.add_argument(
+        "--namespace",
+        default=None,
+        help="only agents in this namespace (default ARBOR_NAMESPACE, else 'default'); "
+        "'*' lists every namespace",
     )
     agents.add_argument(
         "--url",
@@ -423,7 +430,7 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     _connect_existing()
     nodes = [node for node in ray.nodes() if node["Alive"]]
     registry = ray.get(ensure_registry().ping.remote(), timeout=30)
-    counts = collections.Counter(info.status for info in arbor.list_agents())
+    counts = collections.Counter(info.status for info in arbor.list_agents(namespace="*"))
     console.print(
         f"Ray address:  {ray.get_runtime_context().gcs_address} ({len(nodes)} nodes alive)"
     )
@@ -471,7 +478,7 @@ def _metrics(args: argparse.Namespace, console: Console) -> int:
         console.print(f"--interval {args.interval} is invalid; pass a number of seconds > 0")
         return 2
     _connect_existing()
-    counts = collections.Counter(info.status for info in arbor.list_agents())
+    counts = collections.Counter(info.status for info in arbor.list_agents(namespace="*"))
     urls = [
         f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
         for node in ray.nodes()
@@ -517,11 +524,20 @@ def _metrics(args: argparse.Namespace, console: Console) -> int:
 
 
 def _agents(args: argparse.Namespace, console: Console) -> int:
+    if args.namespace not in (None, "*"):
+        try:
+            validate_namespace(args.namespace)
+        except arbor.InvalidArguments as error:
+            console.print(f"--namespace: {error}")
+            return 2
     if args.url is not None:
         infos = _gateway_client(args).list_agents(args.status)
+        wanted = args.namespace or arbor.current_namespace()
+        if wanted != "*":
+            infos = [info for info in infos if namespace_of(info.name) == wanted]
     else:
         _connect_existing()
-        infos = arbor.list_agents(args.status)
+        infos = arbor.list_agents(args.status, namespace=args.namespace)
     table = Table()
     for column in (
         "name",

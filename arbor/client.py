@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +15,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from arbor.agent import Agent
 from arbor.config import NAMESPACE, REGISTRY_NAME, Settings, get_settings, reset_settings
 from arbor.errors import AgentNotFound, AgentTypeNotImportable, ArborError, ClusterUnavailable
+from arbor.names import (
+    namespace_of,
+    qualify,
+    qualify_pattern,
+    qualify_principal,
+    validate_namespace,
+)
 from arbor.persistence import CheckpointInfo, absolute_database_url, open_store
 from arbor.registry.info import AgentInfo
 from arbor.registry.reminder_spec import ReminderInfo
@@ -32,6 +40,12 @@ RETRY_TIMER_MS = "100"
 # Seconds to wait for a TCP connection to a cluster address before calling it down.
 _PROBE_TIMEOUT_S = 3.0
 
+# The namespace given to `init`; None means ``ARBOR_NAMESPACE``.
+_namespace: str | None = None
+
+# The value of list_agents(namespace=...) that lists every namespace.
+ALL_NAMESPACES = "*"
+
 
 def init(
     address: str | None = None,
@@ -39,6 +53,7 @@ def init(
     database_url: str | None = None,
     num_cpus: int | None = None,
     object_store_memory: int | None = None,
+    namespace: str | None = None,
 ) -> None:
     """Connect to (or start) Ray and make sure the registry runs.
 
@@ -49,14 +64,21 @@ def init(
         database_url: checkpoint store; default ``ARBOR_DATABASE_URL``.
         num_cpus: CPUs of a new local cluster; passing it always starts a new one.
         object_store_memory: object store bytes of a new local cluster.
+        namespace: the namespace that names given to this process's calls are relative
+            to; default ``ARBOR_NAMESPACE``, else ``default``. A name such as
+            ``team-b:counter`` names another namespace explicitly.
 
     Raises:
         StoreUnavailable: the database cannot be reached.
         ClusterUnavailable: no Ray cluster runs at ``address``.
+        InvalidArguments: the namespace name is invalid.
 
     Example:
-        >>> arbor.init()
+        >>> arbor.init(namespace="team-a")
     """
+    global _namespace
+    if namespace is not None:
+        _namespace = validate_namespace(namespace)
     url = absolute_database_url(database_url or get_settings().database_url)
     os.environ["ARBOR_DATABASE_URL"] = url
     reset_settings()
@@ -83,6 +105,33 @@ def init(
                 f"no Ray cluster at {target!r}: {error}; start one with `arbor up`"
             ) from error
     ensure_registry(settings)
+
+
+def current_namespace() -> str:
+    """Return the namespace that names given to this process's calls are relative to.
+
+    Inside an agent's handler it is the agent's own namespace; elsewhere the one given to
+    `init`, else ``ARBOR_NAMESPACE``.
+    """
+    from arbor.runtime.cell import running_cell
+
+    cell = running_cell()
+    if cell is not None:
+        return namespace_of(cell.name)
+    if _namespace is not None:
+        return _namespace
+    return get_settings().namespace
+
+
+def full_name(name: str) -> str:
+    """Return the full name that ``name`` means in `current_namespace`.
+
+    Example:
+        >>> arbor.init(namespace="team-a")
+        >>> arbor.full_name("counter"), arbor.full_name("team-b:counter")
+        ('team-a:counter', 'team-b:counter')
+    """
+    return qualify(name, current_namespace())
 
 
 def ensure_registry(settings: Settings | None = None) -> Any:
@@ -123,8 +172,9 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
     Args:
         agent_class: a subclass of `arbor.Agent`, importable by module path so the
             reconciler can recreate it.
-        name: cluster-wide unique name: segments of letters, digits, ``.``, ``_``, ``-``
-            separated by ``/``.
+        name: a name unique in its namespace: segments of letters, digits, ``.``, ``_``,
+            ``-`` separated by ``/``, relative to `current_namespace` unless it starts
+            with ``<namespace>:``. The reference and every listing carry the full name.
         *args: positional arguments for ``agent_class.__init__``.
         **kwargs: keyword arguments for ``__init__``, except these placement options,
             which go to Ray: ``num_cpus``, ``num_gpus``, ``memory`` (bytes), ``resources``,
@@ -140,7 +190,13 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
     Example:
         >>> ref = arbor.spawn(Counter, name="c1", start=5)
     """
+    namespace = current_namespace()
+    name = qualify(name, namespace)
     spec = build_spawn_spec(agent_class, name, args, kwargs)
+    spec.capabilities = [
+        replace(request, pattern=qualify_pattern(request.pattern, namespace))
+        for request in spec.capabilities
+    ]
     registry = _registry()
     timeout = get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S
     try:
@@ -168,6 +224,7 @@ def get(name: str) -> AgentRef:
     Raises:
         AgentNotFound: no agent has this name, or it is stopped.
     """
+    name = full_name(name)
     validate_name(name)
     try:
         return AgentRef(name, handle=ray.get_actor(name, namespace=NAMESPACE))
@@ -188,12 +245,20 @@ def get(name: str) -> AgentRef:
     return AgentRef(name)
 
 
-def list_agents(status: str | None = None) -> list[AgentInfo]:
-    """Return every registered agent (optionally only one status), ordered by name."""
+def list_agents(status: str | None = None, *, namespace: str | None = None) -> list[AgentInfo]:
+    """Return the registered agents of a namespace, ordered by full name.
+
+    Args:
+        status: only agents with this status; None for all.
+        namespace: default `current_namespace`; ``"*"`` lists every namespace.
+    """
+    wanted = _namespace_filter(namespace)
     result: list[AgentInfo] = _call(
         _registry().list_agents.remote(status), timeout=_REGISTRY_TIMEOUT_S
     )
-    return result
+    if wanted is None:
+        return result
+    return [info for info in result if namespace_of(info.name) == wanted]
 
 
 def stop(name: str, purge: bool = False) -> None:
@@ -206,7 +271,7 @@ def stop(name: str, purge: bool = False) -> None:
     Raises:
         AgentNotFound: no agent has this name.
     """
-    _call(_registry().stop.remote(name, purge), timeout=_REGISTRY_TIMEOUT_S)
+    _call(_registry().stop.remote(full_name(name), purge), timeout=_REGISTRY_TIMEOUT_S)
 
 
 def restore(name: str, version: int) -> AgentInfo:
@@ -220,7 +285,7 @@ def restore(name: str, version: int) -> AgentInfo:
         CheckpointNotFound: the version was never written or has been pruned.
     """
     result: AgentInfo = _call(
-        _registry().restore.remote(name, version),
+        _registry().restore.remote(full_name(name), version),
         timeout=get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S,
     )
     return result
@@ -229,7 +294,7 @@ def restore(name: str, version: int) -> AgentInfo:
 def list_checkpoints(name: str) -> list[CheckpointInfo]:
     """Return the kept checkpoint versions of an agent, newest first."""
     result: list[CheckpointInfo] = _call(
-        _registry().checkpoints.remote(name), timeout=_REGISTRY_TIMEOUT_S
+        _registry().checkpoints.remote(full_name(name)), timeout=_REGISTRY_TIMEOUT_S
     )
     return result
 
@@ -272,6 +337,10 @@ def grant(
 ) -> CapabilityInfo:
     """Grant ``principal`` a capability, on the operator's authority.
 
+    Names in the principal and in an agent, topic or capability pattern are relative to
+    `current_namespace`, so a pattern covers that namespace only. A pattern that names
+    a namespace, such as ``arbor://agent/ask/team-b:*``, grants access across namespaces.
+
     Args:
         principal: an agent name, or an API key id.
         pattern: the resources, such as ``arbor://agent/send/workers/*`` (``*`` matches
@@ -290,9 +359,10 @@ def grant(
     """
     from arbor.registry.security import GrantRequest
 
+    namespace = current_namespace()
     request = GrantRequest.parse(
         {
-            "pattern": pattern,
+            "pattern": qualify_pattern(pattern, namespace),
             "operations": operations,
             "expires_at": expires_at,
             "max_uses": max_uses,
@@ -301,7 +371,8 @@ def grant(
         }
     )
     result: CapabilityInfo = _call(
-        _registry().grant.remote(principal, request), timeout=_REGISTRY_TIMEOUT_S
+        _registry().grant.remote(qualify_principal(principal, namespace), request),
+        timeout=_REGISTRY_TIMEOUT_S,
     )
     return result
 
@@ -319,6 +390,8 @@ def capabilities(
     principal: str | None = None, include_revoked: bool = False
 ) -> list[CapabilityInfo]:
     """Return the capabilities ``principal`` holds (every principal's when None)."""
+    if principal is not None:
+        principal = qualify_principal(principal, current_namespace())
     result: list[CapabilityInfo] = _call(
         _registry().capabilities.remote(principal, include_revoked), timeout=_REGISTRY_TIMEOUT_S
     )
@@ -326,15 +399,21 @@ def capabilities(
 
 
 def reminders(agent: str | None = None) -> list[ReminderInfo]:
-    """Return the durable reminders of ``agent`` (every agent's when None), soonest first.
+    """Return the durable reminders of ``agent`` (every agent's in the namespace when None).
+
+    They come soonest first.
 
     Example:
         >>> [(r.name, r.due_at, r.every) for r in arbor.reminders("jobs/coordinator")]
         [('report', datetime.datetime(2030, 1, 1, 9, 0, tzinfo=datetime.timezone.utc), 3600.0)]
     """
+    namespace = current_namespace()
+    target = None if agent is None else qualify(agent, namespace)
     result: list[ReminderInfo] = _call(
-        _registry().reminders.remote(agent), timeout=_REGISTRY_TIMEOUT_S
+        _registry().reminders.remote(target), timeout=_REGISTRY_TIMEOUT_S
     )
+    if target is None:
+        return [info for info in result if namespace_of(info.agent) == namespace]
     return result
 
 
@@ -346,7 +425,7 @@ def cancel_reminder(agent: str, name: str) -> bool:
         the agent.
     """
     result: bool = _call(
-        _registry().cancel_reminder.remote(agent, name), timeout=_REGISTRY_TIMEOUT_S
+        _registry().cancel_reminder.remote(full_name(agent), name), timeout=_REGISTRY_TIMEOUT_S
     )
     return result
 
@@ -359,6 +438,15 @@ def shutdown() -> None:
     """
     if ray.is_initialized():
         ray.shutdown()
+
+
+def _namespace_filter(namespace: str | None) -> str | None:
+    """Return the namespace a listing keeps, or None to keep every namespace."""
+    if namespace == ALL_NAMESPACES:
+        return None
+    if namespace is None:
+        return current_namespace()
+    return validate_namespace(namespace)
 
 
 def _registry() -> Any:

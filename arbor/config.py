@@ -6,8 +6,11 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from arbor.errors import ConfigError, InvalidArguments
+from arbor.names import validate_namespace
 
 # The Ray namespace that contains every Arbor actor, so that `ray.get_actor` from any
 # driver finds agents and the registry whatever namespace that driver runs in.
@@ -76,11 +79,21 @@ class Settings(BaseSettings):
         description="Seconds a graceful stop waits for the agent's on_stop hook and final "
         "checkpoint before it kills the agent's process.",
     )
+    namespace: str = Field(
+        default="default",
+        description="The namespace that this process's agent, topic and principal names are "
+        "relative to; arbor.init(namespace=...) overrides it.",
+    )
     max_agents: int = Field(
         default=0,
         ge=0,
-        description="Cap on agents starting or running in the cluster; a spawn past it fails "
-        "with QuotaExceeded. 0 means no cap.",
+        description="Cap on agents starting or running in each namespace; a spawn past it "
+        "fails with QuotaExceeded. 0 means no cap.",
+    )
+    namespace_max_agents: dict[str, int] = Field(
+        default_factory=dict,
+        description='Caps for single namespaces as a JSON object, such as {"team-a": 500}; '
+        "a namespace not listed has ARBOR_MAX_AGENTS. 0 means no cap.",
     )
     reconcile_interval_s: float = Field(
         default=2.0,
@@ -289,6 +302,30 @@ class Settings(BaseSettings):
         "counts as one for as long as it lasts.",
     )
 
+    @field_validator("namespace")
+    @classmethod
+    def _valid_namespace(cls, value: str) -> str:
+        try:
+            return validate_namespace(value)
+        except InvalidArguments as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("namespace_max_agents")
+    @classmethod
+    def _valid_namespace_caps(cls, value: dict[str, int]) -> dict[str, int]:
+        for namespace, cap in value.items():
+            try:
+                validate_namespace(namespace)
+            except InvalidArguments as error:
+                raise ValueError(str(error)) from None
+            if cap < 0:
+                raise ValueError(f"the cap of namespace {namespace!r} is {cap}; use 0 or more")
+        return value
+
+    def agent_cap(self, namespace: str) -> int:
+        """Return the cap on agents in ``namespace``; 0 means no cap."""
+        return self.namespace_max_agents.get(namespace, self.max_agents)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_case_log_level(cls, value: object) -> object:
@@ -297,8 +334,20 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Return the process-wide settings, read once from the environment."""
-    return Settings()
+    """Return the process-wide settings, read once from the environment.
+
+    Raises:
+        ConfigError: naming each variable whose value is invalid and why.
+    """
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"ARBOR_{'_'.join(str(part) for part in problem['loc']).upper()}"
+            f"={problem.get('input')!r}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
 
 
 def reset_settings() -> None:

@@ -12,12 +12,13 @@ class AgentNotFound(ArborError, LookupError):
 
     def __init__(self, name: str, detail: str = "") -> None:
         self.name = name
+        self.detail = detail
         message = f"agent {name!r} not found"
         message += f": {detail}" if detail else "; arbor.list_agents() shows the registered names"
         super().__init__(message)
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.name,))
+        return (type(self), (self.name, self.detail))
 
 
 class NameTaken(ArborError, ValueError):
@@ -106,18 +107,24 @@ class AgentOverloaded(ArborError):
 
 
 class QuotaExceeded(ArborError):
-    """A spawn would take the cluster past its cap on running agents (``ARBOR_MAX_AGENTS``)."""
+    """A spawn would take a namespace past its cap on running agents.
 
-    def __init__(self, name: str, limit: int) -> None:
+    ``ARBOR_NAMESPACE_MAX_AGENTS`` sets the cap of single namespaces and
+    ``ARBOR_MAX_AGENTS`` that of the others.
+    """
+
+    def __init__(self, name: str, limit: int, namespace: str = "default") -> None:
         super().__init__(
-            f"cannot spawn agent {name!r}: {limit} agents already run, the cap that "
-            "ARBOR_MAX_AGENTS sets; stop agents you no longer need, or raise the cap"
+            f"cannot spawn agent {name!r}: {limit} agents already run in namespace "
+            f"{namespace!r}, its cap (ARBOR_NAMESPACE_MAX_AGENTS, else ARBOR_MAX_AGENTS); "
+            "stop agents you no longer need, or raise the cap"
         )
         self.name = name
         self.limit = limit
+        self.namespace = namespace
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.name, self.limit))
+        return (type(self), (self.name, self.limit, self.namespace))
 
 
 class StateNotSerializable(ArborError, ValueError):

@@ -10,10 +10,11 @@ from typing import Any
 
 from ray.exceptions import RayTaskError
 
-from arbor.client import _call, _registry
+from arbor.client import _call, _registry, current_namespace, full_name
 from arbor.config import get_settings
-from arbor.errors import ArborError
+from arbor.errors import ArborError, InvalidArguments
 from arbor.messages import new_message_id
+from arbor.names import qualify_principal
 from arbor.persistence import CheckpointStore, open_store
 from arbor.registry.topic_spec import SubscriptionInfo, TopicEvent, validate_max_lag, validate_topic
 from arbor.runtime.topics import append_event
@@ -46,7 +47,7 @@ def publish(topic: str, event: Any) -> int:
         >>> arbor.publish("orders/eu", {"id": 7, "total": 12.5})
         1
     """
-    validate_topic(topic)
+    topic = validate_topic(full_name(topic))
     _registry()
     return append_event(_store(), topic, event, new_message_id(), None)
 
@@ -73,7 +74,7 @@ def subscribe(topic: str, *, max_lag: int | None = None) -> Subscription:
         ...     for event in orders:
         ...         print(event.seq, event.data)
     """
-    validate_topic(topic)
+    topic = validate_topic(full_name(topic))
     validate_max_lag(max_lag, get_settings().topic_max_lag)
     registry = _registry()
     info: SubscriptionInfo = _call(registry.topic.remote("open", topic, max_lag), _CALL_MARGIN_S)
@@ -87,6 +88,10 @@ def subscriptions(
 
     Each shows its position and how many events it was delivered and skipped.
     """
+    if topic is not None:
+        topic = full_name(topic)
+    if subscriber is not None:
+        subscriber = qualify_principal(subscriber, current_namespace())
     result: list[SubscriptionInfo] = _call(
         _registry().topic.remote("list", topic, subscriber), _CALL_MARGIN_S
     )
@@ -120,7 +125,11 @@ class Subscription:
 
         Returns:
             The event, or None after ``timeout`` or once the subscription is closed.
+
+        Raises:
+            InvalidArguments: ``timeout`` is negative or not a number.
         """
+        _check_poll_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._events:
             if self._closed:
@@ -134,6 +143,7 @@ class Subscription:
 
     async def poll_async(self, timeout: float | None = None) -> TopicEvent | None:
         """Like `poll`, for async code: the wait does not block the event loop."""
+        _check_poll_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._events:
             if self._closed:
@@ -245,3 +255,14 @@ def _store() -> CheckpointStore:
             store = open_store(url, get_settings())
             _stores[url] = store
         return store
+
+
+def _check_poll_timeout(timeout: object) -> None:
+    """Reject a poll timeout that is not None or a number of seconds of 0 or more."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+        raise InvalidArguments(
+            f"timeout={timeout!r} is invalid; pass seconds of 0 or more, or None to wait "
+            "until an event comes"
+        )

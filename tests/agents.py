@@ -44,7 +44,11 @@ class Counter(arbor.Agent):
         return os.environ.get(key)
 
     def whoami(self) -> dict[str, Any]:
-        return {"name": self.context.name, "incarnation": self.context.incarnation}
+        return {
+            "name": self.context.name,
+            "namespace": self.context.namespace,
+            "incarnation": self.context.incarnation,
+        }
 
     def _private(self) -> str:
         return "hidden"

@@ -1064,3 +1064,31 @@ def test_requests_are_counted_in_the_metrics_export(gateway: Gateway) -> None:
             break
         time.sleep(1)
     assert counted >= 3
+
+
+# --- namespaces -----------------------------------------------------------------------
+
+
+def test_namespaced_agents_take_full_names_and_need_capabilities_naming_them(
+    gateway: Gateway,
+) -> None:
+    tenant = new_key(gateway.store, "tenant", "arbor://agent/*/team-a:gw/**")
+    body = {"type": "counter", "name": "team-a:gw/n1", "kwargs": {"start": 5}}
+    status, spawned, _ = call(gateway, "POST", "/v1/agents", body, tenant)
+    assert status == 201, spawned
+    assert spawned["name"] == "team-a:gw/n1"
+
+    message = {"handler": "add", "args": [1]}
+    path = "/v1/agents/team-a:gw/n1/messages"
+    status, result, _ = call(gateway, "POST", path, message, tenant)
+    assert (status, result["reply"]) == (200, 6)
+
+    # The admin key's patterns are written without a namespace, so they cover 'default'.
+    status, result, _ = call(gateway, "POST", path, message, gateway.admin)
+    assert status == 403
+    assert result["error"]["uri"] == "arbor://agent/ask/team-a:gw/n1"
+
+    status, result, _ = call(gateway, "GET", "/v1/agents/Team_A:gw/n1", None, tenant)
+    assert status == 400
+    assert "names an invalid namespace" in result["error"]["message"]
+    arbor.stop("team-a:gw/n1", purge=True)

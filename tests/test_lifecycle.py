@@ -66,6 +66,19 @@ def test_restore_calls_on_recover_with_rollback() -> None:
     arbor.stop("life/rollback", purge=True)
 
 
+def test_restore_of_stopped_agent_raises_not_found(cluster: str) -> None:
+    ref = arbor.spawn(Lifecycle, "life/stopped")
+    ref.ask("add")
+    version = max(info.version for info in arbor.list_checkpoints("life/stopped"))
+    arbor.stop("life/stopped")
+
+    with pytest.raises(arbor.AgentNotFound, match="it is stopped"):
+        arbor.restore("life/stopped", version)
+
+    assert stored_state(cluster, "life/stopped")["count"] == 1
+    arbor.stop("life/stopped", purge=True)
+
+
 def test_reconciler_recreation_calls_on_recover_with_recreated() -> None:
     import ray
 

@@ -359,7 +359,10 @@ def test_operator_reminder_calls_check_agent(cluster: str) -> None:
         ray.get(registry.set_reminder.remote("rem/missing", request), timeout=30)
 
     assert isinstance(caught.value.cause, arbor.AgentNotFound)
-    assert arbor.cancel_reminder("rem/missing", "tick") is False
+    with pytest.raises(arbor.AgentNotFound, match="rem/missing"):
+        arbor.cancel_reminder("rem/missing", "tick")
+    with pytest.raises(arbor.AgentNotFound, match="rem/missing"):
+        arbor.reminders("rem/missing")
 
 
 # --- timers -------------------------------------------------------------------------------

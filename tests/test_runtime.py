@@ -249,7 +249,7 @@ def test_snapshot_and_restore_overrides_are_used() -> None:
 
 def test_context_exposes_name_and_incarnation() -> None:
     ref = arbor.spawn(Counter, "rt/context")
-    assert ref.ask("whoami") == {"name": "rt/context", "incarnation": 1}
+    assert ref.ask("whoami") == {"name": "rt/context", "namespace": "default", "incarnation": 1}
 
 
 def test_agent_spawns_and_asks_another_agent() -> None:

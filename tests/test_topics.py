@@ -276,6 +276,16 @@ def test_client_close_ends_iteration(cluster: str) -> None:
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "1", True])
+def test_client_poll_rejects_bad_timeout(cluster: str, timeout: Any) -> None:
+    with arbor.subscribe("quiet") as subscription:
+        with pytest.raises(arbor.InvalidArguments, match="timeout="):
+            subscription.poll(timeout=timeout)
+        with pytest.raises(arbor.InvalidArguments, match="timeout="):
+            asyncio.run(subscription.poll_async(timeout=timeout))
+        assert subscription.poll(timeout=0) is None
+
+
 def test_unsubscribe_stops_deliveries(cluster: str) -> None:
     ref = listener("alerts/l1", "alerts")
     arbor.publish("alerts", "first")

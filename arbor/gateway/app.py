@@ -67,6 +67,7 @@ from arbor.gateway.models import (
     SpawnBody,
     StopBody,
 )
+from arbor.names import DEFAULT_NAMESPACE, qualify
 from arbor.observability import metrics
 from arbor.persistence import open_store
 from arbor.persistence.gateway import FINAL_STATUSES, ExecutionRecord
@@ -132,8 +133,9 @@ Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of
 
 
 def _agent_name(name: str, field: str) -> str:
+    """Return the full name of an agent named over HTTP, where names are full names."""
     try:
-        return validate_name(name)
+        return validate_name(qualify(name, DEFAULT_NAMESPACE))
     except ArborError as error:
         raise ApiError(400, "invalid_name", str(error), field) from None
 

@@ -10,9 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from arbor.registry.info import AgentInfo
 from arbor.registry.security import CapabilityInfo
 
-# The agent name rule of `arbor.registry.spec.validate_name`, repeated here so the OpenAPI
-# document shows it; validate_name still runs and also rejects '.', '..' and 'arbor-'.
-AGENT_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$"
+# The full agent name rule of `arbor.registry.spec.validate_name`, an optional namespace
+# and colon before the name, repeated here so the OpenAPI document shows it;
+# validate_name still runs and also rejects '.', '..', 'arbor-' and reserved namespaces.
+AGENT_NAME_PATTERN = (
+    r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?:)?"
+    r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$"
+)
 
 AgentName = Annotated[
     str, StringConstraints(min_length=1, max_length=200, pattern=AGENT_NAME_PATTERN)

@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from arbor.errors import StoreUnavailable
+from arbor.names import DEFAULT_NAMESPACE, SEPARATOR
 from arbor.persistence.audit import AuditEntry, AuditVerification
 
 logger = logging.getLogger(__name__)
@@ -113,14 +114,24 @@ class CheckpointStore(ABC):
     def update_options(self, name: str, options: dict[str, Any]) -> None:
         """Replace the agent's stored spawn options."""
 
-    def count_agents(self, statuses: tuple[str, ...]) -> int:
-        """Return how many agents have one of ``statuses``."""
-        marks = ", ".join("%s" if self.dialect == "postgresql" else "?" for _ in statuses)
+    def count_agents(self, statuses: tuple[str, ...], namespace: str | None = None) -> int:
+        """Return how many agents have one of ``statuses``, in ``namespace`` unless None."""
+        mark = "%s" if self.dialect == "postgresql" else "?"
+        marks = ", ".join(mark for _ in statuses)
         sql = f"SELECT count(*) FROM arbor_agents WHERE status IN ({marks})"
+        parameters: tuple[str, ...] = statuses
+        if namespace == DEFAULT_NAMESPACE:
+            # Full names in the default namespace are the ones without a colon.
+            sql += f" AND name NOT LIKE {mark}"
+            parameters += (f"%{SEPARATOR}%",)
+        elif namespace is not None:
+            # Namespace names hold no LIKE wildcards ('%' or '_').
+            sql += f" AND name LIKE {mark}"
+            parameters += (f"{namespace}{SEPARATOR}%",)
 
         def step() -> int:
             with self._transaction() as connection:  # type: ignore[attr-defined]
-                return int(connection.execute(sql, statuses).fetchone()[0])
+                return int(connection.execute(sql, parameters).fetchone()[0])
 
         result: int = self._retry("count_agents", step)
         return result

@@ -26,6 +26,7 @@ from arbor.errors import (
     HandlerError,
     QuotaExceeded,
 )
+from arbor.names import namespace_of
 from arbor.observability import mailbox, metrics
 from arbor.persistence import (
     ALLOWED,
@@ -171,11 +172,12 @@ class Registry:
                 # A retried spawn whose first attempt is recorded; finish that one instead.
                 self._warm[spec.type_path].appendleft(slot)
                 slot = None
-            if await self._over_quota():
+            cap = await self._over_quota(spec.name)
+            if cap:
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
                 if slot is not None:
                     self._warm[spec.type_path].appendleft(slot)
-                raise QuotaExceeded(spec.name, self._settings.max_agents)
+                raise QuotaExceeded(spec.name, cap, namespace_of(spec.name))
             _publish_mailbox_limit(spec.name, spec.options)
             try:
                 granted = await asyncio.to_thread(self._grant_at_birth, spec)
@@ -234,17 +236,19 @@ class Registry:
             self._inflight.discard(spec.name)
         return await self._spawned(spec)
 
-    async def _over_quota(self) -> bool:
-        """Return True when more agents start or run than ``ARBOR_MAX_AGENTS`` allows.
+    async def _over_quota(self, name: str) -> int:
+        """Return the cap of the namespace of ``name`` when the new agent takes it past it.
 
-        It runs after the new record is stored, so two spawns racing for the last place
-        both see the other and both fail, rather than both passing the cap.
+        Returns 0 when the namespace has no cap or room. It runs after the new record is
+        stored, so two spawns racing for the last place both see the other and both fail,
+        rather than both passing the cap.
         """
-        limit = self._settings.max_agents
+        namespace = namespace_of(name)
+        limit = self._settings.agent_cap(namespace)
         if limit == 0:
-            return False
-        count = await asyncio.to_thread(self._store.count_agents, (RUNNING, STARTING))
-        return count > limit
+            return 0
+        count = await asyncio.to_thread(self._store.count_agents, (RUNNING, STARTING), namespace)
+        return limit if count > limit else 0
 
     async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
         logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
@@ -388,11 +392,22 @@ class Registry:
     async def reminders(
         self, agent: str | None = None, by: str | None = None
     ) -> list[ReminderInfo]:
-        """Return the reminders of ``agent`` (every agent's when None), soonest first."""
+        """Return the reminders of ``agent`` (every agent's when None), soonest first.
+
+        Raises:
+            AgentNotFound: ``agent`` names no registered agent.
+        """
+        if agent is not None:
+            await self.info(agent)
         return await self._reminders.list_reminders(agent, by)
 
     async def cancel_reminder(self, agent: str, name: str, by: str | None = None) -> bool:
-        """Delete a reminder; returns whether it existed."""
+        """Delete a reminder; returns whether it existed.
+
+        Raises:
+            AgentNotFound: ``agent`` names no registered agent.
+        """
+        await self.info(agent)
         return await self._reminders.cancel_reminder(agent, name, by)
 
     async def topic(self, request: str, *args: Any) -> Any:
@@ -482,6 +497,12 @@ class Registry:
         record = await asyncio.to_thread(self._store.get_agent, name)
         if record is None:
             raise AgentNotFound(name)
+        if record.status == STOPPED:
+            raise AgentNotFound(
+                name,
+                "it is stopped, and a stopped agent does not run again; read its state with "
+                "arbor.list_checkpoints, or purge it and spawn it anew",
+            )
         checkpoint = await asyncio.to_thread(self._store.load_checkpoint, name, version)
         if checkpoint is None:
             available = await asyncio.to_thread(self._store.list_checkpoints, name)

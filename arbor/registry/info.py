@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from arbor.names import namespace_of
 from arbor.persistence import AgentRecord
 
 
@@ -13,7 +14,7 @@ class AgentInfo:
     """The registry's record of one agent.
 
     Attributes:
-        name: cluster-wide agent name.
+        name: the agent's full name, such as ``team-a:counter`` (no prefix in ``default``).
         type: the agent class as ``module:QualName``.
         status: ``starting``, ``running``, ``stopped`` or ``failed``.
         node_id: Ray node of the latest incarnation.
@@ -38,6 +39,11 @@ class AgentInfo:
     checkpointed_at: datetime | None
     last_error: str | None
     actor: str = ""
+
+    @property
+    def namespace(self) -> str:
+        """The namespace the agent lives in, from its full name."""
+        return namespace_of(self.name)
 
     @classmethod
     def from_record(cls, record: AgentRecord) -> AgentInfo:

@@ -11,6 +11,7 @@ from typing import Any
 
 from arbor.agent import Agent, type_path
 from arbor.errors import InvalidAgentName, InvalidArguments
+from arbor.names import local_name, namespace_problem
 from arbor.registry.security import GrantRequest, grant_requests
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,17 @@ def validate_name(name: object) -> str:
         raise InvalidAgentName(
             f"agent name {name[:40]!r}... is longer than {MAX_NAME_LENGTH} characters"
         )
-    if not _NAME_PATTERN.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
+    problem = namespace_problem(name)
+    if problem is not None:
+        raise InvalidAgentName(f"agent name {name!r} is invalid: {problem}")
+    local = local_name(name)
+    if not _NAME_PATTERN.fullmatch(local) or any(part in (".", "..") for part in local.split("/")):
         raise InvalidAgentName(
             f"agent name {name!r} is invalid; use segments of letters, digits, '.', '_' and "
-            "'-' separated by '/', such as 'workers/7'"
+            "'-' separated by '/', such as 'workers/7', after an optional namespace and "
+            "colon, such as 'team-a:workers/7'"
         )
-    if name.startswith("arbor-"):
+    if local.startswith("arbor-"):
         raise InvalidAgentName(f"agent name {name!r} is invalid; the prefix 'arbor-' is reserved")
     return name
 

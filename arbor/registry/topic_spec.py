@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from arbor.errors import InvalidArguments, InvalidTopicName, StateNotSerializable
+from arbor.names import local_name, namespace_problem
 from arbor.persistence.jsonstate import encode_state
 from arbor.persistence.topics import SubscriptionRecord, TopicEventRecord
 
@@ -107,11 +108,14 @@ def validate_topic(topic: object) -> str:
         raise InvalidTopicName(
             f"topic name {topic[:40]!r}... is longer than {MAX_TOPIC_LENGTH} characters"
         )
-    if not _TOPIC_PATTERN.fullmatch(topic):
+    problem = namespace_problem(topic)
+    if problem is not None:
+        raise InvalidTopicName(f"topic name {topic!r} is invalid: {problem}")
+    if not _TOPIC_PATTERN.fullmatch(local_name(topic)):
         raise InvalidTopicName(
             f"topic name {topic!r} is invalid; use segments that start with a letter, digit "
             "or '_' and contain letters, digits, '.', '_' and '-', separated by '/', such "
-            "as 'orders/eu'"
+            "as 'orders/eu', after an optional namespace and colon, such as 'team-a:orders/eu'"
         )
     return topic
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import ray
 
 from arbor.config import Settings, get_settings
 from arbor.errors import InvalidArguments
+from arbor.names import namespace_of, qualify, qualify_pattern, qualify_principal
 from arbor.runtime.ref import AgentRef, registry_handle
 from arbor.runtime.timers import Timers
 
@@ -59,9 +61,18 @@ class RuntimeContext:
         records = cell.guard.store.list_capabilities(self._name)
         return [CapabilityInfo.from_record(record) for record in records]
 
+    @property
+    def namespace(self) -> str:
+        """The namespace of this agent, which the names it passes are relative to."""
+        return namespace_of(self._name)
+
     def get(self, name: str) -> AgentRef:
-        """Return a reference to another agent; its messages name this agent as sender."""
-        return AgentRef(name, sender=self._name, origin=self._cell)
+        """Return a reference to another agent; its messages name this agent as sender.
+
+        ``name`` is relative to this agent's namespace unless it names one, such as
+        ``team-b:counter``; reaching another namespace needs a capability that names it.
+        """
+        return AgentRef(qualify(name, self.namespace), sender=self._name, origin=self._cell)
 
     def spawn(
         self,
@@ -77,7 +88,12 @@ class RuntimeContext:
         """
         from arbor.registry.spec import build_spawn_spec
 
+        name = qualify(name, self.namespace)
         spec = build_spawn_spec(agent_class, name, (), {**kwargs, "capabilities": capabilities})
+        spec.capabilities = [
+            replace(request, pattern=qualify_pattern(request.pattern, self.namespace))
+            for request in spec.capabilities
+        ]
         spec.spawner = self._name
         spec.token = self._token_for(f"arbor://agent/spawn/{name}")
         _call(registry_handle().spawn.remote(spec))
@@ -85,6 +101,7 @@ class RuntimeContext:
 
     def stop(self, name: str, purge: bool = False) -> None:
         """Stop another agent through the registry; needs ``arbor://agent/stop/<name>``."""
+        name = qualify(name, self.namespace)
         token = self._token_for(f"arbor://agent/stop/{name}")
         _call(registry_handle().stop.remote(name, purge, self._name, token))
 
@@ -111,6 +128,9 @@ class RuntimeContext:
         from arbor.registry.security import GrantRequest
 
         request = None
+        to = qualify_principal(to, self.namespace)
+        if pattern is not None:
+            pattern = qualify_pattern(pattern, self.namespace)
         held = pattern or self._pattern_of(capability_id)
         if held is not None and (pattern is not None or terms):
             request = GrantRequest.parse({"pattern": held, **terms})
@@ -282,7 +302,7 @@ class RuntimeContext:
         """
         from arbor.runtime import topics
 
-        return topics.publish(self._require_cell(), topic, event)
+        return topics.publish(self._require_cell(), self._topic(topic), event)
 
     def subscribe(self, topic: str, handler: Any, *, max_lag: int | None = None) -> Any:
         """Deliver each later event of ``topic`` to ``handler(topic, event)`` of this agent.
@@ -305,7 +325,7 @@ class RuntimeContext:
         """
         from arbor.runtime import topics
 
-        return topics.subscribe(self._require_cell(), topic, handler, max_lag, _call)
+        return topics.subscribe(self._require_cell(), self._topic(topic), handler, max_lag, _call)
 
     def unsubscribe(self, topic: str) -> bool:
         """Stop deliveries of ``topic`` to this agent; returns whether it was subscribed.
@@ -314,7 +334,11 @@ class RuntimeContext:
         """
         from arbor.runtime import topics
 
-        return topics.unsubscribe(self._require_cell(), topic, _call)
+        return topics.unsubscribe(self._require_cell(), self._topic(topic), _call)
+
+    def _topic(self, topic: str) -> str:
+        """Return the full name of a topic named in this agent's namespace."""
+        return qualify(topic, self.namespace)
 
     async def checkpoint(self) -> int:
         """Commit the agent's state now, from inside a handler; returns the version."""

@@ -98,7 +98,9 @@ class AgentRef:
             try:
                 reply = ray.get(object_ref, timeout=max(deadline - time.monotonic(), 0.0))
             except GetTimeoutError:
-                raise AskTimeout(self._timeout_message(handler, timeout)) from None
+                raise AskTimeout(
+                    self._timeout_message(handler, timeout, envelope.message_id)
+                ) from None
             except _ACTOR_LOST as error:
                 self._lost_actor(error)
                 continue
@@ -124,7 +126,9 @@ class AgentRef:
                     object_ref, timeout=max(deadline - time.monotonic(), 0.0)
                 )
             except asyncio.TimeoutError:
-                raise AskTimeout(self._timeout_message(handler, timeout)) from None
+                raise AskTimeout(
+                    self._timeout_message(handler, timeout, envelope.message_id)
+                ) from None
             except _ACTOR_LOST as error:
                 self._lost_actor(error)
                 await asyncio.sleep(_RESOLVE_POLL_S)
@@ -281,11 +285,12 @@ class AgentRef:
             raise AgentNotFound(self._name, error.message)
         raise HandlerError(self._name, handler, error.error_type, error.message, error.traceback)
 
-    def _timeout_message(self, handler: str, timeout: float | None) -> str:
+    def _timeout_message(self, handler: str, timeout: float | None, message_id: str) -> str:
         seconds = timeout if timeout is not None else _default_timeout()
         return (
             f"agent {self._name!r} handler {handler!r} did not reply within {seconds} s; the "
-            "message may still be applied, so retry with the same message_id to stay idempotent"
+            f"message may still be applied, so retry with message_id={message_id!r} to apply "
+            "it at most once"
         )
 
 

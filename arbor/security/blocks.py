@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from arbor.errors import InvalidCapability
+from arbor.names import join
 from arbor.security.uri import (
     ANY_SEGMENT,
     ANY_SUFFIX,
@@ -125,8 +126,11 @@ def find_widening(parents: tuple[CapabilityBlock, ...], child: CapabilityBlock) 
     # Paths are compared on their own because the operations sets, not the pattern's
     # operation segment, say what a block grants: 'agent/*/x' granting only send is
     # narrower than 'agent/send/**'.
-    same_kind = parent.pattern.kind == child.pattern.kind
-    if not (same_kind and path_covers(parent.pattern.path, child.pattern.path)):
+    same_scope = (parent.pattern.kind, parent.pattern.namespace) == (
+        child.pattern.kind,
+        child.pattern.namespace,
+    )
+    if not (same_scope and path_covers(parent.pattern.path, child.pattern.path)):
         return f"pattern '{child.pattern}' is wider than the parent's '{parent.pattern}'"
     extra = child.operations - parent.operations
     if extra:
@@ -284,7 +288,9 @@ def resource_regex(pattern: Pattern, operations: frozenset[str]) -> str:
         else:
             parts.append(segment.replace(".", r"\."))
     alternatives = "|".join(sorted(operations))
-    return f"^{SCHEME}{pattern.kind}/({alternatives})/{'/'.join(parts)}$"
+    # Namespace names hold only lowercase letters, digits and '-', none of them special.
+    path = join(pattern.namespace, "/".join(parts))
+    return f"^{SCHEME}{pattern.kind}/({alternatives})/{path}$"
 
 
 def block_datalog(block: CapabilityBlock) -> tuple[str, dict[str, Any]]:

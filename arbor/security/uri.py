@@ -15,7 +15,11 @@ canonical form does not match. The grammar:
   letter, digit or ``_`` and goes on with letters, digits, ``.``, ``_`` and ``-``, the
   rule for agent name segments. So ``.``, ``..``, empty segments, ``%``, ``\\``,
   whitespace, control and non-ASCII characters are all rejected;
-- path segments are case-sensitive and match exactly: ``Workers`` is not ``workers``.
+- path segments are case-sensitive and match exactly: ``Workers`` is not ``workers``;
+- an agent, topic or capability path may start with a namespace and a colon, such as
+  ``arbor://agent/send/team-b:workers/*``. A path without one is in the namespace
+  ``default``, which is never written out. A pattern matches resources of its own
+  namespace only; the namespace part takes no wildcard.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from arbor.errors import InvalidResource
+from arbor.errors import InvalidArguments, InvalidResource
+from arbor.names import DEFAULT_NAMESPACE, NAMESPACED_KINDS, SEPARATOR, join, validate_namespace
 
 SCHEME = "arbor://"
 
@@ -56,9 +61,10 @@ class Resource:
     kind: str
     operation: str
     path: tuple[str, ...]
+    namespace: str = DEFAULT_NAMESPACE
 
     def __str__(self) -> str:
-        return f"{SCHEME}{self.kind}/{self.operation}/{'/'.join(self.path)}"
+        return f"{SCHEME}{self.kind}/{self.operation}/{join(self.namespace, '/'.join(self.path))}"
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,10 @@ class Pattern:
     kind: str
     operation: str
     path: tuple[str, ...]
+    namespace: str = DEFAULT_NAMESPACE
 
     def __str__(self) -> str:
-        return f"{SCHEME}{self.kind}/{self.operation}/{'/'.join(self.path)}"
+        return f"{SCHEME}{self.kind}/{self.operation}/{join(self.namespace, '/'.join(self.path))}"
 
     @property
     def operations(self) -> frozenset[str]:
@@ -89,7 +96,7 @@ class Pattern:
                 resource = parse_resource(resource)
             except InvalidResource:
                 return False
-        if resource.kind != self.kind:
+        if resource.kind != self.kind or resource.namespace != self.namespace:
             return False
         if self.operation not in (ANY_OPERATION, resource.operation):
             return False
@@ -97,7 +104,7 @@ class Pattern:
 
     def covers(self, other: Pattern) -> bool:
         """Return whether every resource ``other`` matches is also matched by this pattern."""
-        if other.kind != self.kind:
+        if other.kind != self.kind or other.namespace != self.namespace:
             return False
         if not other.operations <= self.operations:
             return False
@@ -110,8 +117,8 @@ def parse_resource(text: str) -> Resource:
     Raises:
         InvalidResource: naming the URI and the rule it breaks; wildcards are rejected too.
     """
-    kind, operation, path = _split(text, allow_wildcards=False)
-    return Resource(kind, operation, path)
+    kind, operation, path, namespace = _split(text, allow_wildcards=False)
+    return Resource(kind, operation, path, namespace)
 
 
 def parse_pattern(text: str | Pattern) -> Pattern:
@@ -124,8 +131,8 @@ def parse_pattern(text: str | Pattern) -> Pattern:
     """
     if isinstance(text, Pattern):
         return text
-    kind, operation, path = _split(text, allow_wildcards=True)
-    return Pattern(kind, operation, path)
+    kind, operation, path, namespace = _split(text, allow_wildcards=True)
+    return Pattern(kind, operation, path, namespace)
 
 
 def pattern_covers(parent: Pattern | str, child: Pattern | str) -> bool:
@@ -181,7 +188,7 @@ def path_covers(parent: tuple[str, ...], child: tuple[str, ...]) -> bool:
     return True
 
 
-def _split(text: str, allow_wildcards: bool) -> tuple[str, str, tuple[str, ...]]:
+def _split(text: str, allow_wildcards: bool) -> tuple[str, str, tuple[str, ...], str]:
     if not isinstance(text, str):
         raise InvalidResource(repr(text), f"expected a string, got {type(text).__name__}")
     if len(text) > MAX_URI_LENGTH:
@@ -213,9 +220,30 @@ def _split(text: str, allow_wildcards: bool) -> tuple[str, str, tuple[str, ...]]
 
     _check_kind(text, kind)
     _check_operation(text, kind, operation, allow_wildcards)
+    namespace = DEFAULT_NAMESPACE
+    if SEPARATOR in path[0]:
+        namespace, _, first = path[0].partition(SEPARATOR)
+        _check_namespace(text, kind, namespace)
+        path = (first, *path[1:])
     for index, segment in enumerate(path):
         _check_segment(text, segment, last=index == len(path) - 1, allow_wildcards=allow_wildcards)
-    return kind, operation, path
+    return kind, operation, path, namespace
+
+
+def _check_namespace(text: str, kind: str, namespace: str) -> None:
+    if kind not in NAMESPACED_KINDS:
+        kinds = ", ".join(sorted(NAMESPACED_KINDS))
+        raise InvalidResource(
+            text, f"{kind} paths have no namespace; only {kinds} paths start with '<namespace>:'"
+        )
+    if namespace == DEFAULT_NAMESPACE:
+        raise InvalidResource(
+            text, "the namespace 'default' is written without a prefix; drop 'default:'"
+        )
+    try:
+        validate_namespace(namespace)
+    except InvalidArguments as error:
+        raise InvalidResource(text, str(error)) from None
 
 
 def _check_kind(text: str, kind: str) -> None:
