@@ -93,11 +93,6 @@ def test_node_loss_brings_agents_back_with_state(cluster: Cluster) -> None:
     cluster.add_node(**NODE_ARGS)
 
 
-@pytest.mark.skip(
-    reason="NOTE: sometimes the agent never comes back: on Ray 2.60 the registry's ray.kill "
-    "of the actor pinned to the dead node failed ('KillActor RPC failed ... Socket closed'), "
-    "so the name stayed taken and every recreation was refused"
-)
 def test_hard_pinned_agent_moves_when_its_node_dies(cluster: Cluster) -> None:
     # A node without the registry, so that only the pinned agent has to move.
     registry = ray.get(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE).ping.remote())
@@ -114,3 +109,8 @@ def test_hard_pinned_agent_moves_when_its_node_dies(cluster: Cluster) -> None:
     info = ref.info()
     assert info["node_id"] != target.node_id
     assert info["node_id"] in {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    # The move drops the pin, so later reconciler passes leave the new actor alone.
+    (moved,) = [agent for agent in arbor.list_agents() if agent.name == "mn/pinned"]
+    assert moved.actor.startswith("arbor-moved-")
+    assert arbor.reconcile() == []
+    assert ref.info()["pid"] == info["pid"]

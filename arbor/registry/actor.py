@@ -45,9 +45,19 @@ from arbor.registry.security import OPERATOR, CapabilityInfo, CapabilityService,
 from arbor.registry.spec import ARBOR_ONLY_KEYS, PLACEMENT_KEYS, SpawnSpec, ray_actor_options
 from arbor.registry.topics import TopicService
 from arbor.runtime import kv, telemetry
-from arbor.runtime.actor import WARM_PREFIX, create_agent_actor, create_warm_actor
+from arbor.runtime.actor import (
+    MOVED_PREFIX,
+    WARM_PREFIX,
+    create_agent_actor,
+    create_warm_actor,
+)
 
 logger = logging.getLogger(__name__)
+
+# Why the reconciler creates an agent's actor again: Ray has no actor of that name, or
+# the actor is pinned to a node that is gone.
+_MISSING = "missing"
+_MOVE = "move"
 
 
 class Registry:
@@ -582,7 +592,7 @@ class Registry:
             recreated = []
             for record in records:
                 needed = await self._needs_recreation(record, alive_nodes)
-                if needed and await self._recreate(record, alive_nodes):
+                if needed and await self._recreate(record, alive_nodes, moving=needed == _MOVE):
                     recreated.append(record.name)
             self._passes += 1
             self._report_gauges(records, alive_nodes)
@@ -623,33 +633,54 @@ class Registry:
         self._warm.clear()
         self._stood_down = True
 
-    async def _needs_recreation(self, record: AgentRecord, alive_nodes: set[str]) -> bool:
+    async def _needs_recreation(self, record: AgentRecord, alive_nodes: set[str]) -> str | None:
+        """Return why the agent's actor must be created again, or None if it need not be.
+
+        `_MISSING`: Ray has no actor of that name. `_MOVE`: the actor is pinned with hard
+        affinity to a node that is gone, so Ray can never schedule it again.
+        """
         if record.name in self._inflight or record.status not in (RUNNING, STARTING):
-            return False
+            return None
         if record.status == STARTING and record.updated_at is not None:
             age = time.time() - record.updated_at.timestamp()
             if age < self._settings.reconcile_grace_s:
-                return False
+                return None
         actor = actor_name(record)
         try:
             handle = await asyncio.to_thread(ray.get_actor, actor, NAMESPACE)
         except ValueError:
-            return True
+            return _MISSING
         options = record.options
         pinned_node = options.get("node_id")
         if options.get("node_affinity") == "hard" and pinned_node not in alive_nodes:
-            # Ray cannot schedule this actor again, so replace it with one placed elsewhere.
             logger.warning(
                 "agent %s is pinned to node %s, which is gone; recreating it on another node",
                 record.name,
                 pinned_node,
             )
-            ray.kill(handle, no_restart=True)
-            await self._wait_name_free(actor)
-            return True
-        return False
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception as error:
+                # Ray 2.60 sometimes fails to kill an actor whose node is gone and keeps its
+                # name taken, so the replacement takes a Ray name of its own.
+                logger.warning(
+                    "could not kill actor %s of agent %s on lost node %s: %s",
+                    actor,
+                    record.name,
+                    pinned_node,
+                    _one_line(error),
+                )
+            return _MOVE
+        return None
 
-    async def _recreate(self, record: AgentRecord, alive_nodes: set[str]) -> bool:
+    async def _recreate(
+        self, record: AgentRecord, alive_nodes: set[str], moving: bool = False
+    ) -> bool:
+        """Create the agent's actor again from its checkpoint; returns whether it did.
+
+        A moving agent (its hard-pinned node is gone) loses the pin and gets a fresh Ray
+        actor name, since the old actor may keep its name after the failed node.
+        """
         try:
             agent_class = import_type(record.type_path)
         except AgentTypeNotImportable as error:
@@ -663,7 +694,17 @@ class Registry:
             )
             return False
         options = record.options
-        if "actor" in options:
+        ray_name = record.name
+        moved = str(options.get("actor", "")).startswith(MOVED_PREFIX)
+        if moving or moved:
+            # The new Ray name is stored before the actor exists, so a registry restart in
+            # between still finds the agent's actor by it.
+            ray_name = f"{MOVED_PREFIX}{uuid.uuid4().hex[:16]}"
+            unpinned = ("node_id", "node_affinity", "actor")
+            options = {key: value for key, value in options.items() if key not in unpinned}
+            options["actor"] = ray_name
+            await asyncio.to_thread(self._store.update_options, record.name, options)
+        elif "actor" in options:
             # The warm actor that ran it is gone; the agent comes back under its own name.
             options = {key: value for key, value in options.items() if key != "actor"}
             await asyncio.to_thread(self._store.update_options, record.name, options)
@@ -679,6 +720,7 @@ class Registry:
                 None,
                 None,
                 options.get("durability", self._settings.durability),
+                ray_name=ray_name,
             )
         except ValueError:
             # Another pass or a spawn created it since the check; nothing to do.

@@ -364,15 +364,18 @@ def create_agent_actor(
     init_args: tuple[Any, ...] | None,
     init_kwargs: dict[str, Any] | None,
     durability: str,
+    ray_name: str | None = None,
 ) -> Any:
     """Create the detached actor that runs agent ``name``; returns its handle at once.
 
+    The actor's Ray name is ``ray_name``, by default the agent's name.
+
     Raises:
-        ValueError: an actor with this name already exists in the ``arbor`` namespace.
+        ValueError: an actor with this Ray name already exists in the ``arbor`` namespace.
     """
     remote_class = actor_class_for(agent_class)
     return remote_class.options(
-        name=name,
+        name=ray_name or name,
         namespace=NAMESPACE,
         lifetime="detached",
         # Restart forever and resubmit in-flight messages to the new incarnation; the
@@ -393,6 +396,9 @@ def create_agent_actor(
 # Ray names of warm actors start with this; agent names cannot, since "arbor-" is
 # reserved.
 WARM_PREFIX = "arbor-warm-"
+
+# Ray names of agents moved off a lost node that they were pinned to.
+MOVED_PREFIX = "arbor-moved-"
 
 
 def create_warm_actor(actor_name: str, agent_class: type[Agent], settings: Settings) -> Any:

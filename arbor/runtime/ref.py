@@ -58,10 +58,12 @@ class AgentRef:
         # The sending agent's cell, inside an agent: it names the messages and keeps
         # sends in its outbox. Not pickled, so a reference passed on starts plain.
         self._origin = origin
+        # True once an actor of the agent was lost: later lookups ask the registry first.
+        self._relocating = False
 
     @property
     def name(self) -> str:
-        """The agent's cluster-wide name."""
+        """The agent's full name, such as ``team-a:counter`` (no prefix in ``default``)."""
         return self._name
 
     def ask(
@@ -226,19 +228,22 @@ class AgentRef:
         if self._handle is not None:
             return self._handle
         while True:
-            try:
-                self._handle = ray.get_actor(self._name, namespace=NAMESPACE)
-                return self._handle
-            except ValueError:
-                pass
+            # After a lost actor the registry decides: an agent moved off a lost node runs
+            # under another Ray name, while the old actor may keep the agent's name.
+            if not self._relocating:
+                try:
+                    self._handle = ray.get_actor(self._name, namespace=NAMESPACE)
+                    return self._handle
+                except ValueError:
+                    pass
             located = locate(self._name)
             if located is None:
                 raise AgentNotFound(self._name)
             if "lease_holder" in located:
                 raise ClusterLeaseLost(located["cluster_id"], located["lease_holder"])
             status, actor = located["status"], located["actor"]
-            if actor != self._name and status in ("running", "starting"):
-                # The agent runs in a warm actor, which has a Ray name of its own.
+            if (self._relocating or actor != self._name) and status in ("running", "starting"):
+                # A warm or moved actor has a Ray name of its own.
                 try:
                     self._handle = ray.get_actor(actor, namespace=NAMESPACE)
                     return self._handle
@@ -265,6 +270,7 @@ class AgentRef:
             "agent %s actor is gone (%s); looking it up again", self._name, type(error).__name__
         )
         self._handle = None
+        self._relocating = True
 
     def _unwrap(self, handler: str, reply: Any) -> Any:
         if not isinstance(reply, Reply):
