@@ -24,7 +24,7 @@ prometheus:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check arbor tests benchmarks
+	$(VENV)/bin/ruff check arbor tests benchmarks examples
 
 bench: $(STAMP)
 	for script in spawn ask checkpoint crash_recovery node_recovery; do \

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import arbor
-from arbor.persistence import open_store
+from arbor.config import Settings
+from arbor.messages import Envelope
+from arbor.observability.logs import ContextFilter
+from arbor.persistence import AgentRecord, open_store
+from arbor.runtime.cell import AgentCell
+from arbor.runtime.context import RuntimeContext
 from tests.agents import BrokenRecovery, Counter, Lifecycle, Sleeper, SlowStopper
 
 STOP_TIMEOUT_S = 2
@@ -257,3 +265,35 @@ def test_spawn_past_agent_cap_raises_quota_exceeded() -> None:
     arbor.spawn(Counter, "life/quota/over")
     for name in [*names[1:], "life/quota/over"]:
         arbor.stop(name, purge=True)
+
+
+def test_hook_error_log_names_the_agent(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/hooks.db"
+    store = open_store(url, Settings(database_url=url))
+    store.create_agent(
+        AgentRecord(
+            name="hooked",
+            type_path="tests.agents:BrokenRecovery",
+            status="running",
+            spawn_id="s1",
+        )
+    )
+    first = AgentCell("hooked", BrokenRecovery, store, RuntimeContext("hooked"), init_kwargs={})
+    first.handle_now(Envelope(handler="add"), asyncio.run)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(ContextFilter())
+    logging.getLogger("arbor.runtime.cell").addHandler(handler)
+    try:
+        AgentCell(
+            "hooked", BrokenRecovery, store, RuntimeContext("hooked"), recovery=lambda: "crash"
+        )
+    finally:
+        logging.getLogger("arbor.runtime.cell").removeHandler(handler)
+        store.close()
+
+    (failure,) = [record for record in records if "on_recover raised" in record.getMessage()]
+    assert failure.agent_id == "hooked"  # type: ignore[attr-defined]
+    assert failure.agent_type == "BrokenRecovery"  # type: ignore[attr-defined]
+    assert failure.incarnation == 2  # type: ignore[attr-defined]

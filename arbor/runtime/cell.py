@@ -27,6 +27,7 @@ from arbor.errors import (
     UnknownHandler,
 )
 from arbor.messages import Envelope, ErrorInfo, Reply, new_message_id
+from arbor.observability import logs
 from arbor.persistence import CheckpointStore
 from arbor.persistence.jsonstate import encode_reply, encode_state
 from arbor.runtime import telemetry
@@ -162,7 +163,8 @@ class AgentCell:
         # Bound before on_start, so that on_start can use the context (to schedule timers).
         if hasattr(context, "attach"):
             context.attach(self)
-        instance.on_start()
+        with self._log_scope():
+            instance.on_start()
         if checkpoint is not None and recovery is not None:
             self._call_hook("on_recover", recovery())
         if checkpoint is not None:
@@ -357,10 +359,22 @@ class AgentCell:
             self.checkpoint_keep,
             checkpoint.outbox,
         )
-        logger.error("%s (message %s)", message, envelope.message_id)
+        with self._log_scope():
+            logger.error("%s (message %s)", message, envelope.message_id)
+
+    def _log_scope(self) -> logs.AgentLogScope:
+        """Return a block whose log lines carry this agent's fields, for work outside messages."""
+        fields = logs.AgentLogFields(
+            self.name, self.agent_class.__name__, self.epoch, self.telemetry.node
+        )
+        return logs.AgentLogScope(fields)
 
     def _call_hook(self, hook: str, *args: Any) -> None:
         """Run a lifecycle hook; its error is logged, so the agent still starts or stops."""
+        with self._log_scope():
+            self._call_hook_unscoped(hook, *args)
+
+    def _call_hook_unscoped(self, hook: str, *args: Any) -> None:
         try:
             result = getattr(self.agent, hook)(*args)
             if inspect.isawaitable(result):

@@ -1,0 +1,1 @@
+"""Runnable examples of Arbor features; run each with `python -m examples.<name>`."""
