@@ -27,7 +27,7 @@ from arbor.registry.info import AgentInfo
 from arbor.registry.reminder_spec import ReminderInfo
 from arbor.registry.security import CapabilityInfo
 from arbor.registry.spec import build_spawn_spec, validate_name
-from arbor.runtime.ref import AgentRef
+from arbor.runtime.ref import AgentRef, reset_process_state, route_to
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             which go to Ray: ``num_cpus``, ``num_gpus``, ``memory`` (bytes), ``resources``,
             ``runtime_env``, ``spread=True``, ``node_id`` with ``node_affinity`` ``"soft"``
             (default) or ``"hard"``, and ``durability`` (``"durable"`` or ``"periodic"``).
+            ``placement="hosted"`` runs the agent in a shared host actor instead of an
+            actor of its own (no Ray placement options then), with ``passivate_idle_s``
+            to drop it from memory after that many idle seconds.
 
     Raises:
         NameTaken: an agent with this name exists (stopped agents keep their name).
@@ -214,7 +217,8 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
         ) from None
     if info.actor != name:
-        return AgentRef(name, handle=ray.get_actor(info.actor, namespace=NAMESPACE))
+        handle = ray.get_actor(info.actor, namespace=NAMESPACE)
+        return AgentRef(name, handle=route_to(name, handle, info.placement))
     return AgentRef(name)
 
 
@@ -237,8 +241,10 @@ def get(name: str) -> AgentRef:
         raise AgentNotFound(name, f"it is stopped; arbor.stop({name!r}, purge=True) frees the name")
     if located["actor"] != name:
         try:
-            # A spawn that claimed a warm actor: that actor has its own Ray name.
-            return AgentRef(name, handle=ray.get_actor(located["actor"], namespace=NAMESPACE))
+            # A spawn that claimed a warm actor, or a hosted agent: that actor has its own
+            # Ray name.
+            handle = ray.get_actor(located["actor"], namespace=NAMESPACE)
+            return AgentRef(name, handle=route_to(name, handle, located.get("placement")))
         except ValueError:
             pass
     # Registered and meant to run: the reconciler is bringing its actor back.
@@ -438,6 +444,7 @@ def shutdown() -> None:
     """
     if ray.is_initialized():
         ray.shutdown()
+    reset_process_state()
 
 
 def _namespace_filter(namespace: str | None) -> str | None:

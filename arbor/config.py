@@ -149,6 +149,36 @@ class Settings(BaseSettings):
         "so that a spawn without placement options claims one instead of waiting for a new "
         "Ray worker process. Each holds an idle process of about 100 MB.",
     )
+    default_placement: Literal["dedicated", "hosted"] = Field(
+        default="dedicated",
+        description="Placement of spawns that name neither placement nor a Ray placement "
+        "option such as num_cpus: 'dedicated' (a Ray actor per agent) or 'hosted'.",
+    )
+    hosts_per_node: int = Field(
+        default=1,
+        ge=1,
+        description="Host actors per alive Ray node for agents spawned with "
+        "placement='hosted'. Each host is one process that runs many agents; the Ray "
+        "scheduler spreads hosts over the nodes.",
+    )
+    host_threads: int = Field(
+        default=16,
+        ge=2,
+        description="Threads per host that run synchronous handlers, agent starts and "
+        "checkpoint writes of hosted agents; it bounds how many of them run at once.",
+    )
+    host_db_pool_max: int = Field(
+        default=8,
+        ge=1,
+        description="PostgreSQL connections per host process, shared by its agents.",
+    )
+    passivate_idle_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds without messages after which a hosted agent is passivated: "
+        "its state is checkpointed and its object dropped until the next message; 0 "
+        "means never. The spawn option passivate_idle_s sets it per agent.",
+    )
     enforce_capabilities: bool = Field(
         default=True,
         description="Check a capability for every message, spawn, stop and secret read that "

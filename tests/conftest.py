@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -64,3 +65,38 @@ def module_pg_url() -> Iterator[str]:
 def sqlite_url(tmp_path: object) -> str:
     """A SQLite store file in the test's temporary directory."""
     return f"sqlite:///{tmp_path}/arbor.db"
+
+
+# The placements that the behaviour suites run under; see `arbor_cluster`.
+PLACEMENTS = ["dedicated", "hosted"]
+
+
+@contextlib.contextmanager
+def arbor_cluster(placement: str, environment: dict[str, str] | None = None) -> Iterator[str]:
+    """Run Arbor on a new local cluster and database, spawning with ``placement`` by default.
+
+    Spawns that name a Ray placement option still get a dedicated actor, so one suite
+    covers both placements. Yields the database URL.
+    """
+    import arbor
+
+    settings = {"ARBOR_DEFAULT_PLACEMENT": placement, **(environment or {})}
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    url = create_pg_database()
+    try:
+        arbor.init(database_url=url, num_cpus=2, object_store_memory=100 * 1024**2)
+        yield url
+    finally:
+        arbor.shutdown()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        drop_pg_database(url)
+
+
+def hosted() -> bool:
+    """Return whether the running suite spawns hosted agents by default."""
+    return os.environ.get("ARBOR_DEFAULT_PLACEMENT") == "hosted"

@@ -15,15 +15,20 @@ import ray
 import arbor
 from arbor.config import NAMESPACE, REGISTRY_NAME
 from tests.agents import Counter, Relay
+from tests.conftest import PLACEMENTS, arbor_cluster
 
 ASKS = 150
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cluster(module_pg_url: str) -> Iterator[str]:
-    arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
-    yield module_pg_url
-    arbor.shutdown()
+@pytest.fixture(scope="module", autouse=True, params=PLACEMENTS)
+def cluster(request: pytest.FixtureRequest) -> Iterator[str]:
+    with arbor_cluster(request.param) as url:
+        yield url
+
+
+def actor_of(name: str) -> str:
+    """Return the Ray name of the actor that runs agent ``name``: its own, or its host's."""
+    return next(info.actor for info in arbor.list_agents() if info.name == name)
 
 
 def kill_agent_process(ref: arbor.AgentRef) -> int:
@@ -123,20 +128,20 @@ def test_registry_kill_loses_no_names() -> None:
 
 def test_reconciler_recreates_actor_gone_for_good() -> None:
     ref = arbor.spawn(Counter, "rec/gone", start=11)
-    ray.kill(ray.get_actor("rec/gone", namespace=NAMESPACE), no_restart=True)
+    ray.kill(ray.get_actor(actor_of("rec/gone"), namespace=NAMESPACE), no_restart=True)
     assert ref.ask("get", timeout=60) == 11
     assert ref.info()["incarnation"] == 2
 
 
 def test_reconcile_pass_reports_recreated_agent() -> None:
     arbor.spawn(Counter, "rec/reported", start=1)
-    ray.kill(ray.get_actor("rec/reported", namespace=NAMESPACE), no_restart=True)
+    ray.kill(ray.get_actor(actor_of("rec/reported"), namespace=NAMESPACE), no_restart=True)
     deadline = time.monotonic() + 10
     recreated: list[str] = []
     while "rec/reported" not in recreated and time.monotonic() < deadline:
         recreated += arbor.reconcile()
         try:
-            ray.get_actor("rec/reported", namespace=NAMESPACE)
+            ray.get_actor(actor_of("rec/reported"), namespace=NAMESPACE)
             break
         except ValueError:
             time.sleep(0.1)

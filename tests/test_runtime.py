@@ -13,16 +13,14 @@ import ray
 import arbor
 from arbor.persistence import open_store
 from tests.agents import BrokenInit, Counter, Explicit, Parent
+from tests.conftest import PLACEMENTS, arbor_cluster, hosted
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cluster(module_pg_url: str) -> Iterator[str]:
+@pytest.fixture(scope="module", autouse=True, params=PLACEMENTS)
+def cluster(request: pytest.FixtureRequest) -> Iterator[str]:
     # The dashboard serves Ray's state API, which the actor-list test reads.
-    os.environ["ARBOR_DASHBOARD"] = "true"
-    arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
-    yield module_pg_url
-    arbor.shutdown()
-    os.environ["ARBOR_DASHBOARD"] = "false"
+    with arbor_cluster(request.param, {"ARBOR_DASHBOARD": "true"}) as url:
+        yield url
 
 
 def test_ask_returns_handler_value() -> None:
@@ -200,6 +198,7 @@ def test_list_agents_reports_records() -> None:
     info = infos["rt/listed"]
     assert info.type == "tests.agents:Counter"
     assert info.status == "running"
+    assert info.placement == ("hosted" if hosted() else "dedicated")
     assert info.incarnation == 1
     assert info.checkpoint_version == 1
     assert info.node_id == ray.get_runtime_context().get_node_id()
@@ -304,6 +303,9 @@ def test_invalid_placement_option_is_rejected(option: str, value: object, messag
 
 def test_dashboard_lists_agent_class_and_name() -> None:
     from ray.util.state import list_actors
+
+    if hosted():
+        pytest.skip("a hosted agent has no Ray actor of its own")
 
     arbor.spawn(Counter, "rt/ray-view")
     dashboard = "http://" + ray._private.worker.get_dashboard_url()

@@ -38,11 +38,19 @@ from arbor.persistence import (
     CheckpointInfo,
     open_store,
 )
-from arbor.registry.info import AgentInfo, actor_name
+from arbor.registry.hosts import HostPool
+from arbor.registry.info import AgentInfo, actor_name, placement_of
 from arbor.registry.reminder_spec import ReminderInfo, ReminderRequest
 from arbor.registry.reminders import ReminderService
 from arbor.registry.security import OPERATOR, CapabilityInfo, CapabilityService, GrantRequest
-from arbor.registry.spec import ARBOR_ONLY_KEYS, PLACEMENT_KEYS, SpawnSpec, ray_actor_options
+from arbor.registry.spec import (
+    ARBOR_ONLY_KEYS,
+    PLACEMENT_KEYS,
+    RAY_ACTOR_KEYS,
+    SpawnSpec,
+    is_hosted,
+    ray_actor_options,
+)
 from arbor.registry.topics import TopicService
 from arbor.runtime import kv, telemetry
 from arbor.runtime.actor import (
@@ -51,6 +59,7 @@ from arbor.runtime.actor import (
     create_agent_actor,
     create_warm_actor,
 )
+from arbor.runtime.host import HOST_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +102,7 @@ class Registry:
         # Ready warm actors per agent type path, oldest first, as (Ray name, handle).
         self._warm: dict[str, deque[tuple[str, Any]]] = {}
         self._refilling: set[str] = set()
+        self._hosts = HostPool(self._settings, self._store)
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
         self._mailbox_sampler = asyncio.get_running_loop().create_task(
             self._sample_mailboxes_forever()
@@ -154,6 +164,12 @@ class Registry:
             return await self._spawn(spec)
 
     async def _spawn(self, spec: SpawnSpec) -> AgentInfo:
+        if (
+            self._settings.default_placement == "hosted"
+            and "placement" not in spec.options
+            and not any(key in RAY_ACTOR_KEYS for key in spec.options)
+        ):
+            spec.options = {**spec.options, "placement": "hosted"}
         if spec.spawner is not None and self._settings.enforce_capabilities:
             await asyncio.to_thread(
                 self._security.guard.require,
@@ -165,12 +181,15 @@ class Registry:
         granted = False
         try:
             slot = self._take_warm(spec)
+            options = spec.options if slot is None else {**spec.options, "actor": slot[0]}
+            if is_hosted(spec.options):
+                options = {**spec.options, "host": await self._hosts.choose()}
             record = AgentRecord(
                 name=spec.name,
                 type_path=spec.type_path,
                 status=STARTING,
                 spawn_id=spec.spawn_id,
-                options=spec.options if slot is None else {**spec.options, "actor": slot[0]},
+                options=options,
             )
             try:
                 stored = await asyncio.to_thread(self._store.create_agent, record)
@@ -198,6 +217,9 @@ class Registry:
                 if slot is not None:
                     self._warm[spec.type_path].appendleft(slot)
                 raise
+            if stored.options.get("host"):
+                await self._activate_hosted(spec, stored)
+                return await self._spawned(spec)
             if slot is not None or stored.options.get("actor"):
                 await self._claim(spec, stored, slot)
                 return await self._spawned(spec)
@@ -338,26 +360,27 @@ class Registry:
             # The warm actor is half made: drop it and free the name, as a failed cold spawn does.
             ray.kill(handle, no_restart=True)
             await asyncio.to_thread(self._store.delete_agent, spec.name)
-            if isinstance(error, asyncio.TimeoutError):
-                raise ArborError(
-                    f"agent {spec.name!r} did not start in warm actor {name} within "
-                    f"{self._settings.spawn_timeout_s} s; raise ARBOR_SPAWN_TIMEOUT_S"
-                ) from None
-            cause = getattr(error, "cause", None)
-            if isinstance(cause, ArborError):
-                raise cause from None
-            if isinstance(cause, BaseException):
-                raise HandlerError(
-                    spec.name,
-                    "__init__",
-                    f"{type(cause).__module__}.{type(cause).__qualname__}",
-                    str(cause),
-                    str(error),
-                ) from None
-            raise _spawn_error(spec.name, error) from None  # type: ignore[arg-type]
+            raise _start_error(spec.name, error, f"warm actor {name}", self._settings) from None
+
+    async def _activate_hosted(self, spec: SpawnSpec, record: AgentRecord) -> None:
+        """Start the agent in the host its record names."""
+        host = record.options["host"]
+        try:
+            handle = self._hosts.handle(host)
+            await asyncio.wait_for(
+                handle.activate.remote(spec.name, spec.init_args, spec.init_kwargs),
+                self._settings.spawn_timeout_s,
+            )
+        except Exception as error:
+            # The host keeps running its other agents; only this name is freed.
+            self._hosts.forget_agent(host)
+            await asyncio.to_thread(self._store.delete_agent, spec.name)
+            raise _start_error(spec.name, error, f"host {host}", self._settings) from None
 
     def _take_warm(self, spec: SpawnSpec) -> tuple[str, Any] | None:
         """Return a ready warm actor for ``spec``, or None when it needs a cold start."""
+        if is_hosted(spec.options):
+            return None
         if any(key not in ARBOR_ONLY_KEYS for key in spec.options if key in PLACEMENT_KEYS):
             return None
         ready = self._warm.get(spec.type_path)
@@ -365,7 +388,7 @@ class Registry:
 
     def _refill_later(self, spec: SpawnSpec) -> None:
         size = self._settings.warm_pool_size
-        if size == 0 or spec.type_path in self._refilling:
+        if size == 0 or spec.type_path in self._refilling or is_hosted(spec.options):
             return
         if any(key not in ARBOR_ONLY_KEYS for key in spec.options if key in PLACEMENT_KEYS):
             return
@@ -424,6 +447,16 @@ class Registry:
         """Serve one topic request, such as ``subscribe`` or ``poll`` (see `TopicService`)."""
         return await self._topics.request(request, *args)
 
+    async def hosts(self) -> list[dict[str, Any]]:
+        """Return each host's name, process, node and agent counts."""
+        reports = []
+        for name in self._hosts.names:
+            try:
+                reports.append(await asyncio.wait_for(self._hosts.handle(name).ping.remote(), 10.0))
+            except (ValueError, RayActorError, asyncio.TimeoutError) as error:
+                reports.append({"name": name, "error": type(error).__name__})
+        return reports
+
     async def warm_pool(self) -> dict[str, int]:
         """Return the number of ready warm actors per agent type."""
         return {path: len(ready) for path, ready in self._warm.items()}
@@ -438,6 +471,8 @@ class Registry:
         if record is None:
             return None
         located = {"status": record.status, "actor": actor_name(record)}
+        if placement_of(record) == "hosted":
+            located["placement"] = "hosted"
         if not self._holds_lease():
             assert self._lease is not None
             located.update(cluster_id=self._cluster_id, lease_holder=self._lease.holder)
@@ -465,7 +500,9 @@ class Registry:
             handle = ray.get_actor(actor, namespace=NAMESPACE)
         except ValueError:
             handle = None
-        if handle is not None:
+        if handle is not None and placement_of(record) == "hosted":
+            await self._stop_hosted(record, handle)
+        elif handle is not None:
             try:
                 await asyncio.wait_for(handle.stop.remote(), self._settings.stop_timeout_s)
             except asyncio.TimeoutError:
@@ -500,6 +537,26 @@ class Registry:
             "purged" if purge else "requested",
         )
         logger.info("stopped agent %s%s", name, " and purged its state" if purge else "")
+
+    async def _stop_hosted(self, record: AgentRecord, host: Any) -> None:
+        """Stop a hosted agent inside its host, which keeps running its other agents.
+
+        The host fences the agent itself when ``on_stop`` outlasts ``ARBOR_STOP_TIMEOUT_S``,
+        so this waits a little longer than that.
+        """
+        try:
+            await asyncio.wait_for(
+                host.stop_agent.remote(record.name), self._settings.stop_timeout_s + 10
+            )
+        except (asyncio.TimeoutError, RayActorError) as error:
+            # Fenced, so an incarnation still running cannot commit after the stop.
+            await asyncio.to_thread(self._store.fence, record.name)
+            logger.warning(
+                "hosted agent %s did not stop cleanly (%s); it was fenced off",
+                record.name,
+                type(error).__name__,
+            )
+        self._hosts.forget_agent(actor_name(record))
 
     async def restore(self, name: str, version: int) -> AgentInfo:
         """Make checkpoint ``version`` the agent's latest state and restart it on that state."""
@@ -537,7 +594,9 @@ class Registry:
                 handle = ray.get_actor(actor_name(record), namespace=NAMESPACE)
             except ValueError:
                 handle = None
-            if handle is not None:
+            if handle is not None and placement_of(record) == "hosted":
+                await asyncio.wait_for(handle.reload.remote(name), self._settings.spawn_timeout_s)
+            elif handle is not None:
                 # The restarted incarnation reads this to call on_recover("rollback").
                 kv.put(kv.rollback_key(name), b"1")
                 ray.kill(handle, no_restart=False)
@@ -591,9 +650,14 @@ class Registry:
             alive_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
             recreated = []
             for record in records:
+                if placement_of(record) == "hosted":
+                    continue
                 needed = await self._needs_recreation(record, alive_nodes)
                 if needed and await self._recreate(record, alive_nodes, moving=needed == _MOVE):
                     recreated.append(record.name)
+            recreated += await self._hosts.reconcile(
+                [record for record in records if record.name not in self._inflight]
+            )
             self._passes += 1
             self._report_gauges(records, alive_nodes)
             return recreated
@@ -627,7 +691,7 @@ class Registry:
             name = entry["name"]
             if entry["namespace"] != NAMESPACE:
                 continue
-            if name in names or name.startswith(WARM_PREFIX):
+            if name in names or name.startswith((WARM_PREFIX, HOST_PREFIX)):
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         self._warm.clear()
@@ -928,6 +992,29 @@ def _signing_key(settings: Settings) -> bytes | None:
 def _one_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
+
+
+def _start_error(name: str, error: Exception, where: str, settings: Settings) -> Exception:
+    """Return the error a spawn raises when the actor that was to run the agent failed it."""
+    if isinstance(error, asyncio.TimeoutError):
+        return ArborError(
+            f"agent {name!r} did not start in {where} within {settings.spawn_timeout_s} s; "
+            "raise ARBOR_SPAWN_TIMEOUT_S"
+        )
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, ArborError):
+        return cause
+    if isinstance(cause, BaseException):
+        return HandlerError(
+            name,
+            "__init__",
+            f"{type(cause).__module__}.{type(cause).__qualname__}",
+            str(cause),
+            str(error),
+        )
+    if isinstance(error, ArborError):
+        return error
+    return _spawn_error(name, error)  # type: ignore[arg-type]
 
 
 def _spawn_error(name: str, error: RayActorError) -> HandlerError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from arbor.names import namespace_of
 from arbor.persistence import AgentRecord
@@ -24,8 +25,10 @@ class AgentInfo:
         started_at: when the latest incarnation started.
         checkpointed_at: when the latest checkpoint was committed.
         last_error: the last recovery error, if any.
-        actor: the Ray actor name that runs the agent: the agent's name, or for an agent
-            that claimed a warm actor, that actor's ``arbor-warm-...`` name.
+        actor: the Ray actor name that runs the agent: the agent's name, for an agent
+            that claimed a warm actor that actor's ``arbor-warm-...`` name, and for a
+            hosted agent its host's ``arbor-host-...`` name.
+        placement: ``dedicated`` (a Ray actor of its own) or ``hosted``.
     """
 
     name: str
@@ -39,6 +42,7 @@ class AgentInfo:
     checkpointed_at: datetime | None
     last_error: str | None
     actor: str = ""
+    placement: str = "dedicated"
 
     @property
     def namespace(self) -> str:
@@ -60,10 +64,26 @@ class AgentInfo:
             checkpointed_at=record.checkpointed_at,
             last_error=record.last_error,
             actor=actor_name(record),
+            placement=placement_of(record),
         )
 
 
 def actor_name(record: AgentRecord) -> str:
     """Return the Ray actor name of the agent ``record`` describes."""
+    host = record.options.get("host")
+    if isinstance(host, str):
+        return host
     bound = record.options.get("actor")
     return bound if isinstance(bound, str) else record.name
+
+
+def placement_of(record: AgentRecord) -> str:
+    """Return ``hosted`` or ``dedicated`` for the agent ``record`` describes."""
+    return "hosted" if record.options.get("placement") == "hosted" else "dedicated"
+
+
+def agent_route(record: AgentRecord, handle: Any) -> Any:
+    """Return what messages to the agent are submitted to, given its Ray actor's handle."""
+    from arbor.runtime.ref import route_to
+
+    return route_to(record.name, handle, placement_of(record))

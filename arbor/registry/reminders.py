@@ -35,7 +35,7 @@ from arbor.messages import Envelope, Reply
 from arbor.observability import metrics
 from arbor.persistence import FAILED, STOPPED, CheckpointStore
 from arbor.persistence.reminders import ReminderRecord
-from arbor.registry.info import actor_name
+from arbor.registry.info import actor_name, agent_route
 from arbor.registry.reminder_spec import (
     REMINDER_HANDLER,
     ReminderInfo,
@@ -419,6 +419,7 @@ class ReminderService:
         if record.status != FAILED:
             with contextlib.suppress(ValueError):
                 handle = await asyncio.to_thread(ray.get_actor, actor_name(record), NAMESPACE)
+                handle = agent_route(record, handle)
         if handle is None:
             # Not running yet: the reconciler is recreating it, or its recreation failed.
             self._unavailable[agent] = time.monotonic() + RETRY_DELAY_S

@@ -35,11 +35,19 @@ PLACEMENT_KEYS = frozenset(
         "spread",
         "durability",
         "max_pending",
+        "placement",
+        "passivate_idle_s",
     }
 )
 
 # Spawn options that Ray does not see, so a spawn with them can still claim a warm actor.
-ARBOR_ONLY_KEYS = frozenset({"durability", "max_pending"})
+ARBOR_ONLY_KEYS = frozenset({"durability", "max_pending", "placement", "passivate_idle_s"})
+
+# Placement options that configure the agent's own Ray actor; a hosted agent shares its
+# host's process, so it cannot have them.
+RAY_ACTOR_KEYS = frozenset(PLACEMENT_KEYS - ARBOR_ONLY_KEYS)
+
+PLACEMENTS = ("dedicated", "hosted")
 
 
 @dataclass
@@ -201,6 +209,39 @@ def _check_options(options: dict[str, Any]) -> None:
     durability = options.get("durability")
     if durability is not None and durability not in ("durable", "periodic"):
         raise InvalidArguments(f"durability={durability!r} is invalid; use 'durable' or 'periodic'")
+    _check_hosted_options(options)
+
+
+def _check_hosted_options(options: dict[str, Any]) -> None:
+    placement = options.get("placement")
+    if placement is not None and placement not in PLACEMENTS:
+        raise InvalidArguments(
+            f"placement={placement!r} is invalid; use 'dedicated' (one Ray actor per agent) "
+            "or 'hosted' (many agents in one host actor)"
+        )
+    idle = options.get("passivate_idle_s")
+    if idle is not None:
+        if not isinstance(idle, int | float) or isinstance(idle, bool) or not idle >= 0:
+            raise InvalidArguments(
+                f"passivate_idle_s={idle!r} is invalid; pass seconds >= 0 (0 never passivates)"
+            )
+        if placement != "hosted":
+            raise InvalidArguments(
+                "passivate_idle_s applies to hosted agents only; add placement='hosted'"
+            )
+    if placement == "hosted":
+        ray_keys = sorted(key for key in options if key in RAY_ACTOR_KEYS)
+        if ray_keys:
+            raise InvalidArguments(
+                f"placement='hosted' cannot be combined with {', '.join(ray_keys)}: hosted "
+                "agents share their host's process; spawn with placement='dedicated' for "
+                "Ray actor options"
+            )
+
+
+def is_hosted(options: dict[str, Any]) -> bool:
+    """Return whether spawn ``options`` place the agent in a host actor."""
+    return options.get("placement") == "hosted"
 
 
 def ray_actor_options(options: dict[str, Any], *, node_alive: bool = True) -> dict[str, Any]:

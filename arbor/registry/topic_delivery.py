@@ -16,7 +16,7 @@ from arbor.messages import Envelope, Reply
 from arbor.observability import metrics
 from arbor.persistence import FAILED, STOPPED, CheckpointStore
 from arbor.persistence.topics import SubscriptionRecord
-from arbor.registry.info import actor_name
+from arbor.registry.info import actor_name, agent_route
 from arbor.runtime import telemetry
 from arbor.runtime.guard import Wallet
 
@@ -184,6 +184,7 @@ class Delivery:
         if record.status != FAILED:
             with contextlib.suppress(ValueError):
                 handle = await asyncio.to_thread(ray.get_actor, actor_name(record), NAMESPACE)
+                handle = agent_route(record, handle)
         if handle is None:
             # Not running yet: the reconciler is recreating it, or its recreation failed.
             return "retry"

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
@@ -107,57 +108,26 @@ class AgentActor:
         durability: str,
     ) -> None:
         self._name = name
-        guard = wallet = None
-        if self._settings.enforce_capabilities:
-            guard = process_guard(self._store, self._settings)
-            wallet = Wallet(name, guard)
-        context = RuntimeContext(name, self._settings)
-        with telemetry.span("arbor.restore", {"arbor.agent": name}):
-            cell = self._new_cell(name, context, init_args, init_kwargs, durability, guard, wallet)
-        context.attach(cell)
+        cell = start_cell(
+            name,
+            self._agent_class,
+            self._store,
+            self._settings,
+            node_id=self._node_id,
+            init_args=init_args,
+            init_kwargs=init_kwargs,
+            durability=durability,
+            recovery=functools.partial(_recovery_reason, name),
+            run=self._loop.run_until_complete,
+            offload_io=False,
+        )
         self._cell = cell
-        # Messages the last incarnation committed but may not have delivered.
-        if cell.outbox is not None:
-            cell.outbox.flush()
         if durability == "periodic":
             threading.Thread(
                 target=self._checkpoint_periodically,
                 name=f"arbor-checkpoint-{name}",
                 daemon=True,
             ).start()
-
-    def _new_cell(
-        self,
-        name: str,
-        context: RuntimeContext,
-        init_args: tuple[Any, ...] | None,
-        init_kwargs: dict[str, Any] | None,
-        durability: str,
-        guard: Any,
-        wallet: Wallet | None,
-    ) -> AgentCell:
-        return AgentCell(
-            name,
-            self._agent_class,
-            self._store,
-            context,
-            init_args=init_args,
-            init_kwargs=init_kwargs,
-            node_id=self._node_id,
-            durability=durability,  # type: ignore[arg-type]
-            checkpoint_keep=self._settings.checkpoint_keep,
-            dedup_window=self._settings.dedup_window,
-            offload_io=False,
-            outbox=Outbox(functools.partial(_dispatch, wallet), _delivered),
-            guard=guard,
-            wallet=wallet,
-            # An incarnation of a cluster that lost the lease refuses to start; the error
-            # in __init__ ends the actor without a restart.
-            cluster_id=self._settings.cluster_id,
-            recovery=functools.partial(_recovery_reason, name),
-            handler_timeout_s=self._settings.handler_timeout_s,
-            run=self._loop.run_until_complete,
-        )
 
     def _bound_record(self) -> AgentRecord | None:
         """Return the agent the registry gave this warm actor, if any."""
@@ -279,6 +249,60 @@ class AgentActor:
     def __repr__(self) -> str:
         # Ray prefixes this actor's log lines with its repr.
         return f"{type(self).__name__}({self._name or 'warm'})"
+
+
+def start_cell(
+    name: str,
+    agent_class: type[Agent],
+    store: Any,
+    settings: Settings,
+    *,
+    node_id: str,
+    init_args: tuple[Any, ...] | None,
+    init_kwargs: dict[str, Any] | None,
+    durability: str,
+    recovery: Callable[[], str] | None,
+    run: Callable[[Awaitable[Any]], Any] | None,
+    offload_io: bool,
+    self_route: Callable[[], Any] | None = None,
+) -> AgentCell:
+    """Build the cell of one agent incarnation, as every placement does.
+
+    It restores the agent (or runs ``__init__``), binds its context, and dispatches the
+    outbox messages the last incarnation committed but may not have delivered.
+    """
+    guard = wallet = None
+    if settings.enforce_capabilities:
+        guard = process_guard(store, settings)
+        wallet = Wallet(name, guard)
+    context = RuntimeContext(name, settings, self_route=self_route)
+    with telemetry.span("arbor.restore", {"arbor.agent": name}):
+        cell = AgentCell(
+            name,
+            agent_class,
+            store,
+            context,
+            init_args=init_args,
+            init_kwargs=init_kwargs,
+            node_id=node_id,
+            durability=durability,  # type: ignore[arg-type]
+            checkpoint_keep=settings.checkpoint_keep,
+            dedup_window=settings.dedup_window,
+            offload_io=offload_io,
+            outbox=Outbox(functools.partial(_dispatch, wallet), _delivered),
+            guard=guard,
+            wallet=wallet,
+            # An incarnation of a cluster that lost the lease refuses to start; in a
+            # dedicated actor the error in __init__ ends the actor without a restart.
+            cluster_id=settings.cluster_id,
+            recovery=recovery,
+            handler_timeout_s=settings.handler_timeout_s,
+            run=run,
+        )
+    context.attach(cell)
+    if cell.outbox is not None:
+        cell.outbox.flush()
+    return cell
 
 
 def _dispatch(wallet: Wallet | None, target: str, wire: list[Any]) -> Any:

@@ -198,9 +198,13 @@ class AgentCell:
         finally:
             self._current_id = None
             _running_cell.reset(running)
-        if self.offload_io:
-            return await asyncio.to_thread(self._settle, envelope, value, error)
-        return self._settle(envelope, value, error)
+        settled = self._settle_state(envelope, value, error)
+        if isinstance(settled, Reply):
+            return settled
+        if self.offload_io and settled is not None:
+            # Only a commit touches the database; a read-only message settles here.
+            return await asyncio.to_thread(self._settle_commit, envelope, value, error, settled)
+        return self._settle_commit(envelope, value, error, settled)
 
     def handle_now(self, envelope: Envelope, run: Callable[[Awaitable[Any]], Any]) -> Reply:
         """Apply one message in the calling thread; ``run`` drives an async handler's coroutine.
@@ -331,12 +335,17 @@ class AgentCell:
         self._timeouts[handler] = timeout
         return timeout
 
-    def record_timeout(self, envelope: Envelope, seconds: float) -> None:
+    def record_timeout(self, envelope: Envelope, seconds: float, fence: bool = False) -> Reply:
         """Commit the last checkpoint again with ``envelope`` recorded as timed out.
 
-        The caller then ends the process. The restarted incarnation restores the state from
-        before the message, and Ray's retry of the message gets the `AskTimeout` reply
-        from the deduplication record instead of running the handler again.
+        The dedicated placement then ends the process. The restarted incarnation restores
+        the state from before the message, and Ray's retry of the message gets the
+        `AskTimeout` reply from the deduplication record instead of running the handler
+        again. With ``fence`` the write takes a new epoch first, so this incarnation,
+        whose handler may still be running in another thread, can never commit again.
+
+        Returns:
+            The `AskTimeout` reply to ``envelope``.
         """
         message = (
             f"agent {self.name!r} handler {envelope.handler!r} ran longer than its {seconds:g} s "
@@ -351,9 +360,10 @@ class AgentCell:
             if message_id != envelope.message_id
         ]
         processed.append([envelope.message_id, outcome])
+        epoch = self.store.fence(self.name) if fence else self.epoch
         self.store.write_checkpoint(
             self.name,
-            self.epoch,
+            epoch,
             json.dumps(checkpoint.state),
             processed[-max(self.dedup_window, 1) :],
             self.checkpoint_keep,
@@ -361,6 +371,9 @@ class AgentCell:
         )
         with self._log_scope():
             logger.error("%s (message %s)", message, envelope.message_id)
+        kind, error_type, text, trace = outcome[_ERROR]
+        info = ErrorInfo(kind=kind, error_type=error_type, message=text, traceback=trace)
+        return Reply(envelope.message_id, error=info)
 
     def _log_scope(self) -> logs.AgentLogScope:
         """Return a block whose log lines carry this agent's fields, for work outside messages."""
@@ -447,6 +460,18 @@ class AgentCell:
 
     def _settle(self, envelope: Envelope, value: Any, error_info: ErrorInfo | None) -> Reply:
         """Record the outcome and, in durable mode, commit a changed state before replying."""
+        settled = self._settle_state(envelope, value, error_info)
+        if isinstance(settled, Reply):
+            return settled
+        return self._settle_commit(envelope, value, error_info, settled)
+
+    def _settle_state(
+        self, envelope: Envelope, value: Any, error_info: ErrorInfo | None
+    ) -> Reply | str | None:
+        """Record the outcome and encode the state; returns the JSON to commit, or None.
+
+        A `Reply` means the state is not JSON and was rolled back.
+        """
         self._remember(envelope.message_id, value, error_info)
         try:
             state_json = encode_state(self.name, self.agent.snapshot())
@@ -454,11 +479,23 @@ class AgentCell:
             self._forget(envelope.message_id)
             self._roll_back()
             return self._error_reply(envelope, "state", error)
-
         outbox = self.outbox
         pruned = outbox.prune() if outbox is not None else False
         outbox_changed = pruned or (outbox is not None and outbox.has_staged)
         if self.durability == "durable" and (state_json != self._committed_json or outbox_changed):
+            return state_json
+        return None
+
+    def _settle_commit(
+        self,
+        envelope: Envelope,
+        value: Any,
+        error_info: ErrorInfo | None,
+        state_json: str | None,
+    ) -> Reply:
+        """Commit ``state_json`` unless it is None, then dispatch the outbox and reply."""
+        outbox = self.outbox
+        if state_json is not None:
             try:
                 self._commit(state_json)
             except CheckpointConflict as error:

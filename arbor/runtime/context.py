@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +33,17 @@ _provider_lock = threading.Lock()
 class RuntimeContext:
     """Implements `arbor.agent.AgentContext` for an agent running in a cell."""
 
-    def __init__(self, name: str, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings | None = None,
+        self_route: Callable[[], Any] | None = None,
+    ) -> None:
         self._name = name
         self._settings = settings
+        # Returns the handle whose ``handle.remote(wire)`` reaches this agent's mailbox;
+        # None means the agent's own dedicated actor.
+        self._self_route = self_route
         self._cell: AgentCell | None = None
         self._timers: Timers | None = None
 
@@ -356,7 +365,10 @@ class RuntimeContext:
     def _timer_scheduler(self) -> Timers:
         if self._timers is None:
             # The agent's own actor, so a firing queues behind messages already sent to it.
-            handle = ray.get_runtime_context().current_actor
+            if self._self_route is not None:
+                handle = self._self_route()
+            else:
+                handle = ray.get_runtime_context().current_actor
             self._timers = Timers(
                 self._name,
                 send=lambda envelope: handle.handle.remote(envelope.to_wire()),

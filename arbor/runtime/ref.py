@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -38,6 +39,95 @@ _ACTOR_LOST = (RayActorError, ActorUnschedulableError)
 
 # Seconds a registry lookup may take before the caller gives up on it.
 _REGISTRY_TIMEOUT_S = 30.0
+
+
+class _BoundMethod:
+    """A host actor method with the agent's name bound as its first argument."""
+
+    __slots__ = ("_method", "_name")
+
+    def __init__(self, method: Any, name: str) -> None:
+        self._method = method
+        self._name = name
+
+    def remote(self, *args: Any) -> Any:
+        return self._method.remote(self._name, *args)
+
+
+# The envelope header that numbers a process's messages to one hosted agent, as
+# "<stream>:<n>". A host runs many agents concurrently, so Ray treats it as an async actor
+# and may start its calls out of submission order; the host puts each agent's messages
+# from one stream back in order by this number.
+SEQUENCE_HEADER = "arbor-seq"
+
+# This process's stream id, and the next number per hosted agent it sends to.
+_stream = uuid.uuid4().hex[:16]
+_sequence_lock = threading.Lock()
+_next_sequence: dict[str, int] = {}
+
+
+class _SequencedDelivery:
+    """A host's ``deliver`` method for one agent, which numbers the messages it submits."""
+
+    __slots__ = ("_method", "_name")
+
+    def __init__(self, method: Any, name: str) -> None:
+        self._method = method
+        self._name = name
+
+    def remote(self, wire: Any) -> Any:
+        # The lock spans the submission, so numbers follow this process's submission order.
+        with _sequence_lock:
+            number = _next_sequence.get(self._name, 0)
+            _next_sequence[self._name] = number + 1
+            headers = {**wire[7], SEQUENCE_HEADER: f"{_stream}:{number}"}
+            return self._method.remote(self._name, (*wire[:7], headers, *wire[8:]))
+
+
+class HostedRoute:
+    """Stands in for a dedicated agent actor's handle when the agent runs in a host actor.
+
+    ``handle``, ``info`` and ``stop`` take the same arguments as the dedicated actor's
+    methods, so callers of either placement submit messages the same way.
+    """
+
+    def __init__(self, host: Any, name: str) -> None:
+        self.host = host
+        self.name = name
+        self.handle = _SequencedDelivery(host.deliver, name)
+        self.info = _BoundMethod(host.agent_info, name)
+        self.stop = _BoundMethod(host.stop_agent, name)
+
+
+def route_to(name: str, actor: Any, placement: str | None) -> Any:
+    """Return what messages to agent ``name`` are submitted to, given its Ray actor's handle."""
+    if placement == "hosted":
+        return HostedRoute(actor, name)
+    return actor
+
+
+class LocalRoute:
+    """Delivery to an agent in the calling process's host, without Ray; see `arbor.runtime.host`."""
+
+    def ask(self, envelope: Envelope, timeout: float) -> Any:
+        raise NotImplementedError
+
+    async def ask_async(self, envelope: Envelope, timeout: float) -> Any:
+        raise NotImplementedError
+
+    def send(self, envelope: Envelope) -> None:
+        raise NotImplementedError
+
+
+# Set by a host actor's process: returns the local route to an agent that the host runs,
+# or None. Other processes have none and always go through Ray.
+_local_router: Any = None
+
+
+def set_local_router(router: Any) -> None:
+    """Install the function that finds agents of this process's host (None removes it)."""
+    global _local_router
+    _local_router = router
 
 
 class AgentRef:
@@ -93,7 +183,11 @@ class AgentRef:
         """
         _check_timeout(timeout)
         envelope = self._envelope("ask", handler, args, kwargs, message_id)
-        deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
+        seconds = timeout if timeout is not None else _default_timeout()
+        local = self._local()
+        if local is not None:
+            return self._unwrap(handler, local.ask(envelope, seconds))
+        deadline = time.monotonic() + seconds
         while True:
             actor = self._resolve(deadline)
             object_ref = self._submit(actor, envelope)
@@ -119,7 +213,11 @@ class AgentRef:
         """Awaitable `ask`, for async handlers and other asyncio code."""
         _check_timeout(timeout)
         envelope = self._envelope("ask", handler, args, kwargs, message_id)
-        deadline = time.monotonic() + (timeout if timeout is not None else _default_timeout())
+        seconds = timeout if timeout is not None else _default_timeout()
+        local = self._local()
+        if local is not None:
+            return self._unwrap(handler, await local.ask_async(envelope, seconds))
+        deadline = time.monotonic() + seconds
         while True:
             actor = self._resolve(deadline)
             object_ref = self._submit(actor, envelope)
@@ -148,9 +246,26 @@ class AgentRef:
         origin = self._sending_origin()
         if origin is not None and origin.stage_send(self._name, envelope):
             return envelope.message_id
+        local = self._local()
+        if local is not None:
+            local.send(envelope)
+            return envelope.message_id
         actor = self._resolve(time.monotonic() + _default_timeout())
         self._submit(actor, envelope)
         return envelope.message_id
+
+    def _local(self) -> LocalRoute | None:
+        """Return the in-process route when the sender and the agent share a host.
+
+        Agents with a ``max_pending`` limit always go through Ray, where the limit counts
+        the unfinished messages.
+        """
+        if _local_router is None or self._sending_origin() is None:
+            return None
+        route: LocalRoute | None = _local_router(self._name)
+        if route is None or _pending.limited(self._name):
+            return None
+        return route
 
     def _submit(self, actor: Any, envelope: Envelope) -> Any:
         """Submit the message, or raise `AgentOverloaded` when the agent's limit is reached."""
@@ -243,9 +358,11 @@ class AgentRef:
                 raise ClusterLeaseLost(located["cluster_id"], located["lease_holder"])
             status, actor = located["status"], located["actor"]
             if (self._relocating or actor != self._name) and status in ("running", "starting"):
-                # A warm or moved actor has a Ray name of its own.
+                # The agent runs in a warm, moved or host actor, which has a Ray name of its
+                # own, or its old actor was lost and the registry knows the current one.
                 try:
-                    self._handle = ray.get_actor(actor, namespace=NAMESPACE)
+                    handle = ray.get_actor(actor, namespace=NAMESPACE)
+                    self._handle = route_to(self._name, handle, located.get("placement"))
                     return self._handle
                 except ValueError:
                     pass
@@ -341,6 +458,10 @@ class _PendingMessages:
             if object_ref is not None:
                 self._refs.setdefault(name, []).append(object_ref)
 
+    def limited(self, name: str) -> bool:
+        """Return whether messages to agent ``name`` have a ``max_pending`` limit."""
+        return self._limit(name) is not None
+
     def _limit(self, name: str) -> int | None:
         if name not in self._limits:
             # Read once per agent and process: the limit is fixed at spawn.
@@ -350,6 +471,15 @@ class _PendingMessages:
 
 
 _pending = _PendingMessages()
+
+
+def reset_process_state() -> None:
+    """Forget what this process knows of a Ray session, when it disconnects from one."""
+    global _pending, _stream
+    _pending = _PendingMessages()
+    with _sequence_lock:
+        _stream = uuid.uuid4().hex[:16]
+        _next_sequence.clear()
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -392,6 +522,7 @@ def find_actor(name: str) -> Any:
     if located is None or located["actor"] == name:
         return None
     try:
-        return ray.get_actor(located["actor"], namespace=NAMESPACE)
+        handle = ray.get_actor(located["actor"], namespace=NAMESPACE)
     except ValueError:
         return None
+    return route_to(name, handle, located.get("placement"))

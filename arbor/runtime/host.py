@@ -1,0 +1,861 @@
+"""The hosted placement: one Ray actor process that runs many agent cells.
+
+Each hosted agent has its own mailbox in the host and handles one message at a time, in
+arrival order, while other agents of the same host handle theirs. Async handlers run on
+the host's event loop; synchronous handlers, agent starts and checkpoint writes run in
+the host's thread pool, so neither a slow handler nor the database stalls the loop.
+
+A handler that runs past its time limit is abandoned rather than waited for: the host
+records the message as failed with `AskTimeout` under a new epoch, drops the agent's
+object, and starts the agent again from its last checkpoint for the next message. A
+thread cannot be stopped from outside, so the host raises an exception inside the
+abandoned handler's thread, which ends a handler that runs Python code. One blocked in a
+C call (a long ``time.sleep``, a socket read) keeps its thread until that call returns;
+when half the pool's threads are held that way, the host process exits and Ray restarts
+it, and every agent of the host comes back from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import ctypes
+import functools
+import inspect
+import logging
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Awaitable
+from typing import Any
+
+import ray
+
+from arbor.agent import Agent, import_type
+from arbor.config import NAMESPACE, Settings
+from arbor.errors import AgentNotFound, ArborError
+from arbor.messages import Envelope, ErrorInfo, Reply
+from arbor.persistence import RUNNING, STOPPED, AgentRecord, open_store
+from arbor.runtime import telemetry
+from arbor.runtime.actor import start_cell
+from arbor.runtime.cell import AgentCell
+from arbor.runtime.ref import (
+    SEQUENCE_HEADER,
+    HostedRoute,
+    LocalRoute,
+    route_to,
+    set_local_router,
+)
+
+logger = logging.getLogger(__name__)
+
+# Ray names of host actors start with this; agent names cannot, since "arbor-" is reserved.
+HOST_PREFIX = "arbor-host-"
+
+# Calls a host accepts at once. A waiting message is a coroutine in the host, not a
+# thread, so the bound is memory: about 2 KB per waiting call.
+MAX_CONCURRENCY = 10_000
+
+# Seconds between the host's passivation and periodic checkpoint sweeps, at most.
+_SWEEP_INTERVAL_S = 1.0
+
+# Seconds a message waits for the messages numbered before it in its stream. A gap
+# outlives this only when the earlier message is lost to the host, as after a host restart
+# (Ray resends in-flight calls in no particular order) or a move from another host.
+# NOTE: a sender stalled longer than this between numbering and submitting a message
+# (a heavily loaded machine) lets its later messages run first.
+_SEQUENCE_GAP_S = 1.0
+
+# Values that need no copy when a message or reply stays in the process.
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
+
+
+class HandlerAbandoned(BaseException):
+    """Raised inside a handler's thread after the host gave up waiting for it.
+
+    A BaseException, so that the handler's own ``except Exception`` does not swallow it.
+    """
+
+
+class _Slot:
+    """One agent's place in the host: its mailbox and, while active, its cell."""
+
+    __slots__ = (
+        "name",
+        "cell",
+        "queue",
+        "draining",
+        "last_active",
+        "last_flush",
+        "recovery",
+        "spawn",
+        "idle_s",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cell: AgentCell | None = None
+        self.queue: deque[tuple[Any, asyncio.Future[Any]]] = deque()
+        self.draining = False
+        self.last_active = time.monotonic()
+        self.last_flush = time.monotonic()
+        # Passed to on_recover at the next start; None for a start after passivation.
+        self.recovery: str | None = None
+        # The spawn's __init__ arguments, used once by the first start.
+        self.spawn: tuple[tuple[Any, ...] | None, dict[str, Any] | None] | None = None
+        self.idle_s = 0.0
+
+
+class _Elsewhere(Exception):
+    """The agent's record names another actor, so this host must not start it."""
+
+    def __init__(self, record: AgentRecord) -> None:
+        super().__init__(record.name)
+        self.record = record
+
+
+class _Running:
+    """The thread that runs a synchronous handler, for interrupting it past its limit."""
+
+    __slots__ = ("lock", "thread_id")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.thread_id: int | None = None
+
+
+class HostActor:
+    """Ray actor body that runs many agent cells, each with its own mailbox.
+
+    Ray calls ``__init__`` again when it restarts the host process; the new incarnation
+    starts every running agent whose record names this host from its checkpoint.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self._settings = Settings(**settings)
+        telemetry.configure_process(self._settings)
+        store_settings = self._settings.model_copy(
+            update={"db_pool_max": self._settings.host_db_pool_max}
+        )
+        self._store = open_store(self._settings.database_url, store_settings, migrate=False)
+        runtime = ray.get_runtime_context()
+        self._name = runtime.get_actor_name() or "?"
+        self._node_id = runtime.get_node_id()
+        self._handle = runtime.current_actor
+        with warnings.catch_warnings():
+            # Ray's property reads its own deprecated actor_id and warns about it.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reconstructed = runtime.was_current_actor_reconstructed
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self._settings.host_threads, thread_name_prefix="arbor-host"
+        )
+        self._thread_loops = threading.local()
+        self._slots: dict[str, _Slot] = {}
+        # Agents whose record names this host, active or passivated.
+        self._owned: set[str] = set()
+        self._async_handlers: dict[tuple[type[Agent], str], bool] = {}
+        # Handler threads past their limit that have not returned yet.
+        self._abandoned: set[asyncio.Future[Any]] = set()
+        self._routes: dict[str, _HostLocalRoute] = {}
+        # Per (sender stream, agent): the next message number to run, and the messages
+        # that arrived before their predecessors, by number.
+        self._expected: dict[tuple[str, str], int] = {}
+        self._held: dict[tuple[str, str], dict[int, tuple[Envelope, asyncio.Future[Any]]]] = {}
+        set_local_router(self._local_route)
+        self._recovery = self._loop.create_task(
+            self._recover("crash" if reconstructed else "recreated")
+        )
+        self._sweeper = self._loop.create_task(self._sweep_forever())
+        logger.info("host %s started (pid %d)", self._name, os.getpid())
+
+    # Calls from the registry and from AgentRef.
+
+    async def deliver(self, name: str, wire: tuple[Any, ...]) -> Any:
+        """Apply one message to agent ``name``; returns what a dedicated actor's `handle` does."""
+        envelope = Envelope.from_wire(wire)
+        sequence = envelope.headers.pop(SEQUENCE_HEADER, None)
+        if sequence is None:
+            reply = await self._post(name, envelope)
+        else:
+            reply = await self._post_in_order(name, envelope, sequence)
+        if isinstance(reply, Reply) and reply.error is None and not isinstance(reply.value, Reply):
+            return reply.value
+        return reply
+
+    async def activate(
+        self,
+        name: str,
+        init_args: tuple[Any, ...] | None,
+        init_kwargs: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Start agent ``name``, which the registry has recorded in this host.
+
+        A repeated call (Ray resends it after a host restart) only reports.
+        """
+
+        async def start(slot: _Slot) -> dict[str, Any]:
+            if slot.cell is None:
+                slot.spawn = (init_args, init_kwargs)
+                try:
+                    await self._activate(slot)
+                except _Elsewhere as moved:
+                    raise ArborError(
+                        f"agent {name!r} is recorded in {moved.record.options.get('host')}, "
+                        f"not in host {self._name}"
+                    ) from None
+            return self._info(slot)
+
+        return await self._post(name, start)  # type: ignore[no-any-return]
+
+    async def agent_info(self, name: str) -> dict[str, Any]:
+        """Return the process, node, epoch and checkpoint version of agent ``name``."""
+
+        async def report(slot: _Slot) -> dict[str, Any]:
+            if slot.cell is None:
+                await self._activate(slot)
+            return self._info(slot)
+
+        return await self._post(name, report)  # type: ignore[no-any-return]
+
+    async def stop_agent(self, name: str) -> None:
+        """Run the agent's `on_stop`, commit its state and drop it from this host.
+
+        Past ``ARBOR_STOP_TIMEOUT_S`` the agent is fenced instead, so a late commit of
+        the stopping handler is rejected, as the dedicated placement's kill makes sure.
+        """
+
+        async def stop(slot: _Slot) -> None:
+            cell = slot.cell
+            self._owned.discard(name)
+            if cell is None:
+                return
+            work = self._loop.run_in_executor(self._pool, cell.stop_now)
+            try:
+                await asyncio.wait_for(asyncio.shield(work), self._settings.stop_timeout_s)
+            except asyncio.TimeoutError:
+                cell.fenced = True
+                await asyncio.to_thread(self._store.fence, name)
+                logger.warning(
+                    "agent %s did not finish on_stop and its final checkpoint within "
+                    "ARBOR_STOP_TIMEOUT_S (%s s); it keeps its last checkpoint",
+                    name,
+                    self._settings.stop_timeout_s,
+                )
+            finally:
+                self._drop(slot)
+
+        await self._post(name, stop)
+
+    async def reload(self, name: str) -> dict[str, Any]:
+        """Start agent ``name`` again from its newest checkpoint, after `arbor.restore`."""
+
+        async def restart(slot: _Slot) -> dict[str, Any]:
+            if slot.cell is not None:
+                slot.cell.fenced = True
+                self._drop(slot)
+            slot.recovery = "rollback"
+            await self._activate(slot)
+            return self._info(slot)
+
+        return await self._post(name, restart)  # type: ignore[no-any-return]
+
+    async def adopt(self, names: list[str]) -> int:
+        """Start agents that the reconciler moved here from a host that is gone.
+
+        Returns:
+            How many of them started; the others report their error at their next message.
+        """
+        started = await asyncio.gather(
+            *(self._start_owned(name, "recreated") for name in names), return_exceptions=True
+        )
+        return sum(1 for outcome in started if outcome is True)
+
+    async def release(self, name: str) -> bool:
+        """Commit agent ``name``'s state and drop it, so that another host can take it over.
+
+        Returns:
+            Whether the agent was active here.
+        """
+
+        async def passivate(slot: _Slot) -> bool:
+            self._owned.discard(name)
+            return await self._passivate(slot)
+
+        return await self._post(name, passivate)  # type: ignore[no-any-return]
+
+    async def ping(self) -> dict[str, Any]:
+        """Return the host's process id, node and agent counts."""
+        active = sum(1 for slot in self._slots.values() if slot.cell is not None)
+        return {
+            "name": self._name,
+            "pid": os.getpid(),
+            "node_id": self._node_id,
+            "agents": len(self._owned),
+            "active": active,
+            "abandoned_threads": len(self._abandoned),
+        }
+
+    # The mailbox.
+
+    def _post(
+        self, name: str, item: Any, future: asyncio.Future[Any] | None = None
+    ) -> asyncio.Future[Any]:
+        """Append a message or an operation to the agent's mailbox; call on the host's loop.
+
+        The append happens before the caller's first await, so messages keep the order
+        in which they reach the host.
+        """
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = _Slot(name)
+        if future is None:
+            future = self._loop.create_future()
+        slot.queue.append((item, future))
+        if not slot.draining:
+            slot.draining = True
+            self._loop.create_task(self._drain(slot))
+        return future
+
+    def _post_in_order(self, name: str, envelope: Envelope, sequence: str) -> asyncio.Future[Any]:
+        """Post a numbered message once the messages numbered before it in its stream are."""
+        stream, _, number_text = sequence.rpartition(":")
+        try:
+            number = int(number_text)
+        except ValueError:
+            return self._post(name, envelope)
+        key = (stream, name)
+        expected = self._expected.get(key, 0)
+        if number < expected:
+            # A resent message; deduplication decides whether it runs.
+            return self._post(name, envelope)
+        if number > expected:
+            future = self._loop.create_future()
+            held = self._held.setdefault(key, {})
+            if not held:
+                self._loop.call_later(_SEQUENCE_GAP_S, self._release_held, key, expected)
+            held[number] = (envelope, future)
+            return future
+        future = self._post(name, envelope)
+        self._expected[key] = number + 1
+        self._release_ready(key)
+        return future
+
+    def _release_ready(self, key: tuple[str, str]) -> None:
+        held = self._held.get(key)
+        if not held:
+            return
+        number = self._expected[key]
+        while number in held:
+            envelope, future = held.pop(number)
+            self._post(key[1], envelope, future)
+            number += 1
+        self._expected[key] = number
+        if not held:
+            del self._held[key]
+        else:
+            self._loop.call_later(_SEQUENCE_GAP_S, self._release_held, key, number)
+
+    def _release_held(self, key: tuple[str, str], waited_for: int) -> None:
+        """Give up on a gap in a stream: post its held messages in number order."""
+        held = self._held.get(key)
+        if not held or self._expected.get(key, 0) != waited_for:
+            return
+        logger.info(
+            "host %s: agent %s messages %d.. of stream %s did not arrive within %.1f s; "
+            "running the %d later ones",
+            self._name,
+            key[1],
+            waited_for,
+            key[0],
+            _SEQUENCE_GAP_S,
+            len(held),
+        )
+        self._expected[key] = min(held)
+        self._release_ready(key)
+
+    async def _drain(self, slot: _Slot) -> None:
+        try:
+            while slot.queue:
+                item, future = slot.queue.popleft()
+                if future.done():
+                    continue
+                try:
+                    if isinstance(item, Envelope):
+                        result = await self._run_message(slot, item)
+                    else:
+                        result = await item(slot)
+                except Exception as error:
+                    if not future.done():
+                        future.set_exception(error)
+                else:
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            slot.draining = False
+            slot.last_active = time.monotonic()
+            if slot.cell is None and not slot.queue and self._slots.get(slot.name) is slot:
+                del self._slots[slot.name]
+
+    async def _run_message(self, slot: _Slot, envelope: Envelope, retried: bool = False) -> Any:
+        cell = slot.cell
+        if cell is None:
+            try:
+                cell = await self._activate(slot)
+            except _Elsewhere as moved:
+                return await self._forward(moved.record, envelope)
+            except AgentNotFound as error:
+                return _stopped_reply(envelope, error)
+            except Exception as error:
+                return _error_reply(envelope, error)
+
+        timeout = cell.handler_timeout(envelope.handler)
+        if self._is_async(cell, envelope.handler):
+            job: Awaitable[Reply] = cell.handle(envelope)
+            running = None
+        else:
+            running = _Running()
+            job = self._loop.run_in_executor(self._pool, self._run_sync, cell, envelope, running)
+        if timeout is None:
+            reply = await job
+        else:
+            task = asyncio.ensure_future(job)
+            done, _ = await asyncio.wait((task,), timeout=timeout)
+            if not done:
+                return await self._abandon(slot, cell, envelope, timeout, task, running)
+            reply = task.result()
+
+        if cell.fenced:
+            self._drop(slot)
+            if not retried and reply.error is not None and reply.error.kind == "conflict":
+                # A newer incarnation owns the agent and this one applied nothing; run the
+                # message where the record says the agent lives now, as Ray's retry would.
+                return await self._run_message(slot, envelope, retried=True)
+        return reply
+
+    def _run_sync(self, cell: AgentCell, envelope: Envelope, running: _Running) -> Reply:
+        with running.lock:
+            running.thread_id = threading.get_ident()
+        try:
+            return cell.handle_now(envelope, self._run_in_thread_loop)
+        finally:
+            with running.lock:
+                running.thread_id = None
+
+    def _run_in_thread_loop(self, awaitable: Awaitable[Any]) -> Any:
+        """Run a coroutine that a synchronous hook or handler returned, on its thread's loop."""
+        loop = getattr(self._thread_loops, "loop", None)
+        if loop is None:
+            loop = self._thread_loops.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(awaitable)
+
+    def _is_async(self, cell: AgentCell, handler: str) -> bool:
+        key = (cell.agent_class, handler)
+        known = self._async_handlers.get(key)
+        if known is None:
+            method = getattr(cell.agent_class, handler, None) if isinstance(handler, str) else None
+            known = inspect.iscoroutinefunction(method)
+            if method is not None:
+                self._async_handlers[key] = known
+        return known
+
+    async def _abandon(
+        self,
+        slot: _Slot,
+        cell: AgentCell,
+        envelope: Envelope,
+        timeout: float,
+        task: asyncio.Future[Reply],
+        running: _Running | None,
+    ) -> Reply:
+        """Give up on a handler past its limit; the agent starts again for its next message."""
+        cell.fenced = True
+        self._drop(slot)
+        slot.recovery = "crash"
+        try:
+            reply = await asyncio.to_thread(cell.record_timeout, envelope, timeout, True)
+        except Exception:
+            logger.exception(
+                "agent %s could not record the timeout of message %s; the agent restarts "
+                "from its last checkpoint anyway",
+                cell.name,
+                envelope.message_id,
+            )
+            reply = Reply(
+                envelope.message_id,
+                error=ErrorInfo(
+                    kind="timeout",  # type: ignore[arg-type]
+                    error_type="arbor.errors.AskTimeout",
+                    message=f"agent {cell.name!r} handler {envelope.handler!r} ran longer "
+                    f"than its {timeout:g} s limit",
+                ),
+            )
+        task.add_done_callback(_ignore_outcome)
+        if running is None:
+            task.cancel()
+            return reply
+        with running.lock:
+            if running.thread_id is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(running.thread_id), ctypes.py_object(HandlerAbandoned)
+                )
+        if not task.done():
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned.discard)
+        limit = max(1, self._settings.host_threads // 2)
+        if len(self._abandoned) >= limit:
+            logger.critical(
+                "host %s: %d handler threads ran past their limits and did not stop; the "
+                "host process exits so that Ray restarts it, and its agents restart from "
+                "their checkpoints",
+                self._name,
+                len(self._abandoned),
+            )
+            os._exit(1)
+        return reply
+
+    # Starting, stopping and moving agents.
+
+    async def _activate(self, slot: _Slot) -> AgentCell:
+        """Start the slot's agent: restore its checkpoint, or run ``__init__`` for a spawn.
+
+        Raises:
+            _Elsewhere: the record places the agent in another actor.
+            AgentNotFound: the agent is stopped or has no record.
+        """
+        name = slot.name
+        record = await self._loop.run_in_executor(self._pool, self._store.get_agent, name)
+        if record is None:
+            raise AgentNotFound(name)
+        if record.status == STOPPED:
+            raise AgentNotFound(name, "it was stopped or deleted, so it does not start again")
+        if record.options.get("host") != self._name:
+            self._owned.discard(name)
+            raise _Elsewhere(record)
+        agent_class = import_type(record.type_path)
+        init_args, init_kwargs = slot.spawn or (None, None)
+        slot.spawn = None
+        reason, slot.recovery = slot.recovery, None
+        durability = record.options.get("durability", self._settings.durability)
+        handle = self._handle
+        cell = await self._loop.run_in_executor(
+            self._pool,
+            functools.partial(
+                start_cell,
+                name,
+                agent_class,
+                self._store,
+                self._settings,
+                node_id=self._node_id,
+                init_args=init_args,
+                init_kwargs=init_kwargs,
+                durability=durability,
+                recovery=(lambda: reason) if reason is not None else None,
+                run=self._run_in_thread_loop,
+                offload_io=True,
+                self_route=lambda: HostedRoute(handle, name),
+            ),
+        )
+        slot.cell = cell
+        slot.idle_s = float(record.options.get("passivate_idle_s", self._settings.passivate_idle_s))
+        slot.last_flush = time.monotonic()
+        self._owned.add(name)
+        return cell
+
+    async def _start_owned(self, name: str, reason: str) -> bool:
+        self._owned.add(name)
+
+        async def start(slot: _Slot) -> bool:
+            if slot.cell is not None:
+                return True
+            slot.recovery = reason
+            await self._activate(slot)
+            return True
+
+        return await self._post(name, start)  # type: ignore[no-any-return]
+
+    async def _recover(self, reason: str) -> None:
+        """Start every running agent that the store places in this host."""
+        try:
+            records = await asyncio.to_thread(self._store.list_agents, RUNNING)
+        except Exception:
+            logger.exception(
+                "host %s could not list its agents; they start on their next message", self._name
+            )
+            return
+        names = [record.name for record in records if record.options.get("host") == self._name]
+        if not names:
+            return
+        logger.info("host %s starts %d agents from their checkpoints", self._name, len(names))
+        outcomes = await asyncio.gather(
+            *(self._start_owned(name, reason) for name in names), return_exceptions=True
+        )
+        for name, outcome in zip(names, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                logger.error("host %s could not start agent %s: %s", self._name, name, outcome)
+
+    def _drop(self, slot: _Slot) -> None:
+        """Forget the slot's cell; its timers stop and its late commits are fenced or moot."""
+        cell = slot.cell
+        slot.cell = None
+        if cell is not None and not cell.fenced:
+            cell.stopped = True
+
+    async def _passivate(self, slot: _Slot) -> bool:
+        cell = slot.cell
+        if cell is None:
+            return False
+        await self._loop.run_in_executor(self._pool, cell.flush_now)
+        self._drop(slot)
+        logger.debug("host %s passivated agent %s", self._name, slot.name)
+        return True
+
+    async def _forward(self, record: AgentRecord, envelope: Envelope) -> Reply:
+        """Send a message that reached the wrong actor to the one the record names."""
+        from arbor.registry.info import actor_name, placement_of
+
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, actor_name(record), NAMESPACE)
+        except ValueError:
+            return _stopped_reply(
+                envelope, AgentNotFound(record.name, "its actor is being recreated; retry")
+            )
+        route = route_to(record.name, handle, placement_of(record))
+        result = await asyncio.wait_for(
+            route.handle.remote(envelope.to_wire()), self._settings.ask_timeout_s
+        )
+        return result if isinstance(result, Reply) else Reply(envelope.message_id, value=result)
+
+    def _info(self, slot: _Slot) -> dict[str, Any]:
+        cell = slot.cell
+        return {
+            "name": slot.name,
+            "actor": self._name,
+            "pid": os.getpid(),
+            "node_id": self._node_id,
+            "incarnation": cell.epoch if cell else 0,
+            "checkpoint_version": cell.checkpoint_version if cell else 0,
+            "messages_processed": cell.messages_processed if cell else 0,
+        }
+
+    # Passivation and periodic checkpoints.
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval())
+            try:
+                self._sweep()
+            except Exception:
+                logger.exception("host %s sweep failed; retrying", self._name)
+
+    def _sweep_interval(self) -> float:
+        intervals = [_SWEEP_INTERVAL_S, self._settings.checkpoint_interval_s]
+        if self._settings.passivate_idle_s > 0:
+            intervals.append(self._settings.passivate_idle_s / 2)
+        return max(min(intervals), 0.05)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for slot in list(self._slots.values()):
+            cell = slot.cell
+            if cell is None or slot.draining or slot.queue:
+                continue
+            if slot.idle_s > 0 and now - slot.last_active >= slot.idle_s and not _has_timers(cell):
+                self._post(slot.name, self._passivate).add_done_callback(_log_failure)
+            elif (
+                cell.durability == "periodic"
+                and now - slot.last_flush >= self._settings.checkpoint_interval_s
+            ):
+                slot.last_flush = now
+                self._post(slot.name, self._flush).add_done_callback(_log_failure)
+
+    async def _flush(self, slot: _Slot) -> None:
+        cell = slot.cell
+        if cell is not None:
+            await self._loop.run_in_executor(self._pool, cell.flush_now)
+            if cell.fenced:
+                self._drop(slot)
+
+    # Delivery between agents of this host.
+
+    def _local_route(self, name: str) -> _HostLocalRoute | None:
+        if name not in self._owned:
+            return None
+        route = self._routes.get(name)
+        if route is None:
+            route = self._routes[name] = _HostLocalRoute(self, name)
+        return route
+
+    def __repr__(self) -> str:
+        # Ray prefixes this actor's log lines with its repr.
+        return f"Host({self._name})"
+
+
+class _HostLocalRoute(LocalRoute):
+    """Delivers to an agent of the same host through its mailbox, without Ray.
+
+    The envelope goes through the same admission as one from Ray (capability check,
+    deduplication, order), and mutable arguments and replies are copied, so the two
+    agents never share an object.
+    """
+
+    def __init__(self, host: HostActor, name: str) -> None:
+        self._host = host
+        self._name = name
+
+    def ask(self, envelope: Envelope, timeout: float) -> Any:
+        host = self._host
+        if threading.get_ident() == host._loop_thread:
+            raise ArborError(
+                f"a blocking ask to agent {self._name!r} from the host's event loop would "
+                "stall every agent of the host; use `await ref.ask_async(...)` in async handlers"
+            )
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
+        try:
+            return _detached_reply(result.result(timeout))
+        except concurrent.futures.TimeoutError:
+            return _ask_timeout(envelope, self._name, timeout)
+
+    async def ask_async(self, envelope: Envelope, timeout: float) -> Any:
+        host = self._host
+        if threading.get_ident() == host._loop_thread:
+            future = host._post(self._name, _detached(envelope))
+        else:
+            result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
+            future = asyncio.wrap_future(result)
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            return _ask_timeout(envelope, self._name, timeout)
+        return _detached_reply(reply)
+
+    def send(self, envelope: Envelope) -> None:
+        host = self._host
+        if threading.get_ident() == host._loop_thread:
+            host._post(self._name, _detached(envelope)).add_done_callback(_log_failure)
+        else:
+            host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), None)
+
+    def _post_into(self, envelope: Envelope, result: concurrent.futures.Future[Any] | None) -> None:
+        future = self._host._post(self._name, envelope)
+        if result is None:
+            future.add_done_callback(_log_failure)
+            return
+
+        def copy_outcome(done: asyncio.Future[Any]) -> None:
+            if done.cancelled():
+                result.cancel()
+            elif done.exception() is not None:
+                result.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                result.set_result(done.result())
+
+        future.add_done_callback(copy_outcome)
+
+
+def _detached(envelope: Envelope) -> Envelope:
+    """Return the envelope with arguments the receiver cannot share with the sender."""
+    args, kwargs = envelope.args, envelope.kwargs
+    if not all(type(value) in _IMMUTABLE for value in args):
+        args = copy.deepcopy(args)
+    if kwargs:
+        if all(type(value) in _IMMUTABLE for value in kwargs.values()):
+            kwargs = dict(kwargs)
+        else:
+            kwargs = copy.deepcopy(kwargs)
+    return Envelope(
+        envelope.handler,
+        tuple(args),
+        kwargs,
+        envelope.kind,
+        envelope.message_id,
+        envelope.sender,
+        envelope.sent_at,
+        dict(envelope.headers),
+    )
+
+
+def _detached_reply(reply: Reply) -> Reply:
+    if type(reply.value) in _IMMUTABLE:
+        return reply
+    return Reply(
+        reply.message_id,
+        value=copy.deepcopy(reply.value),
+        error=reply.error,
+        exception=reply.exception,
+        duplicate=reply.duplicate,
+    )
+
+
+def _ask_timeout(envelope: Envelope, name: str, timeout: float) -> Reply:
+    return Reply(
+        envelope.message_id,
+        error=ErrorInfo(
+            kind="timeout",  # type: ignore[arg-type]
+            error_type="arbor.errors.AskTimeout",
+            message=f"agent {name!r} handler {envelope.handler!r} did not reply within "
+            f"{timeout} s; the message may still be applied, so retry with the same "
+            "message_id to stay idempotent",
+        ),
+    )
+
+
+def _stopped_reply(envelope: Envelope, error: AgentNotFound) -> Reply:
+    info = ErrorInfo(kind="stopped", error_type="arbor.errors.AgentNotFound", message=str(error))
+    return Reply(envelope.message_id, error=info)
+
+
+def _error_reply(envelope: Envelope, error: Exception) -> Reply:
+    info = ErrorInfo(
+        kind="handler",
+        error_type=f"{type(error).__module__}.{type(error).__qualname__}",
+        message=str(error),
+    )
+    return Reply(envelope.message_id, error=info, exception=error)
+
+
+def _has_timers(cell: AgentCell) -> bool:
+    context = getattr(cell.agent, "_arbor_context", None)
+    timers = getattr(context, "_timers", None)
+    return timers is not None and bool(timers.active())
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is not None:
+        logger.error("hosted agent operation failed: %s: %s", type(error).__name__, error)
+
+
+def create_host_actor(host_name: str, settings: Settings) -> Any:
+    """Create a detached host actor; Ray's scheduler spreads hosts over the nodes."""
+    return (
+        ray.remote(HostActor)
+        .options(
+            name=host_name,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            # Restart forever and resubmit in-flight messages to the new incarnation; the
+            # cells' deduplication makes a resubmitted message apply once.
+            max_restarts=-1,
+            max_task_retries=-1,
+            max_concurrency=MAX_CONCURRENCY,
+            scheduling_strategy="SPREAD",
+            # A sliver of a CPU keeps hosts off nodes that offer none (a head node started
+            # with num_cpus=0) without taking a CPU from the node's agents.
+            num_cpus=0.01,
+        )
+        .remote(settings.model_dump())
+    )
