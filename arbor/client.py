@@ -179,7 +179,8 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
         **kwargs: keyword arguments for ``__init__``, except these placement options,
             which go to Ray: ``num_cpus``, ``num_gpus``, ``memory`` (bytes), ``resources``,
             ``runtime_env``, ``spread=True``, ``node_id`` with ``node_affinity`` ``"soft"``
-            (default) or ``"hard"``, and ``durability`` (``"durable"`` or ``"periodic"``).
+            (default) or ``"hard"``, and ``durability`` (``"durable"``, ``"batched"``
+            or ``"periodic"``).
             ``placement="hosted"`` runs the agent in a shared host actor instead of an
             actor of its own (no Ray placement options then), with ``passivate_idle_s``
             to drop it from memory after that many idle seconds.

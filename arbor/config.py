@@ -44,10 +44,19 @@ class Settings(BaseSettings):
         "message older than this window is applied again, so keep it above the number of "
         "messages a sender can have in flight.",
     )
-    durability: Literal["durable", "periodic"] = Field(
+    durability: Literal["durable", "periodic", "batched"] = Field(
         default="durable",
         description="durable: commit a checkpoint before acknowledging a message that changed "
-        "state. periodic: checkpoint every checkpoint_interval_s seconds.",
+        "state. batched: the same, with the checkpoints of the agents in one host committed "
+        "together. periodic: checkpoint every checkpoint_interval_s seconds.",
+    )
+    batch_window_s: float = Field(
+        default=0.002,
+        ge=0,
+        le=1,
+        description="Seconds a host's group commit waits after a batch's first checkpoint "
+        "for others to join it, in batched durability; 0 groups only the checkpoints that "
+        "queue while a commit is in progress.",
     )
     checkpoint_interval_s: float = Field(
         default=1.0,

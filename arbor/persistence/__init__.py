@@ -17,6 +17,7 @@ from arbor.persistence.base import (
     Checkpoint,
     CheckpointInfo,
     CheckpointStore,
+    CheckpointWrite,
 )
 from arbor.persistence.jsonstate import encode_state
 
@@ -34,6 +35,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointStore",
+    "CheckpointWrite",
     "encode_state",
     "open_store",
 ]

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-from arbor.errors import StoreUnavailable
+from arbor.errors import CheckpointConflict, StoreUnavailable
 from arbor.names import DEFAULT_NAMESPACE, SEPARATOR
 from arbor.persistence.audit import AuditEntry, AuditVerification
 
@@ -29,6 +29,17 @@ FAILED = "failed"
 # Delays between retries never exceed this, in seconds, so a long outage is still probed
 # often enough to resume soon after the database comes back.
 MAX_BACKOFF_S = 5.0
+
+
+class CheckpointWrite(NamedTuple):
+    """The arguments of one `CheckpointStore.write_checkpoint`, for a batch of them."""
+
+    name: str
+    epoch: int
+    state_json: str
+    processed: list[list[Any]]
+    keep: int
+    outbox: list[list[Any]] | None = None
 
 
 @dataclass
@@ -174,6 +185,15 @@ class CheckpointStore(ABC):
 
         Raises:
             CheckpointConflict: a newer epoch exists, so the writer is a stale incarnation.
+        """
+
+    @abstractmethod
+    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int | CheckpointConflict]:
+        """Commit the checkpoints of many agents in one transaction, as in `write_checkpoint`.
+
+        Returns:
+            For each write, in order, the new version, or the `CheckpointConflict` of a
+            stale incarnation, whose write is left out while the others commit.
         """
 
     @abstractmethod

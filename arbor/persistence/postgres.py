@@ -30,6 +30,7 @@ from arbor.persistence.base import (
     Checkpoint,
     CheckpointInfo,
     CheckpointStore,
+    CheckpointWrite,
     migration_scripts,
     split_statements,
 )
@@ -241,38 +242,89 @@ class PostgresStore(
         keep: int,
         outbox: list[list[Any]] | None = None,
     ) -> int:
-        processed_json = json.dumps(processed, separators=(",", ":"))
-        outbox_json = json.dumps(outbox or [], separators=(",", ":"))
+        write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
+        encoded = _encoded(write)
 
         def step() -> int:
             with self._transaction() as connection:
-                # The row lock orders this write after any concurrent begin_incarnation, so
-                # the epoch compared here is the newest one.
-                row = connection.execute(
-                    "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = %s FOR UPDATE",
-                    (name,),
-                ).fetchone()
-                if row is None or int(row[0]) != epoch:
-                    raise CheckpointConflict(name, epoch, int(row[0]) if row else None)
-                version = int(row[1]) + 1
-                connection.execute(
-                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
-                    "outbox, created_at) "
-                    "VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, now())",
-                    (name, version, epoch, state_json, processed_json, outbox_json),
-                )
-                connection.execute(
-                    "UPDATE arbor_agents SET checkpoint_version = %s, checkpointed_at = now(), "
-                    "updated_at = now() WHERE name = %s",
-                    (version, name),
-                )
-                connection.execute(
-                    "DELETE FROM arbor_checkpoints WHERE agent = %s AND version <= %s",
-                    (name, version - keep),
-                )
-                return version
+                return self._insert_checkpoint(connection, write, *encoded)
 
         return self._retry("write_checkpoint", step)
+
+    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int | CheckpointConflict]:
+        """Write many agents' checkpoints in one transaction with one statement.
+
+        The statement locks the agents' rows in name order, so two batches cannot deadlock,
+        and leaves out each write whose epoch is not the agent's current one.
+        """
+        if len({write.name for write in writes}) < len(writes):
+            # Each agent at most once per statement; a batch with repeats goes one by one.
+            return [self._write_or_conflict(write) for write in writes]
+        encoded = [_encoded(write) for write in writes]
+        columns = (
+            [write.name for write in writes],
+            [write.epoch for write in writes],
+            [write.state_json for write in writes],
+            [processed for processed, _ in encoded],
+            [outbox for _, outbox in encoded],
+            [write.keep for write in writes],
+        )
+
+        def step() -> list[int | CheckpointConflict]:
+            with self._transaction() as connection:
+                rows = connection.execute(_BATCH_CHECKPOINT_SQL, columns).fetchall()
+            outcome = {name: (current, version) for name, current, version in rows}
+            results: list[int | CheckpointConflict] = []
+            for write in writes:
+                current, version = outcome.get(write.name, (None, None))
+                if version is None:
+                    epoch = None if current is None else int(current)
+                    results.append(CheckpointConflict(write.name, write.epoch, epoch))
+                else:
+                    results.append(int(version))
+            return results
+
+        return self._retry("write_checkpoints", step)
+
+    def _write_or_conflict(self, write: CheckpointWrite) -> int | CheckpointConflict:
+        try:
+            return self.write_checkpoint(*write)
+        except CheckpointConflict as conflict:
+            return conflict
+
+    def _insert_checkpoint(
+        self,
+        connection: psycopg.Connection[TupleRow],
+        write: CheckpointWrite,
+        processed_json: str,
+        outbox_json: str,
+    ) -> int:
+        # The row lock orders this write after any concurrent begin_incarnation, so the
+        # epoch compared here is the newest one.
+        name, epoch = write.name, write.epoch
+        row = connection.execute(
+            "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = %s FOR UPDATE",
+            (name,),
+        ).fetchone()
+        if row is None or int(row[0]) != epoch:
+            raise CheckpointConflict(name, epoch, int(row[0]) if row else None)
+        version = int(row[1]) + 1
+        connection.execute(
+            "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
+            "outbox, created_at) "
+            "VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, now())",
+            (name, version, epoch, write.state_json, processed_json, outbox_json),
+        )
+        connection.execute(
+            "UPDATE arbor_agents SET checkpoint_version = %s, checkpointed_at = now(), "
+            "updated_at = now() WHERE name = %s",
+            (version, name),
+        )
+        connection.execute(
+            "DELETE FROM arbor_checkpoints WHERE agent = %s AND version <= %s",
+            (name, version - write.keep),
+        )
+        return version
 
     def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:
         def step() -> Checkpoint | None:
@@ -419,4 +471,48 @@ def _record(row: tuple[Any, ...]) -> AgentRecord:
         updated_at=row[10],
         started_at=row[11],
         checkpointed_at=row[12],
+    )
+
+
+# One batch of checkpoint writes: lock the agents' rows in name order, keep the writes
+# whose epoch is current, insert their checkpoints, move the agents' versions on and prune.
+# The sub-statements share one snapshot, so the DELETE sees only older versions.
+_BATCH_CHECKPOINT_SQL = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[]
+    ) AS t(name, epoch, state, processed, outbox, keep)
+),
+locked AS (
+    SELECT a.name, a.epoch, a.checkpoint_version FROM arbor_agents a
+    WHERE a.name IN (SELECT name FROM input) ORDER BY a.name FOR UPDATE
+),
+ok AS (
+    SELECT i.*, l.checkpoint_version + 1 AS version FROM input i
+    JOIN locked l ON l.name = i.name AND l.epoch = i.epoch
+),
+inserted AS (
+    INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, outbox, created_at)
+    SELECT name, version, epoch, state::jsonb, processed::jsonb, outbox::jsonb, now() FROM ok
+),
+updated AS (
+    UPDATE arbor_agents a SET checkpoint_version = ok.version, checkpointed_at = now(),
+        updated_at = now()
+    FROM ok WHERE a.name = ok.name
+),
+pruned AS (
+    DELETE FROM arbor_checkpoints c USING ok
+    WHERE c.agent = ok.name AND c.version <= ok.version - ok.keep
+)
+SELECT i.name, l.epoch, ok.version FROM input i
+LEFT JOIN locked l ON l.name = i.name
+LEFT JOIN ok ON ok.name = i.name
+"""
+
+
+def _encoded(write: CheckpointWrite) -> tuple[str, str]:
+    """Return the processed-message list and the outbox of ``write`` as JSON text."""
+    return (
+        json.dumps(write.processed, separators=(",", ":")),
+        json.dumps(write.outbox or [], separators=(",", ":")),
     )

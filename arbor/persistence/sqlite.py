@@ -31,6 +31,7 @@ from arbor.persistence.base import (
     Checkpoint,
     CheckpointInfo,
     CheckpointStore,
+    CheckpointWrite,
     migration_scripts,
     split_statements,
 )
@@ -240,35 +241,64 @@ class SQLiteStore(
         keep: int,
         outbox: list[list[Any]] | None = None,
     ) -> int:
-        processed_json = json.dumps(processed, separators=(",", ":"))
-        outbox_json = json.dumps(outbox or [], separators=(",", ":"))
+        write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
 
         def step() -> int:
-            now = time.time()
             with self._transaction() as connection:
-                row = connection.execute(
-                    "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = ?", (name,)
-                ).fetchone()
-                if row is None or int(row[0]) != epoch:
-                    raise CheckpointConflict(name, epoch, int(row[0]) if row else None)
-                version = int(row[1]) + 1
-                connection.execute(
-                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
-                    "created_at, outbox) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, version, epoch, state_json, processed_json, now, outbox_json),
-                )
-                connection.execute(
-                    "UPDATE arbor_agents SET checkpoint_version = ?, checkpointed_at = ?, "
-                    "updated_at = ? WHERE name = ?",
-                    (version, now, now, name),
-                )
-                connection.execute(
-                    "DELETE FROM arbor_checkpoints WHERE agent = ? AND version <= ?",
-                    (name, version - keep),
-                )
-                return version
+                return self._insert_checkpoint(connection, write)
 
         return self._retry("write_checkpoint", step)
+
+    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int | CheckpointConflict]:
+        """Write many agents' checkpoints in one transaction.
+
+        A conflict is found before the agent's first statement, so it leaves nothing to
+        undo and the other agents' writes go on.
+        """
+
+        def step() -> list[int | CheckpointConflict]:
+            results: list[int | CheckpointConflict] = []
+            with self._transaction() as connection:
+                for write in writes:
+                    try:
+                        results.append(self._insert_checkpoint(connection, write))
+                    except CheckpointConflict as conflict:
+                        results.append(conflict)
+            return results
+
+        return self._retry("write_checkpoints", step)
+
+    def _insert_checkpoint(self, connection: sqlite3.Connection, write: CheckpointWrite) -> int:
+        name, epoch, now = write.name, write.epoch, time.time()
+        row = connection.execute(
+            "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None or int(row[0]) != epoch:
+            raise CheckpointConflict(name, epoch, int(row[0]) if row else None)
+        version = int(row[1]) + 1
+        connection.execute(
+            "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
+            "created_at, outbox) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                name,
+                version,
+                epoch,
+                write.state_json,
+                json.dumps(write.processed, separators=(",", ":")),
+                now,
+                json.dumps(write.outbox or [], separators=(",", ":")),
+            ),
+        )
+        connection.execute(
+            "UPDATE arbor_agents SET checkpoint_version = ?, checkpointed_at = ?, "
+            "updated_at = ? WHERE name = ?",
+            (version, now, now, name),
+        )
+        connection.execute(
+            "DELETE FROM arbor_checkpoints WHERE agent = ? AND version <= ?",
+            (name, version - write.keep),
+        )
+        return version
 
     def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:
         def step() -> Checkpoint | None:

@@ -19,6 +19,7 @@ from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.persistence import RUNNING, STARTING, AgentRecord, open_store
+from arbor.persistence.group import GroupCommitter
 from arbor.runtime import kv, telemetry
 from arbor.runtime.cell import CAPABILITY_HEADER, AgentCell
 from arbor.runtime.context import RuntimeContext
@@ -265,6 +266,7 @@ def start_cell(
     run: Callable[[Awaitable[Any]], Any] | None,
     offload_io: bool,
     self_route: Callable[[], Any] | None = None,
+    committer: GroupCommitter | None = None,
 ) -> AgentCell:
     """Build the cell of one agent incarnation, as every placement does.
 
@@ -298,6 +300,7 @@ def start_cell(
             recovery=recovery,
             handler_timeout_s=settings.handler_timeout_s,
             run=run,
+            committer=committer,
         )
     context.attach(cell)
     if cell.outbox is not None:

@@ -29,6 +29,7 @@ from arbor.errors import (
 from arbor.messages import Envelope, ErrorInfo, Reply, new_message_id
 from arbor.observability import logs
 from arbor.persistence import CheckpointStore
+from arbor.persistence.group import GroupCommitter
 from arbor.persistence.jsonstate import encode_reply, encode_state
 from arbor.runtime import telemetry
 from arbor.runtime.outbox import Outbox
@@ -54,6 +55,9 @@ def running_cell() -> AgentCell | None:
 # The envelope header that carries the sender's capability token.
 CAPABILITY_HEADER = "capability"
 
+# Durability modes that commit a changed state before the message is acknowledged.
+COMMIT_FIRST = frozenset({"durable", "batched"})
+
 # Keys of a processed message's outcome as a checkpoint stores it for deduplication.
 _VALUE = "v"
 _ERROR = "e"
@@ -77,7 +81,7 @@ class AgentCell:
         init_args: tuple[Any, ...] | None = None,
         init_kwargs: dict[str, Any] | None = None,
         node_id: str | None = None,
-        durability: Literal["durable", "periodic"] = "durable",
+        durability: Literal["durable", "periodic", "batched"] = "durable",
         checkpoint_keep: int = 10,
         dedup_window: int = 256,
         offload_io: bool = True,
@@ -88,8 +92,14 @@ class AgentCell:
         recovery: Callable[[], str] | None = None,
         handler_timeout_s: float = 0.0,
         run: Callable[[Awaitable[Any]], Any] | None = None,
+        committer: GroupCommitter | None = None,
     ) -> None:
         self.name = name
+        # Batched agents commit through the committer their process shares; without one
+        # they commit alone, as durable agents do.
+        self._writer: CheckpointStore | GroupCommitter = (
+            committer if committer is not None and durability == "batched" else store
+        )
         # Runs an async lifecycle hook's coroutine; None where no private loop exists.
         self._run = run
         # The default running-time limit of handlers without their own, 0 for none.
@@ -252,7 +262,7 @@ class AgentCell:
         Sends are staged only in durable mode, inside a handler, and when their
         arguments are JSON, because the checkpoint stores them.
         """
-        if self.outbox is None or self.durability != "durable" or self._current_id is None:
+        if self.outbox is None or self.durability not in COMMIT_FIRST or self._current_id is None:
             return False
         wire = list(envelope.to_wire())
         # The token is attached again at dispatch, so checkpoints never contain it.
@@ -482,7 +492,8 @@ class AgentCell:
         outbox = self.outbox
         pruned = outbox.prune() if outbox is not None else False
         outbox_changed = pruned or (outbox is not None and outbox.has_staged)
-        if self.durability == "durable" and (state_json != self._committed_json or outbox_changed):
+        changed = state_json != self._committed_json or outbox_changed
+        if self.durability in COMMIT_FIRST and changed:
             return state_json
         return None
 
@@ -520,7 +531,7 @@ class AgentCell:
         started = time.perf_counter()
         try:
             with telemetry.span("arbor.checkpoint", {"arbor.agent": self.name}, child_only=True):
-                self.checkpoint_version = self.store.write_checkpoint(
+                self.checkpoint_version = self._writer.write_checkpoint(
                     self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
                 )
         except CheckpointConflict:

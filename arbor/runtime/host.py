@@ -39,6 +39,7 @@ from arbor.config import NAMESPACE, Settings
 from arbor.errors import AgentNotFound, ArborError
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.persistence import RUNNING, STOPPED, AgentRecord, open_store
+from arbor.persistence.group import GroupCommitter
 from arbor.runtime import telemetry
 from arbor.runtime.actor import start_cell
 from arbor.runtime.cell import AgentCell
@@ -141,6 +142,8 @@ class HostActor:
             update={"db_pool_max": self._settings.host_db_pool_max}
         )
         self._store = open_store(self._settings.database_url, store_settings, migrate=False)
+        # Commits the checkpoints of this host's batched agents together.
+        self._committer = GroupCommitter(self._store, self._settings.batch_window_s)
         runtime = ray.get_runtime_context()
         self._name = runtime.get_actor_name() or "?"
         self._node_id = runtime.get_node_id()
@@ -298,6 +301,8 @@ class HostActor:
             "agents": len(self._owned),
             "active": active,
             "abandoned_threads": len(self._abandoned),
+            "group_commits": self._committer.batches,
+            "group_commit_writes": self._committer.writes,
         }
 
     # The mailbox.
@@ -558,6 +563,7 @@ class HostActor:
                 run=self._run_in_thread_loop,
                 offload_io=True,
                 self_route=lambda: HostedRoute(handle, name),
+                committer=self._committer,
             ),
         )
         slot.cell = cell

@@ -1,0 +1,147 @@
+"""Group commit: the checkpoint writes of many agents in one process, one transaction each batch.
+
+Agents with ``durability="batched"`` hand their checkpoint to the process's
+`GroupCommitter` and wait. A committer thread takes the writes that arrived, waits up to
+the window for more, and commits them together with `CheckpointStore.write_checkpoints`.
+A batch costs one commit (one flush of the write-ahead log) however many agents it holds,
+and no agent's message is acknowledged before the batch with its checkpoint commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from arbor.errors import CheckpointConflict, StoreUnavailable
+from arbor.persistence.base import CheckpointStore, CheckpointWrite
+
+logger = logging.getLogger(__name__)
+
+
+class _Pending:
+    """One write waiting in the queue, and its outcome once the batch committed."""
+
+    __slots__ = ("write", "done", "version", "error")
+
+    def __init__(self, write: CheckpointWrite) -> None:
+        self.write = write
+        self.done = threading.Event()
+        self.version = 0
+        self.error: BaseException | None = None
+
+
+class GroupCommitter:
+    """The committer of one process, which writes its agents' checkpoints in shared transactions.
+
+    Args:
+        store: the store that commits each batch.
+        window_s: seconds the committer waits after a batch's first write for others to
+            join it; 0 commits what has queued at once, so batches form only while a
+            commit is in progress.
+        max_batch: writes per transaction at most.
+    """
+
+    def __init__(self, store: CheckpointStore, window_s: float, max_batch: int = 256) -> None:
+        self.store = store
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self.batches = 0
+        self.writes = 0
+        self._queue: list[_Pending] = []
+        self._last_size = 0
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="arbor-group-commit", daemon=True)
+        self._thread.start()
+
+    def write_checkpoint(
+        self,
+        name: str,
+        epoch: int,
+        state_json: str,
+        processed: list[list[Any]],
+        keep: int,
+        outbox: list[list[Any]] | None = None,
+    ) -> int:
+        """Queue a checkpoint and wait until its batch commits; returns the new version.
+
+        It takes the arguments of `CheckpointStore.write_checkpoint`.
+
+        Raises:
+            CheckpointConflict: a newer incarnation of the agent exists.
+            StoreUnavailable: the batch could not be committed, or the committer is closed.
+        """
+        pending = _Pending(CheckpointWrite(name, epoch, state_json, processed, keep, outbox))
+        with self._ready:
+            if self._closed:
+                raise StoreUnavailable(
+                    f"checkpoint of agent {name!r} not written: the group committer is closed"
+                )
+            self._queue.append(pending)
+            self._ready.notify()
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.version
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the committer thread."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            self._commit(batch)
+
+    def _next_batch(self) -> list[_Pending]:
+        """Wait for a first write, then for more; empty once closed.
+
+        The wait ends after the window, or as soon as as many writes queued as the last
+        batch held: the writers that took part then have all come back, and waiting
+        longer would only add latency.
+        """
+        with self._ready:
+            while not self._queue and not self._closed:
+                self._ready.wait()
+            enough = min(self.max_batch, max(1, self._last_size))
+            deadline = time.monotonic() + self.window_s
+            while len(self._queue) < enough and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._ready.wait(remaining)
+            batch = self._queue[: self.max_batch]
+            del self._queue[: self.max_batch]
+            self._last_size = len(batch)
+            return batch
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results = self.store.write_checkpoints([pending.write for pending in batch])
+        except Exception as error:
+            # The store retried already; every write of the batch fails with the same cause.
+            logger.error(
+                "group commit of %d checkpoints failed: %s; their messages fail unacknowledged",
+                len(batch),
+                error,
+            )
+            failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(str(error))
+            for pending in batch:
+                pending.error = failure
+                pending.done.set()
+            return
+        self.batches += 1
+        self.writes += len(batch)
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, CheckpointConflict):
+                pending.error = result
+            else:
+                pending.version = result
+            pending.done.set()
