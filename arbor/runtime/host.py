@@ -162,6 +162,8 @@ class HostActor:
         # Handler threads past their limit that have not returned yet.
         self._abandoned: set[asyncio.Future[Any]] = set()
         self._routes: dict[str, _HostLocalRoute] = {}
+        # Messages delivered between agents of this host without Ray.
+        self.local_deliveries = 0
         # Per (sender stream, agent): the next message number to run, and the messages
         # that arrived before their predecessors, by number.
         self._expected: dict[tuple[str, str], int] = {}
@@ -288,6 +290,10 @@ class HostActor:
 
         return await self._post(name, passivate)  # type: ignore[no-any-return]
 
+    async def active_agents(self) -> list[str]:
+        """Return the names of the agents whose objects this host holds now, sorted."""
+        return sorted(name for name, slot in self._slots.items() if slot.cell is not None)
+
     async def ping(self) -> dict[str, Any]:
         """Return the host's process id, node and agent counts."""
         active = sum(1 for slot in self._slots.values() if slot.cell is not None)
@@ -298,6 +304,7 @@ class HostActor:
             "agents": len(self._owned),
             "active": active,
             "abandoned_threads": len(self._abandoned),
+            "local_deliveries": self.local_deliveries,
         }
 
     # The mailbox.
@@ -725,6 +732,7 @@ class _HostLocalRoute(LocalRoute):
         host = self._host
         if threading.get_ident() == host._loop_thread:
             future = host._post(self._name, _detached(envelope))
+            host.local_deliveries += 1
         else:
             result: concurrent.futures.Future[Any] = concurrent.futures.Future()
             host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
@@ -735,18 +743,21 @@ class _HostLocalRoute(LocalRoute):
             return _ask_timeout(envelope, self._name, timeout)
         return _detached_reply(reply)
 
-    def send(self, envelope: Envelope) -> None:
+    def send(self, envelope: Envelope) -> Any:
         host = self._host
         if threading.get_ident() == host._loop_thread:
-            host._post(self._name, _detached(envelope)).add_done_callback(_log_failure)
-        else:
-            host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), None)
-
-    def _post_into(self, envelope: Envelope, result: concurrent.futures.Future[Any] | None) -> None:
-        future = self._host._post(self._name, envelope)
-        if result is None:
+            future = host._post(self._name, _detached(envelope))
+            host.local_deliveries += 1
             future.add_done_callback(_log_failure)
-            return
+            return future
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
+        result.add_done_callback(_log_failure)
+        return result
+
+    def _post_into(self, envelope: Envelope, result: concurrent.futures.Future[Any]) -> None:
+        future = self._host._post(self._name, envelope)
+        self._host.local_deliveries += 1
 
         def copy_outcome(done: asyncio.Future[Any]) -> None:
             if done.cancelled():
