@@ -850,8 +850,16 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
         logger.error("hosted agent operation failed: %s: %s", type(error).__name__, error)
 
 
-def create_host_actor(host_name: str, settings: Settings) -> Any:
-    """Create a detached host actor; Ray's scheduler spreads hosts over the nodes."""
+def create_host_actor(host_name: str, settings: Settings, node_id: str | None = None) -> Any:
+    """Create a detached host actor, spread over the nodes by Ray or placed on ``node_id``.
+
+    A node preference is soft, so Ray restarts the host on another node when that one dies.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    strategy: Any = "SPREAD"
+    if node_id is not None:
+        strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
     return (
         ray.remote(HostActor)
         .options(
@@ -863,7 +871,7 @@ def create_host_actor(host_name: str, settings: Settings) -> Any:
             max_restarts=-1,
             max_task_retries=-1,
             max_concurrency=MAX_CONCURRENCY,
-            scheduling_strategy="SPREAD",
+            scheduling_strategy=strategy,
             # A sliver of a CPU keeps hosts off nodes that offer none (a head node started
             # with num_cpus=0) without taking a CPU from the node's agents.
             num_cpus=0.01,
