@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -244,3 +245,84 @@ class BrokenRecovery(arbor.Agent):
     def add(self) -> int:
         self.count += 1
         return self.count
+
+
+class Poison(arbor.Agent):
+    """Misbehaves on request: raises, spins in Python past its limit, or awaits past it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self) -> int:
+        self.count += 1
+        return self.count
+
+    def get(self) -> int:
+        return self.count
+
+    def crash(self) -> None:
+        raise RuntimeError("poisoned on purpose")
+
+    @arbor.handler(timeout=1.0)
+    def spin(self) -> None:
+        # This change must be dropped with the timed-out message.
+        self.count += 100
+        while True:
+            pass
+
+    @arbor.handler(timeout=1.0)
+    async def stall(self) -> None:
+        self.count += 100
+        await asyncio.sleep(3600)
+
+
+class Peer(arbor.Agent):
+    """Messages another agent from its handlers, synchronously and asynchronously."""
+
+    def __init__(self) -> None:
+        self.log: list[Any] = []
+
+    def append(self, item: Any) -> int:
+        self.log.append(item)
+        return len(self.log)
+
+    def items(self) -> list[Any]:
+        return self.log
+
+    def fan_out(self, target: str, count: int) -> None:
+        # Durable sends wait in the outbox until this handler's checkpoint commits.
+        ref = self.context.get(target)
+        for index in range(count):
+            ref.send("append", index)
+
+    async def fan_out_async(self, target: str, first: int, count: int) -> int:
+        ref = self.context.get(target)
+        for index in range(first, first + count):
+            await ref.ask_async("append", index)
+        result: int = len(await ref.ask_async("items"))
+        return result
+
+    def ask_with_id(self, target: str, item: Any, message_id: str) -> int:
+        result: int = self.context.get(target).ask("append", item, message_id=message_id)
+        return result
+
+    def share(self, target: str) -> list[Any]:
+        """Send a list, then change it; the receiver must keep the list as sent."""
+        sent = [1, 2]
+        self.context.get(target).ask("append", sent)
+        sent.append(3)
+        result: list[Any] = self.context.get(target).ask("items")
+        return result
+
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    async def time_asks(self, target: str, count: int) -> list[float]:
+        """Ask ``target`` to echo ``count`` times; returns each round trip in seconds."""
+        ref = self.context.get(target)
+        durations = []
+        for index in range(count):
+            started = time.perf_counter()
+            await ref.ask_async("echo", index)
+            durations.append(time.perf_counter() - started)
+        return durations

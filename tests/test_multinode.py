@@ -114,3 +114,39 @@ def test_hard_pinned_agent_moves_when_its_node_dies(cluster: Cluster) -> None:
     assert moved.actor.startswith("arbor-moved-")
     assert arbor.reconcile() == []
     assert ref.info()["pid"] == info["pid"]
+
+
+def hosted_nodes(names: list[str]) -> dict[str, str]:
+    return {name: arbor.get(name).info(timeout=120)["node_id"] for name in names}
+
+
+def test_hosted_agents_come_back_when_their_node_dies(cluster: Cluster) -> None:
+    names = [f"mn/hosted-{index}" for index in range(9)]
+    expected = {}
+    for index, name in enumerate(names):
+        ref = arbor.spawn(Counter, name, placement="hosted")
+        expected[name] = ref.ask("add", 20 + index)
+    placement = hosted_nodes(names)
+    # Hosts spread over the worker nodes, and spawns fill the emptiest host.
+    assert len(set(placement.values())) == len(cluster.worker_nodes)
+    registry = ray.get(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE).ping.remote())
+    doomed = next(node for node in cluster.worker_nodes if node.node_id != registry["node_id"])
+    moved = [name for name in names if placement[name] == doomed.node_id]
+
+    kill_node(cluster, doomed)
+    values = wait_for_answers(names, expected, timeout=120)
+
+    assert values == expected
+    for name in moved:
+        assert arbor.get(name).info()["node_id"] != doomed.node_id
+
+    # A node that joins gets a host, and agents move onto it until the hosts are even.
+    joined = cluster.add_node(**NODE_ARGS)
+    cluster.wait_for_nodes()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if joined.node_id in hosted_nodes(names).values():
+            break
+        time.sleep(0.5)
+    assert joined.node_id in hosted_nodes(names).values()
+    assert wait_for_answers(names, expected, timeout=60) == expected

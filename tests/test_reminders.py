@@ -23,6 +23,7 @@ from arbor.config import NAMESPACE, REGISTRY_NAME, get_settings
 from arbor.persistence import CheckpointStore, open_store
 from arbor.persistence.reminders import ReminderRecord
 from arbor.registry.reminder_spec import ReminderRequest, next_due_ms
+from tests.conftest import PLACEMENTS, arbor_cluster
 from tests.reminder_agents import Heartbeat, Reminded, Ticker, Unreminded
 
 # --- the store, on both databases ---------------------------------------------------------
@@ -152,11 +153,10 @@ def test_request_rejects_bad_name(name: Any, expected: str) -> None:
 # --- on a Ray cluster ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster(module_pg_url: str) -> Iterator[str]:
-    arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
-    yield module_pg_url
-    arbor.shutdown()
+@pytest.fixture(scope="module", params=PLACEMENTS)
+def cluster(request: pytest.FixtureRequest) -> Iterator[str]:
+    with arbor_cluster(request.param) as url:
+        yield url
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -226,7 +226,9 @@ def test_reminders_due_during_outage_fire_once(cluster: str) -> None:
     ref.ask("remind", "once", delay=1.0)
     first_due = ref.ask("remind", "periodic", delay=1.0, every=1.0)["due"]
     registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-    agent_actor = ray.get_actor("rem/outage", namespace=NAMESPACE)
+    # The agent's own actor, or for a hosted agent its host.
+    actor = next(info.actor for info in arbor.list_agents() if info.name == "rem/outage")
+    agent_actor = ray.get_actor(actor, namespace=NAMESPACE)
 
     # The registry and the agent are gone for 5 s, past both due times and 4 periods.
     ray.kill(registry, no_restart=True)

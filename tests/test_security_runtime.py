@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -11,23 +10,21 @@ import pytest
 import ray
 
 import arbor
-from arbor.config import NAMESPACE, reset_settings
+from arbor.config import reset_settings
 from arbor.messages import Envelope, Reply
 from arbor.persistence import CheckpointStore, open_store
+from arbor.runtime.ref import find_actor
 from arbor.security import CapabilityAuthority, generate_keypair
 from tests.agents import Counter, Delegator, Parent
+from tests.conftest import PLACEMENTS, arbor_cluster
 
 SECRET_VALUE = "correct-horse-battery-staple"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cluster(module_pg_url: str) -> Iterator[str]:
-    os.environ["ARBOR_AUDIT_FLUSH_INTERVAL_S"] = "0.5"
-    reset_settings()
-    arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
-    yield module_pg_url
-    arbor.shutdown()
-    del os.environ["ARBOR_AUDIT_FLUSH_INTERVAL_S"]
+@pytest.fixture(scope="module", autouse=True, params=PLACEMENTS)
+def cluster(request: pytest.FixtureRequest) -> Iterator[str]:
+    with arbor_cluster(request.param, {"ARBOR_AUDIT_FLUSH_INTERVAL_S": "0.5"}) as url:
+        yield url
     reset_settings()
 
 
@@ -57,7 +54,8 @@ def test_agent_without_capability_cannot_ask(store: CheckpointStore) -> None:
 
 def test_receiver_denies_forged_and_missing_tokens(store: CheckpointStore) -> None:
     arbor.spawn(Counter, "sec/guarded")
-    handle = ray.get_actor("sec/guarded", namespace=NAMESPACE)
+    # The raw handle of the agent's actor, or of its host for a hosted agent.
+    handle = find_actor("sec/guarded")
     outsider = CapabilityAuthority(generate_keypair().private_key)
     forged = outsider.issue(
         "sec/forger", "arbor://agent/*/sec/**", expires_at=datetime.now(UTC) + timedelta(days=1)

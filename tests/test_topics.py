@@ -22,6 +22,7 @@ import ray
 import arbor
 from arbor.config import NAMESPACE, REGISTRY_NAME, get_settings
 from arbor.persistence import CheckpointStore, open_store
+from tests.conftest import PLACEMENTS, arbor_cluster
 from tests.topic_agents import Gated, Listener, Publisher
 
 # --- the store, on both databases ---------------------------------------------------------
@@ -122,11 +123,10 @@ def test_subscription_survives_new_cluster(pg_url: str) -> None:
 # --- delivery on one shared cluster -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster(module_pg_url: str) -> Iterator[str]:
-    arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
-    yield module_pg_url
-    arbor.shutdown()
+@pytest.fixture(scope="module", params=PLACEMENTS)
+def cluster(request: pytest.FixtureRequest) -> Iterator[str]:
+    with arbor_cluster(request.param) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,12 @@ from arbor.runtime.host import HOST_PREFIX, create_host_actor
 
 logger = logging.getLogger(__name__)
 
+# A host may run this share more agents than the average before agents move off it.
+_REBALANCE_SLACK = 0.2
+
+# The most agents one reconciler pass moves between hosts, so that a pass stays short.
+_REBALANCE_BATCH = 100
+
 
 class HostPool:
     """The host actors of this cluster and the number of agents each runs.
@@ -31,6 +37,7 @@ class HostPool:
         self._store = store
         self._hosts: dict[str, Any] = {}
         self._load: collections.Counter[str] = collections.Counter()
+        self._nodes: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._discovered = False
 
@@ -64,9 +71,11 @@ class HostPool:
             self._load[host] -= 1
 
     async def ensure(self) -> list[str]:
-        """Start hosts until each alive node with CPUs has ``ARBOR_HOSTS_PER_NODE`` of them.
+        """Start hosts until each alive node with CPUs runs ``ARBOR_HOSTS_PER_NODE`` of them.
 
-        Ray's SPREAD strategy places them, so a node that joins gets the next new hosts.
+        A cluster's first hosts are placed by Ray's SPREAD strategy. Later ones go to the
+        nodes that lack hosts, such as a node that joined, with a soft node preference,
+        because SPREAD alone may place them on a node that already has its share.
 
         Returns:
             The names of the hosts started.
@@ -74,25 +83,52 @@ class HostPool:
         async with self._lock:
             await self._discover()
             nodes = [
-                node
+                node["NodeID"]
                 for node in ray.nodes()
                 if node["Alive"] and node.get("Resources", {}).get("CPU", 0) > 0
             ]
-            target = self._settings.hosts_per_node * max(len(nodes), 1)
+            per_node = self._settings.hosts_per_node
+            wanted: list[str | None]
+            if not self._hosts:
+                wanted = [None] * (per_node * max(len(nodes), 1))
+            else:
+                placed = collections.Counter((await self._host_nodes()).values())
+                wanted = [node for node in nodes for _ in range(max(per_node - placed[node], 0))]
             started = []
-            while len(self._hosts) < target:
-                name = f"{HOST_PREFIX}{uuid.uuid4().hex[:12]}"
-                handle = create_host_actor(name, self._settings)
-                try:
-                    await asyncio.wait_for(handle.ping.remote(), self._settings.spawn_timeout_s)
-                except Exception as error:
-                    ray.kill(handle, no_restart=True)
-                    logger.error("host %s did not start: %s", name, error)
+            for node in wanted:
+                name = await self._start_host(node)
+                if name is None:
                     break
-                self._hosts[name] = handle
                 started.append(name)
-                logger.info("started host %s (%d of %d)", name, len(self._hosts), target)
             return started
+
+    async def _start_host(self, node: str | None) -> str | None:
+        name = f"{HOST_PREFIX}{uuid.uuid4().hex[:12]}"
+        handle = create_host_actor(name, self._settings, node)
+        try:
+            report = await asyncio.wait_for(handle.ping.remote(), self._settings.spawn_timeout_s)
+        except Exception as error:
+            ray.kill(handle, no_restart=True)
+            logger.error("host %s did not start: %s", name, error)
+            return None
+        self._hosts[name] = handle
+        self._nodes[name] = report["node_id"]
+        logger.info("started host %s on node %s", name, report["node_id"])
+        return name
+
+    async def _host_nodes(self) -> dict[str, str]:
+        """Return the node of each host that answers; a restarted host may have moved."""
+        names = list(self._hosts)
+        reports = await asyncio.gather(
+            *(asyncio.wait_for(self._hosts[name].ping.remote(), 10.0) for name in names),
+            return_exceptions=True,
+        )
+        for name, report in zip(names, reports, strict=True):
+            if isinstance(report, dict):
+                self._nodes[name] = report["node_id"]
+            else:
+                self._nodes.pop(name, None)
+        return dict(self._nodes)
 
     async def _discover(self) -> None:
         """Find the hosts that an earlier registry incarnation started; they are detached."""
@@ -138,6 +174,7 @@ class HostPool:
             and (record.status == RUNNING or record.checkpoint_version > 0)
         ]
         if not orphans:
+            await self._rebalance(hosted)
             return []
         if gone:
             logger.warning("hosts %s are gone; moving their agents", sorted(gone))
@@ -155,6 +192,64 @@ class HostPool:
             telemetry.record(metrics.record_reconciler_action, "recreate")
             logger.info("host %s took over %d of %d agents", host, adopted, len(names))
         return [record.name for record in orphans]
+
+    async def _rebalance(self, hosted: list[AgentRecord]) -> int:
+        """Move running agents from the fullest hosts to the emptiest, a batch per pass.
+
+        A host that joined with a new node starts empty, and a node's loss leaves its
+        restarted hosts on the surviving nodes, so without moves the load stays uneven.
+        Returns the number of agents moved.
+        """
+        if len(self._hosts) < 2:
+            return 0
+        by_host: dict[str, list[AgentRecord]] = {name: [] for name in self._hosts}
+        for record in hosted:
+            if record.status == RUNNING and record.options.get("host") in by_host:
+                by_host[record.options["host"]].append(record)
+        total = sum(len(records) for records in by_host.values())
+        ceiling = total / len(by_host) * (1 + _REBALANCE_SLACK)
+        moves: list[tuple[AgentRecord, str, str]] = []
+        while len(moves) < _REBALANCE_BATCH:
+            fullest = max(by_host, key=lambda name: len(by_host[name]))
+            emptiest = min(by_host, key=lambda name: len(by_host[name]))
+            # A move must narrow the gap, or agents would only trade places.
+            if len(by_host[fullest]) <= ceiling or len(by_host[emptiest]) + 1 >= len(
+                by_host[fullest]
+            ):
+                break
+            record = by_host[fullest].pop()
+            by_host[emptiest].append(record)
+            moves.append((record, fullest, emptiest))
+        for record, source, target in moves:
+            await self._move(record, source, target)
+        if moves:
+            logger.info("moved %d agents to balance %d hosts", len(moves), len(by_host))
+        return len(moves)
+
+    async def _move(self, record: AgentRecord, source: str, target: str) -> None:
+        """Move one agent: record the new host, let the old one commit and drop it, start it.
+
+        Messages that still reach the old host are forwarded, and the new incarnation's
+        epoch fences the old one, so no order of these steps loses a committed update.
+        """
+        options = {**record.options, "host": target}
+        await asyncio.to_thread(self._store.update_options, record.name, options)
+        try:
+            await asyncio.wait_for(
+                self._hosts[source].release.remote(record.name), self._settings.stop_timeout_s
+            )
+        except Exception as error:
+            logger.warning(
+                "host %s did not release agent %s (%s); the new host fences it",
+                source,
+                record.name,
+                error,
+            )
+        await asyncio.wait_for(
+            self._hosts[target].adopt.remote([record.name]), self._settings.spawn_timeout_s
+        )
+        self._load[source] -= 1
+        self._load[target] += 1
 
     async def kill_all(self) -> None:
         """Kill every host of this cluster without a restart, after the cluster lease is lost."""

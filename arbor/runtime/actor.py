@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import os
@@ -313,15 +314,19 @@ def _dispatch(wallet: Wallet | None, target: str, wire: list[Any]) -> Any:
 
     The sender's capability token is attached here rather than kept in the checkpoint.
     """
-    from arbor.runtime.ref import find_actor
+    from arbor.runtime.ref import find_actor, local_route
 
-    handle = find_actor(target)
-    if handle is None:
-        return None
     if wallet is not None:
         token = wallet.token_for(f"arbor://agent/{wire[3]}/{target}")
         if token is not None:
             wire = [*wire[:7], {**wire[7], CAPABILITY_HEADER: token}, *wire[8:]]
+    local = local_route(target)
+    if local is not None:
+        # The target runs in this process's host: deliver without Ray.
+        return local.send(Envelope.from_wire(tuple(wire)))
+    handle = find_actor(target)
+    if handle is None:
+        return None
     return handle.handle.remote(tuple(wire))
 
 
@@ -342,6 +347,9 @@ def _recovery_reason(name: str) -> str:
 
 def _delivered(reply: Any) -> bool | None:
     """Check an outbox message's reply: True once handled, False if the target was lost."""
+    if isinstance(reply, asyncio.Future | concurrent.futures.Future):
+        # A delivery inside this process's host, which cannot lose the message.
+        return True if reply.done() else None
     ready, _ = ray.wait([reply], timeout=0)
     if not ready:
         return None

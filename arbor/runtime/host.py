@@ -165,6 +165,8 @@ class HostActor:
         # Handler threads past their limit that have not returned yet.
         self._abandoned: set[asyncio.Future[Any]] = set()
         self._routes: dict[str, _HostLocalRoute] = {}
+        # Messages delivered between agents of this host without Ray.
+        self.local_deliveries = 0
         # Per (sender stream, agent): the next message number to run, and the messages
         # that arrived before their predecessors, by number.
         self._expected: dict[tuple[str, str], int] = {}
@@ -291,6 +293,10 @@ class HostActor:
 
         return await self._post(name, passivate)  # type: ignore[no-any-return]
 
+    async def active_agents(self) -> list[str]:
+        """Return the names of the agents whose objects this host holds now, sorted."""
+        return sorted(name for name, slot in self._slots.items() if slot.cell is not None)
+
     async def ping(self) -> dict[str, Any]:
         """Return the host's process id, node and agent counts."""
         active = sum(1 for slot in self._slots.values() if slot.cell is not None)
@@ -303,6 +309,7 @@ class HostActor:
             "abandoned_threads": len(self._abandoned),
             "group_commits": self._committer.batches,
             "group_commit_writes": self._committer.writes,
+            "local_deliveries": self.local_deliveries,
         }
 
     # The mailbox.
@@ -731,6 +738,7 @@ class _HostLocalRoute(LocalRoute):
         host = self._host
         if threading.get_ident() == host._loop_thread:
             future = host._post(self._name, _detached(envelope))
+            host.local_deliveries += 1
         else:
             result: concurrent.futures.Future[Any] = concurrent.futures.Future()
             host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
@@ -741,18 +749,21 @@ class _HostLocalRoute(LocalRoute):
             return _ask_timeout(envelope, self._name, timeout)
         return _detached_reply(reply)
 
-    def send(self, envelope: Envelope) -> None:
+    def send(self, envelope: Envelope) -> Any:
         host = self._host
         if threading.get_ident() == host._loop_thread:
-            host._post(self._name, _detached(envelope)).add_done_callback(_log_failure)
-        else:
-            host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), None)
-
-    def _post_into(self, envelope: Envelope, result: concurrent.futures.Future[Any] | None) -> None:
-        future = self._host._post(self._name, envelope)
-        if result is None:
+            future = host._post(self._name, _detached(envelope))
+            host.local_deliveries += 1
             future.add_done_callback(_log_failure)
-            return
+            return future
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
+        result.add_done_callback(_log_failure)
+        return result
+
+    def _post_into(self, envelope: Envelope, result: concurrent.futures.Future[Any]) -> None:
+        future = self._host._post(self._name, envelope)
+        self._host.local_deliveries += 1
 
         def copy_outcome(done: asyncio.Future[Any]) -> None:
             if done.cancelled():
@@ -845,8 +856,16 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
         logger.error("hosted agent operation failed: %s: %s", type(error).__name__, error)
 
 
-def create_host_actor(host_name: str, settings: Settings) -> Any:
-    """Create a detached host actor; Ray's scheduler spreads hosts over the nodes."""
+def create_host_actor(host_name: str, settings: Settings, node_id: str | None = None) -> Any:
+    """Create a detached host actor, spread over the nodes by Ray or placed on ``node_id``.
+
+    A node preference is soft, so Ray restarts the host on another node when that one dies.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    strategy: Any = "SPREAD"
+    if node_id is not None:
+        strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
     return (
         ray.remote(HostActor)
         .options(
@@ -858,7 +877,7 @@ def create_host_actor(host_name: str, settings: Settings) -> Any:
             max_restarts=-1,
             max_task_retries=-1,
             max_concurrency=MAX_CONCURRENCY,
-            scheduling_strategy="SPREAD",
+            scheduling_strategy=strategy,
             # A sliver of a CPU keeps hosts off nodes that offer none (a head node started
             # with num_cpus=0) without taking a CPU from the node's agents.
             num_cpus=0.01,

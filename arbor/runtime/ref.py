@@ -115,13 +115,22 @@ class LocalRoute:
     async def ask_async(self, envelope: Envelope, timeout: float) -> Any:
         raise NotImplementedError
 
-    def send(self, envelope: Envelope) -> None:
+    def send(self, envelope: Envelope) -> Any:
+        """Post the message; returns a future that is done once the agent handled it."""
         raise NotImplementedError
 
 
 # Set by a host actor's process: returns the local route to an agent that the host runs,
 # or None. Other processes have none and always go through Ray.
 _local_router: Any = None
+
+
+def local_route(name: str) -> LocalRoute | None:
+    """Return the in-process route to agent ``name`` when this process's host runs it."""
+    if _local_router is None or _pending.limited(name):
+        return None
+    route: LocalRoute | None = _local_router(name)
+    return route
 
 
 def set_local_router(router: Any) -> None:
@@ -262,10 +271,7 @@ class AgentRef:
         """
         if _local_router is None or self._sending_origin() is None:
             return None
-        route: LocalRoute | None = _local_router(self._name)
-        if route is None or _pending.limited(self._name):
-            return None
-        return route
+        return local_route(self._name)
 
     def _submit(self, actor: Any, envelope: Envelope) -> Any:
         """Submit the message, or raise `AgentOverloaded` when the agent's limit is reached."""

@@ -1,0 +1,280 @@
+"""Hosted agents: isolation of host-mates, host crashes, passivation, scale, local delivery."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import ray
+
+import arbor
+from arbor.config import NAMESPACE
+from tests.agents import Counter, Lifecycle, Peer, Poison
+from tests.conftest import arbor_cluster
+
+HOSTED: dict[str, Any] = {"placement": "hosted"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[str]:
+    with arbor_cluster("dedicated", {"ARBOR_HOST_THREADS": "8"}) as url:
+        yield url
+
+
+def host_of(name: str) -> Any:
+    actor = next(info.actor for info in arbor.list_agents() if info.name == name)
+    return ray.get_actor(actor, namespace=NAMESPACE)
+
+
+def host_report(name: str) -> dict[str, Any]:
+    report: dict[str, Any] = ray.get(host_of(name).ping.remote(), timeout=30)
+    return report
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_hosted_agents_share_a_host_process() -> None:
+    first = arbor.spawn(Counter, "h/share-a", placement="hosted")
+    second = arbor.spawn(Counter, "h/share-b", placement="hosted")
+
+    assert first.info()["pid"] == second.info()["pid"]
+    infos = {info.name: info for info in arbor.list_agents()}
+    assert infos["h/share-a"].placement == "hosted"
+    assert infos["h/share-a"].actor.startswith("arbor-host-")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"placement": "nowhere"}, "placement='nowhere' is invalid"),
+        ({"placement": "hosted", "num_cpus": 1}, "cannot be combined with num_cpus"),
+        ({"placement": "hosted", "spread": True}, "cannot be combined with spread"),
+        ({"passivate_idle_s": 5}, "hosted agents only"),
+        ({"placement": "hosted", "passivate_idle_s": -1}, "passivate_idle_s=-1"),
+        ({"placement": "hosted", "passivate_idle_s": "soon"}, "passivate_idle_s='soon'"),
+    ],
+)
+def test_invalid_hosted_options_are_rejected(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(arbor.InvalidArguments, match=message):
+        arbor.spawn(Counter, "h/bad-options", **options)
+
+
+def run_poisoned(poison: arbor.AgentRef, handler: str, mates: list[arbor.AgentRef]) -> None:
+    """Ask the poisoned handler in a thread while the mates answer asks meanwhile."""
+    outcome: dict[str, Any] = {}
+
+    def ask_poisoned() -> None:
+        try:
+            poison.ask(handler, timeout=60)
+        except BaseException as error:
+            outcome["error"] = error
+        outcome["finished_at"] = time.monotonic()
+
+    worker = threading.Thread(target=ask_poisoned)
+    worker.start()
+    time.sleep(0.2)
+    answered_at = []
+    for round_number in range(5):
+        for mate in mates:
+            assert mate.ask("add", 1, timeout=30) == round_number + 1
+        answered_at.append(time.monotonic())
+    worker.join(60)
+
+    assert isinstance(outcome.get("error"), arbor.AskTimeout)
+    assert "1 s limit" in str(outcome["error"])
+    # Every mate answered while the poisoned handler still held its agent.
+    assert answered_at[0] < outcome["finished_at"]
+
+
+def test_spinning_handler_leaves_host_mates_answering() -> None:
+    mates = [arbor.spawn(Counter, f"h/spin-mate-{index}", **HOSTED) for index in range(3)]
+    poison = arbor.spawn(Poison, "h/spin", **HOSTED)
+    poison.ask("add")
+
+    run_poisoned(poison, "spin", mates)
+
+    # The agent restarted from its checkpoint without the timed-out change.
+    assert poison.ask("get", timeout=30) == 1
+    assert poison.ask("add") == 2
+    # The host raised an exception in the spinning thread, which ended the loop.
+    wait_for(lambda: host_report("h/spin")["abandoned_threads"] == 0, 20, "the thread to end")
+
+
+def test_stalled_async_handler_leaves_host_mates_answering() -> None:
+    mates = [arbor.spawn(Counter, f"h/stall-mate-{index}", **HOSTED) for index in range(3)]
+    poison = arbor.spawn(Poison, "h/stall", **HOSTED)
+    poison.ask("add")
+
+    run_poisoned(poison, "stall", mates)
+
+    assert poison.ask("get", timeout=30) == 1
+    assert host_report("h/stall")["abandoned_threads"] == 0
+
+
+def test_retry_of_timed_out_hosted_message_gets_same_error() -> None:
+    poison = arbor.spawn(Poison, "h/spin-retry", **HOSTED)
+    with pytest.raises(arbor.AskTimeout):
+        poison.ask("spin", message_id="spin-1", timeout=60)
+
+    started = time.monotonic()
+    with pytest.raises(arbor.AskTimeout, match="limit"):
+        poison.ask("spin", message_id="spin-1", timeout=60)
+
+    assert time.monotonic() - started < 1.0
+    assert poison.ask("get") == 0
+
+
+def test_raising_handler_leaves_agent_and_host_mates() -> None:
+    mate = arbor.spawn(Counter, "h/raise-mate", **HOSTED)
+    poison = arbor.spawn(Poison, "h/raise", **HOSTED)
+
+    with pytest.raises(arbor.HandlerError, match="poisoned on purpose"):
+        poison.ask("crash")
+
+    assert mate.ask("add", 2) == 2
+    assert poison.ask("add") == 1
+
+
+def test_passivated_agent_keeps_state_and_comes_back() -> None:
+    ref = arbor.spawn(Lifecycle, "h/idle", passivate_idle_s=0.3, **HOSTED)
+    ref.ask("add")
+    ref.ask("add")
+    host = host_of("h/idle")
+
+    wait_for(lambda: "h/idle" not in ray.get(host.active_agents.remote()), 10, "the passivation")
+
+    # Reactivation restores the checkpoint; it is no recovery, so on_recover is not called.
+    assert ref.ask("state") == {"count": 2, "recoveries": []}
+    assert "h/idle" in ray.get(host.active_agents.remote())
+    assert ref.info()["incarnation"] == 2
+
+
+def test_agent_with_timer_is_not_passivated() -> None:
+    from tests.reminder_agents import Ticker
+
+    ref = arbor.spawn(Ticker, "h/ticking", passivate_idle_s=0.2, **HOSTED)
+    ref.ask("start", "beat", every=5.0)
+    time.sleep(1.0)
+
+    assert "h/ticking" in ray.get(host_of("h/ticking").active_agents.remote())
+
+
+def test_host_kill_under_load_loses_no_acknowledged_update() -> None:
+    names = [f"h/load-{index}" for index in range(12)]
+    for name in names:
+        arbor.spawn(Counter, name, **HOSTED)
+    acknowledged: collections.Counter[str] = collections.Counter()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(share: list[str]) -> None:
+        refs = [arbor.get(name) for name in share]
+        try:
+            while not stop.is_set():
+                for ref in refs:
+                    ref.ask("add", 1, timeout=60)
+                    acknowledged[ref.name] += 1
+        except BaseException as error:
+            errors.append(error)
+
+    workers = [threading.Thread(target=load, args=(names[index::3],)) for index in range(3)]
+    for worker in workers:
+        worker.start()
+    wait_for(lambda: sum(acknowledged.values()) >= 60, 30, "the first acknowledged updates")
+    old_pid = host_report(names[0])["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: sum(acknowledged.values()) >= 200, 60, "updates after the kill")
+    stop.set()
+    for worker in workers:
+        worker.join(120)
+
+    assert errors == []
+    assert host_report(names[0])["pid"] != old_pid
+    for name in names:
+        assert arbor.get(name).ask("get") == acknowledged[name]
+
+
+def test_local_delivery_keeps_order_and_counts() -> None:
+    sender = arbor.spawn(Peer, "h/peer-a", capabilities=["arbor://agent/*/h/peer-b"], **HOSTED)
+    receiver = arbor.spawn(Peer, "h/peer-b", **HOSTED)
+    before = host_report("h/peer-a")["local_deliveries"]
+
+    sender.ask("fan_out", "h/peer-b", 50)
+    wait_for(lambda: len(receiver.ask("items")) == 50, 10, "50 sends")
+    assert receiver.ask("items") == list(range(50))
+    assert sender.ask("fan_out_async", "h/peer-b", 50, 20) == 70
+    assert receiver.ask("items") == list(range(70))
+
+    # 50 sends, then 20 asks and one more; none went through Ray.
+    assert host_report("h/peer-a")["local_deliveries"] - before == 71
+
+
+def test_local_delivery_deduplicates_by_message_id() -> None:
+    sender = arbor.spawn(Peer, "h/dedup-a", capabilities=["arbor://agent/*/h/dedup-b"], **HOSTED)
+    receiver = arbor.spawn(Peer, "h/dedup-b", **HOSTED)
+
+    assert sender.ask("ask_with_id", "h/dedup-b", "x", "once-1") == 1
+    assert sender.ask("ask_with_id", "h/dedup-b", "y", "once-1") == 1
+    assert receiver.ask("items") == ["x"]
+
+
+def test_local_delivery_copies_mutable_arguments() -> None:
+    sender = arbor.spawn(Peer, "h/copy-a", capabilities=["arbor://agent/*/h/copy-b"], **HOSTED)
+    arbor.spawn(Peer, "h/copy-b", **HOSTED)
+
+    assert sender.ask("share", "h/copy-b") == [[1, 2]]
+
+
+def test_local_delivery_checks_capabilities() -> None:
+    sender = arbor.spawn(Peer, "h/nocap-a", **HOSTED)
+    receiver = arbor.spawn(Peer, "h/nocap-b", **HOSTED)
+
+    with pytest.raises(arbor.HandlerError, match="CapabilityDenied"):
+        sender.ask("ask_with_id", "h/nocap-b", "x", "denied-1")
+    assert receiver.ask("items") == []
+
+
+def test_hosted_agent_moves_when_its_host_is_gone() -> None:
+    ref = arbor.spawn(Counter, "h/orphan", start=4, **HOSTED)
+    ref.ask("add", 1)
+    old_host = host_of("h/orphan")
+    old_name = next(info.actor for info in arbor.list_agents() if info.name == "h/orphan")
+
+    ray.kill(old_host, no_restart=True)
+
+    assert ref.ask("get", timeout=60) == 5
+    new_name = next(info.actor for info in arbor.list_agents() if info.name == "h/orphan")
+    assert new_name != old_name
+
+
+def test_two_thousand_hosted_agents_run() -> None:
+    count = 2000
+    names = [f"h/many/{index}" for index in range(count)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        refs = list(
+            pool.map(
+                lambda index: arbor.spawn(Counter, names[index], start=index, **HOSTED),
+                range(count),
+            )
+        )
+        values = list(pool.map(lambda ref: ref.ask("add", 1, timeout=60), refs))
+
+    assert values == [index + 1 for index in range(count)]
+    running = {info.name for info in arbor.list_agents("running")}
+    assert set(names) <= running
