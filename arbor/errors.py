@@ -89,21 +89,25 @@ class AskTimeout(ArborError, TimeoutError):
 
 
 class AgentOverloaded(ArborError):
-    """This process has as many unfinished messages to an agent as its ``max_pending`` allows.
+    """An agent has as many unfinished messages as its ``max_pending`` allows.
 
-    Retry later with backoff, or spread the work over more agents.
+    A hosted agent's host counts the messages from every sender; for a dedicated agent
+    each sending process counts its own (``from_this_process``). Retry later with
+    backoff, or spread the work over more agents.
     """
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, from_this_process: bool = True) -> None:
+        source = " from this process" if from_this_process else ""
         super().__init__(
-            f"agent {name!r} already has {limit} unfinished messages from this process, its "
+            f"agent {name!r} already has {limit} unfinished messages{source}, its "
             "max_pending limit; retry later with backoff, or spread the work over more agents"
         )
         self.name = name
         self.limit = limit
+        self.from_this_process = from_this_process
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.name, self.limit))
+        return (type(self), (self.name, self.limit, self.from_this_process))
 
 
 class QuotaExceeded(ArborError):

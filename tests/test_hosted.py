@@ -16,7 +16,7 @@ import ray
 
 import arbor
 from arbor.config import NAMESPACE
-from tests.agents import Counter, Lifecycle, Peer, Poison
+from tests.agents import Counter, Lifecycle, Peer, Poison, Sleeper
 from tests.conftest import arbor_cluster
 
 HOSTED: dict[str, Any] = {"placement": "hosted"}
@@ -278,3 +278,38 @@ def test_two_thousand_hosted_agents_run() -> None:
     assert values == [index + 1 for index in range(count)]
     running = {info.name for info in arbor.list_agents("running")}
     assert set(names) <= running
+
+
+@ray.remote(num_cpus=0)
+class _Sender:
+    """A separate sending process, so that no sender reaches the limit on its own."""
+
+    def ready(self) -> bool:
+        return True
+
+    def ask(self, name: str, seconds: float) -> str:
+        try:
+            arbor.get(name).ask("nap", seconds, timeout=60)
+        except arbor.AgentOverloaded as error:
+            return f"overloaded: {error}"
+        return "ok"
+
+
+def test_hosted_mailbox_limit_counts_every_sender() -> None:
+    arbor.spawn(Sleeper, "h/limited", placement="hosted", max_pending=2)
+    senders = [_Sender.remote() for _ in range(4)]
+    ray.get([sender.ready.remote() for sender in senders], timeout=120)
+
+    outcomes = ray.get([sender.ask.remote("h/limited", 2.0) for sender in senders], timeout=120)
+
+    # Each process sent one message, under the limit of 2; the host counted all four.
+    assert sorted(outcome.split(":")[0] for outcome in outcomes) == [
+        "ok",
+        "ok",
+        "overloaded",
+        "overloaded",
+    ]
+    overloaded = next(outcome for outcome in outcomes if outcome.startswith("overloaded"))
+    assert "'h/limited' already has 2 unfinished messages, its max_pending limit" in overloaded
+    for sender in senders:
+        ray.kill(sender)

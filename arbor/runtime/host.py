@@ -36,11 +36,11 @@ import ray
 
 from arbor.agent import Agent, import_type
 from arbor.config import NAMESPACE, Settings
-from arbor.errors import AgentNotFound, ArborError
+from arbor.errors import AgentNotFound, AgentOverloaded, ArborError
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.persistence import RUNNING, STOPPED, AgentRecord, open_store
 from arbor.persistence.group import GroupCommitter
-from arbor.runtime import telemetry
+from arbor.runtime import kv, telemetry
 from arbor.runtime.actor import start_cell
 from arbor.runtime.cell import AgentCell
 from arbor.runtime.ref import (
@@ -165,6 +165,8 @@ class HostActor:
         # Handler threads past their limit that have not returned yet.
         self._abandoned: set[asyncio.Future[Any]] = set()
         self._routes: dict[str, _HostLocalRoute] = {}
+        # The max_pending of each agent that got a message here; None for no limit.
+        self._limits: dict[str, int | None] = {}
         # Messages delivered between agents of this host without Ray.
         self.local_deliveries = 0
         # Per (sender stream, agent): the next message number to run, and the messages
@@ -327,6 +329,11 @@ class HostActor:
             slot = self._slots[name] = _Slot(name)
         if future is None:
             future = self._loop.create_future()
+        limit = self._mailbox_limit(name) if isinstance(item, Envelope) else None
+        if limit is not None and len(slot.queue) + slot.draining >= limit:
+            # The host sees every sender's messages, so the limit holds for all together.
+            future.set_result(_error_reply(item, AgentOverloaded(name, limit, False)))
+            return future
         slot.queue.append((item, future))
         if not slot.draining:
             slot.draining = True
@@ -356,6 +363,13 @@ class HostActor:
         self._expected[key] = number + 1
         self._release_ready(key)
         return future
+
+    def _mailbox_limit(self, name: str) -> int | None:
+        """Return the ``max_pending`` of agent ``name``, read once from Ray's key-value store."""
+        if name not in self._limits:
+            value = kv.get(kv.max_pending_key(name))
+            self._limits[name] = int(value) if value else None
+        return self._limits[name]
 
     def _release_ready(self, key: tuple[str, str]) -> None:
         held = self._held.get(key)
