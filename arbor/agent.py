@@ -155,8 +155,9 @@ class Agent:
 
         ``reason`` is ``"crash"`` when Ray restarted the agent's process after it died,
         ``"recreated"`` when the reconciler started a new actor (its node was lost, or the
-        Ray cluster was replaced), and ``"rollback"`` after `arbor.restore`. State changes
-        made here are committed with the next message's checkpoint.
+        Ray cluster was replaced), ``"rollback"`` after `arbor.restore`, and ``"timeout"``
+        after a handler ran past its time limit. State changes made here are committed
+        with the next message's checkpoint.
         """
 
     def on_stop(self) -> None:
@@ -168,8 +169,10 @@ class Agent:
         """
 
 
-def handler(*, timeout: float | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def handler(function: Callable[..., Any] | None = None, *, timeout: float | None = None) -> Any:
     """Mark a method as a message handler with options; ``timeout`` limits its running time.
+
+    Written without parentheses, ``@arbor.handler`` marks the method with no options.
 
     A handler still running ``timeout`` seconds after it started fails its message with
     `AskTimeout`. The agent's process is restarted from its last checkpoint, so the
@@ -189,10 +192,19 @@ def handler(*, timeout: float | None = None) -> Callable[[Callable[..., Any]], C
 
         raise InvalidArguments(f"timeout={timeout!r} is invalid; pass a number of seconds > 0")
 
-    def mark(function: Callable[..., Any]) -> Callable[..., Any]:
-        function._arbor_timeout = timeout  # type: ignore[attr-defined]
-        return function
+    def mark(method: Callable[..., Any]) -> Callable[..., Any]:
+        method._arbor_timeout = timeout  # type: ignore[attr-defined]
+        return method
 
+    if function is not None:
+        if not callable(function):
+            from arbor.errors import InvalidArguments
+
+            raise InvalidArguments(
+                f"arbor.handler({function!r}) is invalid; pass options by keyword, such as "
+                "@arbor.handler(timeout=30)"
+            )
+        return mark(function)
     return mark
 
 

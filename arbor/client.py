@@ -14,7 +14,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from arbor.agent import Agent
 from arbor.config import NAMESPACE, REGISTRY_NAME, Settings, get_settings, reset_settings
-from arbor.errors import AgentNotFound, AgentTypeNotImportable, ArborError, ClusterUnavailable
+from arbor.errors import (
+    AgentNotFound,
+    AgentTypeNotImportable,
+    ArborError,
+    ClusterUnavailable,
+    InvalidArguments,
+)
 from arbor.names import (
     namespace_of,
     qualify,
@@ -45,6 +51,9 @@ _namespace: str | None = None
 
 # The value of list_agents(namespace=...) that lists every namespace.
 ALL_NAMESPACES = "*"
+
+# The statuses an agent record can have, for list_agents(status=...).
+AGENT_STATUSES = ("starting", "running", "stopped", "failed")
 
 
 def init(
@@ -194,11 +203,11 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
     Example:
         >>> ref = arbor.spawn(Counter, name="c1", start=5)
     """
-    namespace = current_namespace()
-    name = qualify(name, namespace)
+    name = qualify(name, current_namespace())
     spec = build_spawn_spec(agent_class, name, args, kwargs)
+    # Birth capabilities are relative to the new agent's namespace, where it lives.
     spec.capabilities = [
-        replace(request, pattern=qualify_pattern(request.pattern, namespace))
+        replace(request, pattern=qualify_pattern(request.pattern, namespace_of(name)))
         for request in spec.capabilities
     ]
     registry = _registry()
@@ -259,6 +268,10 @@ def list_agents(status: str | None = None, *, namespace: str | None = None) -> l
         status: only agents with this status; None for all.
         namespace: default `current_namespace`; ``"*"`` lists every namespace.
     """
+    if status is not None and status not in AGENT_STATUSES:
+        raise InvalidArguments(
+            f"status={status!r} is invalid; use one of {', '.join(AGENT_STATUSES)}, or None"
+        )
     wanted = _namespace_filter(namespace)
     result: list[AgentInfo] = _call(
         _registry().list_agents.remote(status), timeout=_REGISTRY_TIMEOUT_S
@@ -394,34 +407,50 @@ def revoke(capability_id: str) -> list[str]:
 
 
 def capabilities(
-    principal: str | None = None, include_revoked: bool = False
+    principal: str | None = None, include_revoked: bool = False, *, namespace: str | None = None
 ) -> list[CapabilityInfo]:
-    """Return the capabilities ``principal`` holds (every principal's when None)."""
+    """Return the capabilities ``principal`` holds.
+
+    Args:
+        principal: an agent name or an API key id; None for every principal of the
+            namespace.
+        include_revoked: also return revoked capabilities.
+        namespace: with ``principal=None``, default `current_namespace`; ``"*"`` returns
+            every principal's, API keys' included.
+    """
     if principal is not None:
         principal = qualify_principal(principal, current_namespace())
+    wanted = _namespace_filter(namespace) if principal is None else None
     result: list[CapabilityInfo] = _call(
         _registry().capabilities.remote(principal, include_revoked), timeout=_REGISTRY_TIMEOUT_S
     )
-    return result
+    if wanted is None:
+        return result
+    return [
+        info
+        for info in result
+        if not info.principal.startswith("key:") and namespace_of(info.principal) == wanted
+    ]
 
 
-def reminders(agent: str | None = None) -> list[ReminderInfo]:
-    """Return the durable reminders of ``agent`` (every agent's in the namespace when None).
+def reminders(agent: str | None = None, *, namespace: str | None = None) -> list[ReminderInfo]:
+    """Return the durable reminders of ``agent``, soonest first.
 
-    They come soonest first.
+    With ``agent=None``, every agent's in ``namespace``: default `current_namespace`,
+    ``"*"`` for every namespace.
 
     Example:
         >>> [(r.name, r.due_at, r.every) for r in arbor.reminders("jobs/coordinator")]
         [('report', datetime.datetime(2030, 1, 1, 9, 0, tzinfo=datetime.timezone.utc), 3600.0)]
     """
-    namespace = current_namespace()
-    target = None if agent is None else qualify(agent, namespace)
+    target = None if agent is None else full_name(agent)
+    wanted = _namespace_filter(namespace) if agent is None else None
     result: list[ReminderInfo] = _call(
         _registry().reminders.remote(target), timeout=_REGISTRY_TIMEOUT_S
     )
-    if target is None:
-        return [info for info in result if namespace_of(info.agent) == namespace]
-    return result
+    if wanted is None:
+        return result
+    return [info for info in result if namespace_of(info.agent) == wanted]
 
 
 def cancel_reminder(agent: str, name: str) -> bool:

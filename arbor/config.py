@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from arbor.errors import ConfigError, InvalidArguments
 from arbor.names import validate_namespace
@@ -387,6 +388,15 @@ def get_settings() -> Settings:
             for problem in error.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from None
+    except SettingsError as error:
+        # A value that must be JSON, such as ARBOR_NAMESPACE_MAX_AGENTS, did not parse.
+        match = re.search(r'field "([a-z_]+)"', str(error))
+        variable = f"ARBOR_{match.group(1).upper()}" if match else "an ARBOR_* variable"
+        value = os.environ.get(variable)
+        raise ConfigError(
+            f"invalid settings: {variable}={value!r} is not valid JSON; write it as JSON, "
+            'such as {"team-a": 500}'
+        ) from None
 
 
 def reset_settings() -> None:

@@ -14,7 +14,11 @@ class AgentNotFound(ArborError, LookupError):
         self.name = name
         self.detail = detail
         message = f"agent {name!r} not found"
-        message += f": {detail}" if detail else "; arbor.list_agents() shows the registered names"
+        message += (
+            f": {detail}"
+            if detail
+            else "; arbor.list_agents(namespace='*') shows the names in every namespace"
+        )
         super().__init__(message)
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
@@ -117,18 +121,28 @@ class QuotaExceeded(ArborError):
     ``ARBOR_MAX_AGENTS`` that of the others.
     """
 
-    def __init__(self, name: str, limit: int, namespace: str = "default") -> None:
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        namespace: str = "default",
+        running: int | None = None,
+        setting: str = "ARBOR_MAX_AGENTS",
+    ) -> None:
+        count = limit if running is None else running
         super().__init__(
-            f"cannot spawn agent {name!r}: {limit} agents already run in namespace "
-            f"{namespace!r}, its cap (ARBOR_NAMESPACE_MAX_AGENTS, else ARBOR_MAX_AGENTS); "
-            "stop agents you no longer need, or raise the cap"
+            f"cannot spawn agent {name!r}: namespace {namespace!r} has {count} agents starting "
+            f"or running, and its cap is {limit} ({setting}); stop agents you no longer need, "
+            "or raise the cap"
         )
         self.name = name
         self.limit = limit
         self.namespace = namespace
+        self.running = count
+        self.setting = setting
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.name, self.limit, self.namespace))
+        return (type(self), (self.name, self.limit, self.namespace, self.running, self.setting))
 
 
 class StateNotSerializable(ArborError, ValueError):

@@ -16,8 +16,9 @@ another namespace takes a pattern that names it, such as ``arbor://agent/send/te
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from arbor.errors import InvalidArguments
+from arbor.errors import InvalidAgentName, InvalidArguments, InvalidResource
 
 DEFAULT_NAMESPACE = "default"
 SEPARATOR = ":"
@@ -81,24 +82,25 @@ def join(namespace: str, local: str) -> str:
     return f"{namespace}{SEPARATOR}{local}"
 
 
-def qualify(name: str, namespace: str) -> str:
+def qualify(name: str, namespace: str, error: Callable[[str], Exception] = InvalidAgentName) -> str:
     """Return the full name that ``name`` means when written in ``namespace``.
 
     A name that names a namespace (``team-b:counter``) keeps it, and ``default:counter``
-    becomes ``counter``. A name that is not a string is returned unchanged, so the
-    caller's own validation reports it.
+    becomes ``counter``. A name that is not a string, or is empty, is returned unchanged,
+    so the caller's own validation reports it as the caller wrote it.
 
     Raises:
-        InvalidArguments: the namespace part is not a valid namespace name.
+        InvalidAgentName: the namespace part is not a valid namespace name; ``error``
+            builds another exception from the message, such as `InvalidTopicName`.
     """
-    if not isinstance(name, str):
+    if not isinstance(name, str) or not name:
         return name
     if SEPARATOR in name:
         explicit, _, local = name.partition(SEPARATOR)
         try:
             validate_namespace(explicit)
-        except InvalidArguments as error:
-            raise InvalidArguments(f"name {name!r} names an invalid namespace: {error}") from None
+        except InvalidArguments as problem:
+            raise error(f"name {name!r} names an invalid namespace: {problem}") from None
         return join(explicit, local)
     return join(namespace, name)
 
@@ -121,7 +123,7 @@ def qualify_pattern(pattern: str, namespace: str) -> str:
     A path that starts with ``default:`` loses that prefix, the canonical spelling.
 
     Raises:
-        InvalidArguments: the pattern names an invalid namespace.
+        InvalidResource: the pattern names an invalid namespace.
     """
     if not isinstance(pattern, str) or not pattern.startswith(_SCHEME):
         return pattern
@@ -132,7 +134,8 @@ def qualify_pattern(pattern: str, namespace: str) -> str:
     if kind == "capability" and path.startswith("key/"):
         # Key principals appear as key/<id> in capability paths and have no namespace.
         return pattern
-    return f"{_SCHEME}{kind}/{operation}/{qualify(path, namespace)}"
+    qualified = qualify(path, namespace, lambda message: InvalidResource(pattern, message))
+    return f"{_SCHEME}{kind}/{operation}/{qualified}"
 
 
 def namespace_problem(full_name: str) -> str | None:

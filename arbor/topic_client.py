@@ -10,11 +10,11 @@ from typing import Any
 
 from ray.exceptions import RayTaskError
 
-from arbor.client import _call, _registry, current_namespace, full_name
+from arbor.client import _call, _namespace_filter, _registry, current_namespace
 from arbor.config import get_settings
-from arbor.errors import ArborError, InvalidArguments
+from arbor.errors import ArborError, InvalidArguments, InvalidTopicName
 from arbor.messages import new_message_id
-from arbor.names import qualify_principal
+from arbor.names import namespace_of, qualify, qualify_principal
 from arbor.persistence import CheckpointStore, open_store
 from arbor.registry.topic_spec import SubscriptionInfo, TopicEvent, validate_max_lag, validate_topic
 from arbor.runtime.topics import append_event
@@ -47,7 +47,7 @@ def publish(topic: str, event: Any) -> int:
         >>> arbor.publish("orders/eu", {"id": 7, "total": 12.5})
         1
     """
-    topic = validate_topic(full_name(topic))
+    topic = validate_topic(_full_topic(topic))
     _registry()
     return append_event(_store(), topic, event, new_message_id(), None)
 
@@ -74,7 +74,7 @@ def subscribe(topic: str, *, max_lag: int | None = None) -> Subscription:
         ...     for event in orders:
         ...         print(event.seq, event.data)
     """
-    topic = validate_topic(full_name(topic))
+    topic = validate_topic(_full_topic(topic))
     validate_max_lag(max_lag, get_settings().topic_max_lag)
     registry = _registry()
     info: SubscriptionInfo = _call(registry.topic.remote("open", topic, max_lag), _CALL_MARGIN_S)
@@ -82,20 +82,25 @@ def subscribe(topic: str, *, max_lag: int | None = None) -> Subscription:
 
 
 def subscriptions(
-    topic: str | None = None, subscriber: str | None = None
+    topic: str | None = None, subscriber: str | None = None, *, namespace: str | None = None
 ) -> list[SubscriptionInfo]:
-    """Return the subscriptions to ``topic`` and of ``subscriber`` (every one when None).
+    """Return the subscriptions to ``topic`` and of ``subscriber`` (any when None).
 
-    Each shows its position and how many events it was delivered and skipped.
+    Each shows its position and how many events it was delivered and skipped. Without a
+    topic, only topics of ``namespace`` count: default `current_namespace`, ``"*"`` for
+    every namespace.
     """
+    wanted = _namespace_filter(namespace) if topic is None else None
     if topic is not None:
-        topic = full_name(topic)
+        topic = _full_topic(topic)
     if subscriber is not None:
         subscriber = qualify_principal(subscriber, current_namespace())
     result: list[SubscriptionInfo] = _call(
         _registry().topic.remote("list", topic, subscriber), _CALL_MARGIN_S
     )
-    return result
+    if wanted is None:
+        return result
+    return [info for info in result if namespace_of(info.topic) == wanted]
 
 
 class Subscription:
@@ -255,6 +260,11 @@ def _store() -> CheckpointStore:
             store = open_store(url, get_settings())
             _stores[url] = store
         return store
+
+
+def _full_topic(topic: str) -> str:
+    """Return the full name of a topic named in `current_namespace`."""
+    return qualify(topic, current_namespace(), InvalidTopicName)
 
 
 def _check_poll_timeout(timeout: object) -> None:

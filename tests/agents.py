@@ -326,3 +326,20 @@ class Peer(arbor.Agent):
             await ref.ask_async("echo", index)
             durations.append(time.perf_counter() - started)
         return durations
+
+
+class FragileStart(arbor.Agent):
+    """Starts fresh, but its on_start fails in every incarnation after `arm`."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def on_start(self) -> None:
+        if self.armed:
+            raise RuntimeError("on_start refused to start")
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def get(self) -> bool:
+        return self.armed

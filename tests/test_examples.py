@@ -27,6 +27,6 @@ def test_lifecycle_example_runs_every_hook() -> None:
     (final,) = [line for line in lines if line.startswith("final state: ")]
     state = json.loads(final.removeprefix("final state: ").replace("'", '"'))
     assert state["lines"] == ["first", "second"]
-    assert state["hooks"] == ["recovered after crash", "recovered after crash", "stopped"]
+    assert state["hooks"] == ["recovered after crash", "recovered after timeout", "stopped"]
     assert "ran longer than its 1 s limit" in result.stdout
     assert "cannot import" not in result.stderr

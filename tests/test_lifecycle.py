@@ -20,8 +20,8 @@ from arbor.observability.logs import ContextFilter
 from arbor.persistence import AgentRecord, open_store
 from arbor.runtime.cell import AgentCell
 from arbor.runtime.context import RuntimeContext
-from tests.agents import BrokenRecovery, Counter, Lifecycle, Sleeper, SlowStopper
-from tests.conftest import PLACEMENTS, arbor_cluster
+from tests.agents import BrokenRecovery, Counter, FragileStart, Lifecycle, Sleeper, SlowStopper
+from tests.conftest import PLACEMENTS, arbor_cluster, hosted
 
 STOP_TIMEOUT_S = 2
 MAX_AGENTS = 12
@@ -138,6 +138,24 @@ def test_slow_on_stop_is_killed(cluster: str) -> None:
         arbor.get("life/slow-stop")
 
 
+def test_restart_that_keeps_failing_marks_agent_failed() -> None:
+    if hosted():
+        pytest.skip("a host starts a hosted agent again at its next message, not in a loop")
+    ref = arbor.spawn(FragileStart, "life/fragile")
+    ref.ask("arm")
+
+    os.kill(ref.info()["pid"], signal.SIGKILL)
+
+    with pytest.raises(arbor.AgentNotFound, match="recreation failed"):
+        ref.ask("get", timeout=90)
+    (info,) = [info for info in arbor.list_agents() if info.name == "life/fragile"]
+    assert info.status == "failed"
+    assert info.last_error is not None
+    assert "failed to start 3 times in a row after a restart" in info.last_error
+    assert "on_start refused to start" in info.last_error
+    arbor.stop("life/fragile", purge=True)
+
+
 def test_handler_past_its_timeout_fails_with_ask_timeout() -> None:
     ref = arbor.spawn(Lifecycle, "life/hang")
     ref.ask("add")
@@ -150,7 +168,7 @@ def test_handler_past_its_timeout_fails_with_ask_timeout() -> None:
 
     assert elapsed < 15
     # The agent replies again, without the timed-out message's change.
-    assert ref.ask("state", timeout=30)["count"] == 1
+    assert ref.ask("state", timeout=30) == {"count": 1, "recoveries": ["timeout"]}
     assert ref.ask("add") == 2
     # A dedicated agent's process restarts, and takes the next epoch. A hosted agent
     # stays in its host, whose timeout record takes one epoch and the new cell the next.
@@ -237,6 +255,17 @@ def test_agent_without_limit_queues_past_any_count() -> None:
 def test_invalid_max_pending_is_rejected(value: object) -> None:
     with pytest.raises(arbor.InvalidArguments, match="max_pending"):
         arbor.spawn(Sleeper, "life/bad-pending", max_pending=value)
+
+
+def test_bare_handler_decorator_marks_without_limit() -> None:
+    class Marked(arbor.Agent):
+        @arbor.handler
+        def work(self) -> int:
+            return 1
+
+    assert Marked.work._arbor_timeout is None  # type: ignore[attr-defined]
+    with pytest.raises(arbor.InvalidArguments, match="pass options by keyword"):
+        arbor.handler(30)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value", [0, -1, True, "5"])

@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from arbor.errors import InvalidAgentName, InvalidArguments, InvalidResource, InvalidTopicName
+from arbor.config import Settings, get_settings, reset_settings
+from arbor.errors import (
+    ConfigError,
+    InvalidAgentName,
+    InvalidArguments,
+    InvalidResource,
+    InvalidTopicName,
+)
 from arbor.gateway.models import AGENT_NAME_PATTERN
 from arbor.names import (
     local_name,
@@ -51,8 +58,18 @@ def test_invalid_namespaces_are_rejected_with_the_rule(namespace: str) -> None:
 
 
 def test_qualify_rejects_invalid_namespace_part() -> None:
-    with pytest.raises(InvalidArguments, match="'Team_B:counter' names an invalid namespace"):
+    with pytest.raises(InvalidAgentName, match="'Team_B:counter' names an invalid namespace"):
         qualify("Team_B:counter", "team-a")
+    with pytest.raises(InvalidTopicName, match="'Bad:t' names an invalid namespace"):
+        qualify("Bad:t", "team-a", InvalidTopicName)
+    with pytest.raises(InvalidResource, match="'Bad' is invalid"):
+        qualify_pattern("arbor://agent/ask/Bad:x", "team-a")
+
+
+def test_qualify_leaves_empty_name_for_the_validator() -> None:
+    assert qualify("", "team-a") == ""
+    with pytest.raises(InvalidAgentName, match="agent name '' is invalid"):
+        validate_name(qualify("", "team-a"))
 
 
 def test_key_principals_stay_outside_namespaces() -> None:
@@ -185,3 +202,35 @@ def test_invalid_full_names_are_rejected(name: str, rule: str) -> None:
     if not name.startswith("team-a:arbor-"):
         with pytest.raises(InvalidTopicName):
             validate_topic(name)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ARBOR_NAMESPACE_MAX_AGENTS", "notjson", "'notjson' is not valid JSON"),
+        ("ARBOR_NAMESPACE_MAX_AGENTS", '{"Team": 3}', "namespace 'Team' is invalid"),
+        ("ARBOR_NAMESPACE_MAX_AGENTS", '{"team": -1}', "use 0 or more"),
+        ("ARBOR_MAX_AGENTS", "abc", "ARBOR_MAX_AGENTS='abc'"),
+        ("ARBOR_NAMESPACE", "Team_A", "ARBOR_NAMESPACE='Team_A'"),
+    ],
+)
+def test_bad_settings_raise_config_error_naming_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    reset_settings()
+    try:
+        with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+            get_settings()
+        assert variable in str(raised.value)
+    finally:
+        monkeypatch.delenv(variable)
+        reset_settings()
+
+
+def test_namespace_caps_fall_back_to_max_agents() -> None:
+    settings = Settings(max_agents=5, namespace_max_agents={"team-a": 2, "team-b": 0})
+
+    assert settings.agent_cap("team-a") == 2
+    assert settings.agent_cap("team-b") == 0
+    assert settings.agent_cap("team-c") == 5

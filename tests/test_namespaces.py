@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -124,6 +125,9 @@ def test_agent_cannot_delegate_into_another_namespace(use: Callable[[str], Any])
             holder.ask("delegate", held.id, "helper", "arbor://agent/ask/team-b:**")
         assert widened.value.error_type == "arbor.errors.CapabilityDenied"
 
+        with pytest.raises(arbor.HandlerError, match="delegates within its own namespace"):
+            holder.ask("delegate", held.id, "team-b:helper", "arbor://agent/ask/workers/*")
+
         narrowed = holder.ask("delegate", held.id, "helper", "arbor://agent/ask/workers/*")
         (copy,) = [info for info in arbor.capabilities("helper") if info.id == narrowed]
         assert copy.pattern == "arbor://agent/ask/team-a:workers/*"
@@ -150,6 +154,33 @@ def test_namespace_cap_raises_quota_exceeded(use: Callable[[str], Any]) -> None:
     with use("team-q"):
         arbor.spawn(Counter, "q/over")
     for name in ("team-q:q/1", "team-q:q/over", "team-a:q/free"):
+        arbor.stop(name, purge=True)
+
+
+def test_racing_spawns_fill_the_cap_exactly(cluster: str) -> None:
+    outcomes: list[str] = []
+
+    def spawn(index: int) -> None:
+        try:
+            arbor.spawn(Counter, f"team-q:race/{index}")
+            outcomes.append("spawned")
+        except arbor.QuotaExceeded as error:
+            outcomes.append(str(error))
+
+    threads = [threading.Thread(target=spawn, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert outcomes.count("spawned") == QUOTA
+    refused = [outcome for outcome in outcomes if outcome != "spawned"]
+    assert len(refused) == 6 - QUOTA
+    assert "namespace 'team-q' has 2 agents starting or running" in refused[0]
+    assert "its cap is 2 (ARBOR_NAMESPACE_MAX_AGENTS)" in refused[0]
+    running = [info.name for info in arbor.list_agents(namespace="team-q")]
+    assert len(running) == QUOTA
+    for name in running:
         arbor.stop(name, purge=True)
 
 
@@ -203,6 +234,14 @@ def test_reminders_are_listed_per_namespace(use: Callable[[str], Any]) -> None:
     arbor.stop("team-a:reminded", purge=True)
 
 
+def test_spawn_capabilities_are_relative_to_the_new_agent(use: Callable[[str], Any]) -> None:
+    with use("team-a"):
+        arbor.spawn(Counter, "team-b:born", capabilities=["arbor://agent/ask/peers/*"])
+        (held,) = arbor.capabilities("team-b:born")
+    assert held.pattern == "arbor://agent/ask/team-b:peers/*"
+    arbor.stop("team-b:born", purge=True)
+
+
 def test_agent_context_reports_its_namespace(use: Callable[[str], Any]) -> None:
     with use("team-a"):
         ref = arbor.spawn(Counter, "who")
@@ -210,12 +249,33 @@ def test_agent_context_reports_its_namespace(use: Callable[[str], Any]) -> None:
     arbor.stop("team-a:who", purge=True)
 
 
+def test_listings_keep_to_the_namespace(use: Callable[[str], Any]) -> None:
+    with use("team-a"):
+        listener = arbor.spawn(Listener, "lister", capabilities=["arbor://topic/subscribe/feed"])
+        listener.ask("join", "feed")
+        assert [info.principal for info in arbor.capabilities()] == ["team-a:lister"]
+        assert [info.topic for info in arbor.subscriptions()] == ["team-a:feed"]
+    with use("team-b"):
+        assert arbor.capabilities() == []
+        assert arbor.subscriptions() == []
+        assert "team-a:lister" in {info.principal for info in arbor.capabilities(namespace="*")}
+        assert "team-a:feed" in {info.topic for info in arbor.subscriptions(namespace="*")}
+    arbor.stop("team-a:lister", purge=True)
+
+
+def test_list_agents_rejects_unknown_status(cluster: str) -> None:
+    with pytest.raises(arbor.InvalidArguments, match="status='bogus' is invalid"):
+        arbor.list_agents(status="bogus")
+
+
 def test_bad_namespace_gets_a_clear_error(cluster: str) -> None:
     with pytest.raises(arbor.InvalidArguments, match="namespace 'Team_A' is invalid"):
         arbor.init(database_url=cluster, namespace="Team_A")
     assert arbor.current_namespace() == "default"
-    with pytest.raises(arbor.InvalidArguments, match="names an invalid namespace"):
+    with pytest.raises(arbor.InvalidAgentName, match="names an invalid namespace"):
         arbor.get("Team_A:counter")
+    with pytest.raises(arbor.InvalidTopicName, match="names an invalid namespace"):
+        arbor.publish("Team_A:events", 1)
     with pytest.raises(arbor.InvalidArguments, match="'key' is reserved"):
         arbor.list_agents(namespace="key")
 

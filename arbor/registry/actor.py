@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -97,6 +98,10 @@ class Registry:
             self._store, self._settings, _signing_key(self._settings)
         )
         self._inflight: set[str] = set()
+        # One lock per namespace around counting its agents and inserting a new one.
+        self._quota_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock
+        )
         self._reconcile_lock = asyncio.Lock()
         self._passes = 0
         # Ready warm actors per agent type path, oldest first, as (Ray name, handle).
@@ -192,7 +197,11 @@ class Registry:
                 options=options,
             )
             try:
-                stored = await asyncio.to_thread(self._store.create_agent, record)
+                # Counting and inserting under one lock per namespace, so that spawns
+                # racing for the last places neither pass the cap nor fail each other.
+                async with self._quota_locks[namespace_of(spec.name)]:
+                    await self._check_quota(spec)
+                    stored = await asyncio.to_thread(self._store.create_agent, record)
             except BaseException:
                 if slot is not None:
                     self._warm[spec.type_path].appendleft(slot)
@@ -201,12 +210,6 @@ class Registry:
                 # A retried spawn whose first attempt is recorded; finish that one instead.
                 self._warm[spec.type_path].appendleft(slot)
                 slot = None
-            cap = await self._over_quota(spec.name)
-            if cap:
-                await asyncio.to_thread(self._store.delete_agent, spec.name)
-                if slot is not None:
-                    self._warm[spec.type_path].appendleft(slot)
-                raise QuotaExceeded(spec.name, cap, namespace_of(spec.name))
             _publish_mailbox_limit(spec.name, spec.options)
             try:
                 granted = await asyncio.to_thread(self._grant_at_birth, spec)
@@ -268,19 +271,27 @@ class Registry:
             self._inflight.discard(spec.name)
         return await self._spawned(spec)
 
-    async def _over_quota(self, name: str) -> int:
-        """Return the cap of the namespace of ``name`` when the new agent takes it past it.
+    async def _check_quota(self, spec: SpawnSpec) -> None:
+        """Raise `QuotaExceeded` when the new agent's namespace has no room left.
 
-        Returns 0 when the namespace has no cap or room. It runs after the new record is
-        stored, so two spawns racing for the last place both see the other and both fail,
-        rather than both passing the cap.
+        A retried spawn whose record exists already has its place. The caller holds the
+        namespace's quota lock.
         """
-        namespace = namespace_of(name)
+        namespace = namespace_of(spec.name)
         limit = self._settings.agent_cap(namespace)
         if limit == 0:
-            return 0
+            return
+        existing = await asyncio.to_thread(self._store.get_agent, spec.name)
+        if existing is not None and existing.spawn_id == spec.spawn_id:
+            return
         count = await asyncio.to_thread(self._store.count_agents, (RUNNING, STARTING), namespace)
-        return limit if count > limit else 0
+        if count >= limit:
+            setting = (
+                "ARBOR_NAMESPACE_MAX_AGENTS"
+                if namespace in self._settings.namespace_max_agents
+                else "ARBOR_MAX_AGENTS"
+            )
+            raise QuotaExceeded(spec.name, limit, namespace, count, setting)
 
     async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
         logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
@@ -598,7 +609,7 @@ class Registry:
                 await asyncio.wait_for(handle.reload.remote(name), self._settings.spawn_timeout_s)
             elif handle is not None:
                 # The restarted incarnation reads this to call on_recover("rollback").
-                kv.put(kv.rollback_key(name), b"1")
+                kv.put(kv.rollback_key(name), b"rollback")
                 ray.kill(handle, no_restart=False)
                 await self._wait_for_incarnation(name, handle, newer_than=epoch)
         logger.info("agent %s restored to checkpoint version %d", name, version)

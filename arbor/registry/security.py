@@ -10,6 +10,7 @@ from typing import Any
 
 from arbor.config import Settings
 from arbor.errors import ArborError, CapabilityDenied, InvalidArguments
+from arbor.names import namespace_of
 from arbor.observability import metrics
 from arbor.persistence import ALLOWED, DENIED, AuditEntry, CheckpointStore
 from arbor.persistence.capabilities import CapabilityRecord
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # The principal recorded for grants made by code that connects to Ray directly.
 OPERATOR = "operator"
+
+# API key principals are written key:<id> and belong to no namespace.
+KEY_PREFIX = "key:"
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,12 @@ class CapabilityService:
         request: GrantRequest | None,
         audit_denial: bool = True,
     ) -> CapabilityInfo:
+        crossing = _crossed_namespace(holder, to_principal)
+        if crossing is not None:
+            uri = request.pattern if request is not None else str(token.blocks[-1].pattern)
+            if audit_denial:
+                self._deny(holder, uri, "delegate", crossing)
+            raise CapabilityDenied(holder, uri, "delegate", crossing)
         try:
             child = delegate(
                 token,
@@ -336,6 +346,22 @@ class CapabilityService:
 
     def _default_expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.capability_ttl_s)
+
+
+def _crossed_namespace(holder: str, to_principal: str) -> str | None:
+    """Return why an agent may not delegate to ``to_principal``, or None if it may.
+
+    Agents delegate within their own namespace only; API keys belong to no namespace.
+    """
+    if holder == OPERATOR or holder.startswith(KEY_PREFIX) or to_principal.startswith(KEY_PREFIX):
+        return None
+    source, target = namespace_of(holder), namespace_of(to_principal)
+    if source == target:
+        return None
+    return (
+        f"{to_principal!r} is in namespace {target!r}, not {source!r}; an agent delegates "
+        "within its own namespace only, and an operator grant reaches another"
+    )
 
 
 def _count_grant(record: CapabilityRecord, delegated: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -18,8 +19,9 @@ from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
+from arbor.errors import AgentNotFound, ClusterLeaseLost
 from arbor.messages import Envelope, ErrorInfo, Reply
-from arbor.persistence import RUNNING, STARTING, AgentRecord, open_store
+from arbor.persistence import FAILED, RUNNING, STARTING, AgentRecord, open_store
 from arbor.persistence.group import GroupCommitter
 from arbor.runtime import kv, telemetry
 from arbor.runtime.cell import CAPABILITY_HEADER, AgentCell
@@ -31,6 +33,11 @@ logger = logging.getLogger(__name__)
 
 # Seconds between the watchdog's checks of a running handler's deadline.
 _WATCH_INTERVAL_S = 0.05
+
+# Restarts in a row that may fail (in restore or on_start) before the agent is marked
+# failed, and the wait before the next restart, growing by this much with each failure.
+START_ATTEMPTS = 3
+START_RETRY_BACKOFF_S = 1.0
 
 
 class AgentActor:
@@ -71,15 +78,67 @@ class AgentActor:
         self._watch_lock = threading.Lock()
         self._watchdog: threading.Thread | None = None
         if name is not None:
-            self._start(name, init_args, init_kwargs, durability or self._settings.durability)
+            durability = durability or self._settings.durability
+            if (init_args is None and init_kwargs is None) or _reconstructed():
+                self._resume(name, durability, init_args, init_kwargs)
+            else:
+                # A spawn: its caller gets any error itself.
+                self._start(name, init_args, init_kwargs, durability)
             return
         # A warm actor: started ahead of any spawn, with imports done and the store open.
         # After a crash Ray runs this again, and it resumes the agent it was given.
         bound = self._bound_record()
         if bound is not None and bound.checkpoint_version > 0:
-            self._start(
-                bound.name, None, None, bound.options.get("durability", self._settings.durability)
+            self._resume(bound.name, bound.options.get("durability", self._settings.durability))
+
+    def _resume(
+        self,
+        name: str,
+        durability: str,
+        init_args: tuple[Any, ...] | None = None,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Start an agent again, after a crash or for the reconciler.
+
+        It restores the checkpoint; the spawn's arguments, which Ray passes again after a
+        crash, matter only when the first incarnation died before its first checkpoint.
+        """
+        try:
+            self._start(name, init_args, init_kwargs, durability)
+        except Exception as error:
+            self._retry_or_fail(name, error)
+            raise
+        kv.delete(kv.start_failures_key(name))
+
+    def _retry_or_fail(self, name: str, error: Exception) -> None:
+        """Count a failed restart; after `START_ATTEMPTS` in a row, mark the agent failed.
+
+        An earlier failure waits before Ray's next restart, so a restore or ``on_start``
+        that fails for a moment (a service still starting) gets another chance. The last
+        one records the error for `arbor.list_agents` and exits without a restart, so an
+        agent that can never start does not restart forever.
+        """
+        if isinstance(error, AgentNotFound | ClusterLeaseLost):
+            return
+        key = kv.start_failures_key(name)
+        failures = int(kv.get(key) or 0) + 1
+        summary = f"{type(error).__name__}: {error}"
+        if failures < START_ATTEMPTS:
+            kv.put(key, str(failures).encode())
+            logger.error(
+                "agent %s failed to start again (attempt %d of %d): %s",
+                name,
+                failures,
+                START_ATTEMPTS,
+                summary,
             )
+            time.sleep(START_RETRY_BACKOFF_S * failures)
+            return
+        kv.delete(key)
+        reason = f"it failed to start {failures} times in a row after a restart: {summary}"
+        logger.error("agent %s is marked failed: %s", name, reason)
+        self._store.set_status(name, FAILED, reason)
+        ray.actor.exit_actor()
 
     def claim(
         self,
@@ -199,6 +258,9 @@ class AgentActor:
                 envelope, timeout, _ = watched
                 cell = self._cell
                 assert cell is not None
+                # The next incarnation's on_recover gets "timeout" rather than "crash".
+                with contextlib.suppress(Exception):
+                    kv.put(kv.rollback_key(cell.name), b"timeout")
                 try:
                     cell.record_timeout(envelope, timeout)
                 except Exception:
@@ -333,16 +395,21 @@ def _dispatch(wallet: Wallet | None, target: str, wire: list[Any]) -> Any:
 def _recovery_reason(name: str) -> str:
     """Return why this incarnation restores a checkpoint, for the agent's `on_recover`."""
     key = kv.rollback_key(name)
-    if kv.get(key) is not None:
+    marker = kv.get(key)
+    if marker is not None:
         kv.delete(key)
-        return "rollback"
+        return "timeout" if marker == b"timeout" else "rollback"
+    if _reconstructed():
+        return "crash"
+    return "recreated"
+
+
+def _reconstructed() -> bool:
+    """Return whether Ray restarted this actor after its process died."""
     with warnings.catch_warnings():
         # Ray's property reads its own deprecated actor_id and warns about it.
         warnings.simplefilter("ignore", DeprecationWarning)
-        reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
-    if reconstructed:
-        return "crash"
-    return "recreated"
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def _delivered(reply: Any) -> bool | None:

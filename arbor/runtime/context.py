@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from arbor.config import Settings, get_settings
-from arbor.errors import InvalidArguments
+from arbor.errors import InvalidArguments, InvalidTopicName
 from arbor.names import namespace_of, qualify, qualify_pattern, qualify_principal
 from arbor.runtime.ref import AgentRef, registry_handle
 from arbor.runtime.timers import Timers
@@ -99,8 +99,9 @@ class RuntimeContext:
 
         name = qualify(name, self.namespace)
         spec = build_spawn_spec(agent_class, name, (), {**kwargs, "capabilities": capabilities})
+        # Birth capabilities are relative to the new agent's namespace, where it lives.
         spec.capabilities = [
-            replace(request, pattern=qualify_pattern(request.pattern, self.namespace))
+            replace(request, pattern=qualify_pattern(request.pattern, namespace_of(name)))
             for request in spec.capabilities
         ]
         spec.spawner = self._name
@@ -347,7 +348,7 @@ class RuntimeContext:
 
     def _topic(self, topic: str) -> str:
         """Return the full name of a topic named in this agent's namespace."""
-        return qualify(topic, self.namespace)
+        return qualify(topic, self.namespace, InvalidTopicName)
 
     async def checkpoint(self) -> int:
         """Commit the agent's state now, from inside a handler; returns the version."""

@@ -331,7 +331,7 @@ class HostActor:
             future = self._loop.create_future()
         limit = self._mailbox_limit(name) if isinstance(item, Envelope) else None
         if limit is not None and len(slot.queue) + slot.draining >= limit:
-            # The host sees every sender's messages, so the limit holds for all together.
+            # Every sender's messages reach the host, so the limit covers them all together.
             future.set_result(_error_reply(item, AgentOverloaded(name, limit, False)))
             return future
         slot.queue.append((item, future))
@@ -424,7 +424,10 @@ class HostActor:
         finally:
             slot.draining = False
             slot.last_active = time.monotonic()
-            if slot.cell is None and not slot.queue and self._slots.get(slot.name) is slot:
+            # An idle slot without a cell goes, unless it keeps the reason for the next
+            # start's on_recover, as after a handler time limit.
+            idle = slot.cell is None and not slot.queue and slot.recovery is None
+            if idle and self._slots.get(slot.name) is slot:
                 del self._slots[slot.name]
 
     async def _run_message(self, slot: _Slot, envelope: Envelope, retried: bool = False) -> Any:
@@ -501,7 +504,7 @@ class HostActor:
         """Give up on a handler past its limit; the agent starts again for its next message."""
         cell.fenced = True
         self._drop(slot)
-        slot.recovery = "crash"
+        slot.recovery = "timeout"
         try:
             reply = await asyncio.to_thread(cell.record_timeout, envelope, timeout, True)
         except Exception:

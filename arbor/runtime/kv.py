@@ -14,8 +14,17 @@ CLUSTER_ID = b"cluster-id"
 
 
 def rollback_key(name: str) -> bytes:
-    """Return the key under which `arbor.restore` marks the restart it causes."""
+    """Return the key that marks a restart Arbor caused, with its reason as the value.
+
+    `arbor.restore` writes ``rollback`` there and a handler time limit ``timeout``, for the
+    next incarnation's `on_recover`.
+    """
     return f"rollback/{name}".encode()
+
+
+def start_failures_key(name: str) -> bytes:
+    """Return the key that counts an agent's failed restarts in a row."""
+    return f"start-failures/{name}".encode()
 
 
 def max_pending_key(name: str) -> bytes:
