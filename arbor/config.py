@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         "message older than this window is applied again, so keep it above the number of "
         "messages a sender can have in flight.",
     )
-    durability: Literal["durable", "periodic"] = Field(
+    durability: Literal["durable", "periodic", "batched"] = Field(
         default="durable",
         description="durable: commit a checkpoint before acknowledging a message that changed "
         "state. periodic: checkpoint every checkpoint_interval_s seconds.",
@@ -140,6 +140,14 @@ class Settings(BaseSettings):
         default="dedicated",
         description="Placement of spawns that name neither placement nor a Ray placement "
         "option such as num_cpus: 'dedicated' (a Ray actor per agent) or 'hosted'.",
+    )
+    batch_window_s: float = Field(
+        default=0.002,
+        ge=0,
+        le=1,
+        description="Seconds a process's group commit waits after the first checkpoint of "
+        "agents with durability='batched', so that others join its transaction. Each "
+        "such message waits up to this long more before its reply.",
     )
     hosts_per_node: int = Field(
         default=1,

@@ -63,6 +63,18 @@ class Checkpoint:
 
 
 @dataclass
+class CheckpointWrite:
+    """One checkpoint to commit; the arguments of `CheckpointStore.write_checkpoint`."""
+
+    name: str
+    epoch: int
+    state_json: str
+    processed: list[list[Any]]
+    keep: int
+    outbox: list[list[Any]] | None = None
+
+
+@dataclass
 class CheckpointInfo:
     """A checkpoint's version and origin, without its state."""
 
@@ -164,6 +176,36 @@ class CheckpointStore(ABC):
         Raises:
             CheckpointConflict: a newer epoch exists, so the writer is a stale incarnation.
         """
+
+    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int | Exception]:
+        """Commit several agents' checkpoints; returns each new version, or its conflict.
+
+        A stale epoch fails only its own write, as a `CheckpointConflict` in the result.
+        This default commits them one by one; a store that can commit them in one
+        transaction overrides it.
+
+        Raises:
+            StoreUnavailable: the database stayed unreachable through every retry; no
+                write of the group committed.
+        """
+        from arbor.errors import CheckpointConflict
+
+        results: list[int | Exception] = []
+        for write in writes:
+            try:
+                results.append(
+                    self.write_checkpoint(
+                        write.name,
+                        write.epoch,
+                        write.state_json,
+                        write.processed,
+                        write.keep,
+                        write.outbox,
+                    )
+                )
+            except CheckpointConflict as error:
+                results.append(error)
+        return results
 
     @abstractmethod
     def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:

@@ -30,6 +30,7 @@ from arbor.persistence.base import (
     Checkpoint,
     CheckpointInfo,
     CheckpointStore,
+    CheckpointWrite,
     migration_scripts,
     split_statements,
 )
@@ -241,38 +242,114 @@ class PostgresStore(
         keep: int,
         outbox: list[list[Any]] | None = None,
     ) -> int:
-        processed_json = json.dumps(processed, separators=(",", ":"))
-        outbox_json = json.dumps(outbox or [], separators=(",", ":"))
+        write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
 
         def step() -> int:
             with self._transaction() as connection:
-                # The row lock orders this write after any concurrent begin_incarnation, so
-                # the epoch compared here is the newest one.
-                row = connection.execute(
-                    "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = %s FOR UPDATE",
-                    (name,),
-                ).fetchone()
-                if row is None or int(row[0]) != epoch:
-                    raise CheckpointConflict(name, epoch, int(row[0]) if row else None)
-                version = int(row[1]) + 1
-                connection.execute(
-                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
-                    "outbox, created_at) "
-                    "VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, now())",
-                    (name, version, epoch, state_json, processed_json, outbox_json),
-                )
-                connection.execute(
-                    "UPDATE arbor_agents SET checkpoint_version = %s, checkpointed_at = now(), "
-                    "updated_at = now() WHERE name = %s",
-                    (version, name),
-                )
-                connection.execute(
-                    "DELETE FROM arbor_checkpoints WHERE agent = %s AND version <= %s",
-                    (name, version - keep),
-                )
-                return version
+                return self._write_on(connection, write)
 
         return self._retry("write_checkpoint", step)
+
+    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int | Exception]:
+        names = [write.name for write in writes]
+        if len(set(names)) < len(names):
+            # Two checkpoints of one agent must commit in order; the base class does that.
+            return super().write_checkpoints(writes)
+
+        def step() -> list[int | Exception]:
+            with self._transaction() as connection:
+                return self._write_group_on(connection, writes)
+
+        return self._retry("write_checkpoints", step)
+
+    def _write_group_on(
+        self, connection: psycopg.Connection[TupleRow], writes: list[CheckpointWrite]
+    ) -> list[int | Exception]:
+        """Commit a group with four statements whatever its size, in the caller's transaction.
+
+        The rows are locked in name order, so two groups that share agents cannot deadlock,
+        and a stale epoch fails only its own write.
+        """
+        rows = connection.execute(
+            "SELECT name, epoch, checkpoint_version FROM arbor_agents WHERE name = ANY(%s) "
+            "ORDER BY name FOR UPDATE",
+            ([write.name for write in writes],),
+        ).fetchall()
+        current = {row[0]: (int(row[1]), int(row[2])) for row in rows}
+        results: list[int | Exception] = []
+        accepted: list[tuple[CheckpointWrite, int]] = []
+        for write in writes:
+            epoch, version = current.get(write.name, (None, 0))
+            if epoch != write.epoch:
+                results.append(CheckpointConflict(write.name, write.epoch, epoch))
+                continue
+            results.append(version + 1)
+            accepted.append((write, version + 1))
+        if not accepted:
+            return results
+        columns = (
+            [write.name for write, _ in accepted],
+            [version for _, version in accepted],
+            [write.epoch for write, _ in accepted],
+            [write.state_json for write, _ in accepted],
+            [json.dumps(write.processed, separators=(",", ":")) for write, _ in accepted],
+            [json.dumps(write.outbox or [], separators=(",", ":")) for write, _ in accepted],
+            [version - write.keep for write, version in accepted],
+        )
+        connection.execute(
+            "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, outbox, "
+            "created_at) SELECT a, v, e, s::jsonb, p::jsonb, o::jsonb, now() FROM "
+            "unnest(%s::text[], %s::int[], %s::int[], %s::text[], %s::text[], %s::text[]) "
+            "AS t(a, v, e, s, p, o)",
+            columns[:6],
+        )
+        connection.execute(
+            "UPDATE arbor_agents SET checkpoint_version = t.v, checkpointed_at = now(), "
+            "updated_at = now() FROM unnest(%s::text[], %s::int[]) AS t(a, v) "
+            "WHERE arbor_agents.name = t.a",
+            columns[:2],
+        )
+        connection.execute(
+            "DELETE FROM arbor_checkpoints USING unnest(%s::text[], %s::int[]) AS t(a, upto) "
+            "WHERE arbor_checkpoints.agent = t.a AND arbor_checkpoints.version <= t.upto",
+            (columns[0], columns[6]),
+        )
+        return results
+
+    def _write_on(self, connection: psycopg.Connection[TupleRow], write: CheckpointWrite) -> int:
+        name, epoch = write.name, write.epoch
+        # The row lock orders this write after any concurrent begin_incarnation, so the
+        # epoch compared here is the newest one.
+        row = connection.execute(
+            "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = %s FOR UPDATE",
+            (name,),
+        ).fetchone()
+        if row is None or int(row[0]) != epoch:
+            raise CheckpointConflict(name, epoch, int(row[0]) if row else None)
+        version = int(row[1]) + 1
+        connection.execute(
+            "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
+            "outbox, created_at) "
+            "VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, now())",
+            (
+                name,
+                version,
+                epoch,
+                write.state_json,
+                json.dumps(write.processed, separators=(",", ":")),
+                json.dumps(write.outbox or [], separators=(",", ":")),
+            ),
+        )
+        connection.execute(
+            "UPDATE arbor_agents SET checkpoint_version = %s, checkpointed_at = now(), "
+            "updated_at = now() WHERE name = %s",
+            (version, name),
+        )
+        connection.execute(
+            "DELETE FROM arbor_checkpoints WHERE agent = %s AND version <= %s",
+            (name, version - write.keep),
+        )
+        return version
 
     def load_checkpoint(self, name: str, version: int | None = None) -> Checkpoint | None:
         def step() -> Checkpoint | None:

@@ -201,8 +201,10 @@ def _check_options(options: dict[str, Any]) -> None:
             "(>= 1) that one process may have sent to the agent"
         )
     durability = options.get("durability")
-    if durability is not None and durability not in ("durable", "periodic"):
-        raise InvalidArguments(f"durability={durability!r} is invalid; use 'durable' or 'periodic'")
+    if durability is not None and durability not in ("durable", "periodic", "batched"):
+        raise InvalidArguments(
+            f"durability={durability!r} is invalid; use 'durable', 'periodic' or 'batched'"
+        )
     _check_hosted_options(options)
 
 

@@ -20,6 +20,7 @@ from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.persistence import RUNNING, STARTING, AgentRecord, open_store
+from arbor.persistence.group_commit import group_committer
 from arbor.runtime import kv, telemetry
 from arbor.runtime.cell import CAPABILITY_HEADER, AgentCell
 from arbor.runtime.context import RuntimeContext
@@ -299,6 +300,9 @@ def start_cell(
             recovery=recovery,
             handler_timeout_s=settings.handler_timeout_s,
             run=run,
+            committer=(
+                group_committer(store, settings.batch_window_s) if durability == "batched" else None
+            ),
         )
     context.attach(cell)
     if cell.outbox is not None:

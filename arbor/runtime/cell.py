@@ -76,7 +76,7 @@ class AgentCell:
         init_args: tuple[Any, ...] | None = None,
         init_kwargs: dict[str, Any] | None = None,
         node_id: str | None = None,
-        durability: Literal["durable", "periodic"] = "durable",
+        durability: Literal["durable", "periodic", "batched"] = "durable",
         checkpoint_keep: int = 10,
         dedup_window: int = 256,
         offload_io: bool = True,
@@ -87,8 +87,12 @@ class AgentCell:
         recovery: Callable[[], str] | None = None,
         handler_timeout_s: float = 0.0,
         run: Callable[[Awaitable[Any]], Any] | None = None,
+        committer: Any = None,
     ) -> None:
         self.name = name
+        # Commits this agent's checkpoints: the store, or in batched mode the process's
+        # group committer, which has the same write_checkpoint.
+        self._writer = committer if committer is not None else store
         # Runs an async lifecycle hook's coroutine; None where no private loop exists.
         self._run = run
         # The default running-time limit of handlers without their own, 0 for none.
@@ -247,10 +251,10 @@ class AgentCell:
     def stage_send(self, target: str, envelope: Envelope) -> bool:
         """Keep a send made by a handler in the outbox; False means send it at once.
 
-        Sends are staged only in durable mode, inside a handler, and when their
+        Sends are staged only in durable and batched modes, inside a handler, and when their
         arguments are JSON, because the checkpoint stores them.
         """
-        if self.outbox is None or self.durability != "durable" or self._current_id is None:
+        if self.outbox is None or self.durability == "periodic" or self._current_id is None:
             return False
         wire = list(envelope.to_wire())
         # The token is attached again at dispatch, so checkpoints never contain it.
@@ -468,7 +472,8 @@ class AgentCell:
         outbox = self.outbox
         pruned = outbox.prune() if outbox is not None else False
         outbox_changed = pruned or (outbox is not None and outbox.has_staged)
-        if self.durability == "durable" and (state_json != self._committed_json or outbox_changed):
+        # Batched mode commits like durable mode, in a transaction shared with other agents.
+        if self.durability != "periodic" and (state_json != self._committed_json or outbox_changed):
             return state_json
         return None
 
@@ -506,7 +511,7 @@ class AgentCell:
         started = time.perf_counter()
         try:
             with telemetry.span("arbor.checkpoint", {"arbor.agent": self.name}, child_only=True):
-                self.checkpoint_version = self.store.write_checkpoint(
+                self.checkpoint_version = self._writer.write_checkpoint(
                     self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
                 )
         except CheckpointConflict:

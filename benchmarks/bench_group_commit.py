@@ -1,0 +1,150 @@
+"""Checkpoint commits per second: one transaction each (durable) against group commit (batched).
+
+Many writer threads, each the stand-in for one running handler of a host, commit
+checkpoints of their own agents for a fixed time through one store with the host's
+connection pool (``ARBOR_HOST_DB_POOL_MAX``). ``durable`` calls
+``store.write_checkpoint`` (a transaction per checkpoint); ``batched`` hands each
+checkpoint to a `GroupCommitter`, which commits the ones that arrive within its window in
+one transaction. A writer waits for its commit either way, as a handler waits before its
+reply. Ray plays no part here; raw Ray keeps no durable state to compare with.
+
+Run from the repository root (PostgreSQL on 127.0.0.1:5432):
+
+    .venv/bin/python -m benchmarks.bench_group_commit
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import threading
+import time
+from typing import Any
+
+from arbor.config import Settings
+from arbor.persistence import RUNNING, AgentRecord, open_store
+from arbor.persistence.group_commit import GroupCommitter
+from benchmarks import common
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_arguments(parser)
+    parser.add_argument(
+        "--pg-admin-url", default=common.DEFAULT_PG_ADMIN_URL, help="PostgreSQL server"
+    )
+    parser.add_argument(
+        "--plot-dir",
+        default=os.path.join(common.ROOT, "docs", "benchmarks"),
+        help="folder for the PNG plot (default: docs/benchmarks)",
+    )
+    args = parser.parse_args()
+    common.print_header("Checkpoint commits per second, durable against batched")
+    bench_commits(args)
+    common.print_footer()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--writers", type=int, default=64, help="writer threads (default: 64)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per mode (default: 5)")
+    parser.add_argument(
+        "--state-bytes", type=int, default=200, help="checkpoint state size (default: 200)"
+    )
+
+
+def bench_commits(args: argparse.Namespace) -> None:
+    writers = getattr(args, "writers", 64)
+    seconds = getattr(args, "seconds", 5.0)
+    state_bytes = getattr(args, "state_bytes", 200)
+    settings = Settings()
+    rows: list[list[object]] = []
+    rates: dict[str, float] = {}
+    for mode in ("durable", "batched"):
+        with common.temporary_database("postgresql", args.pg_admin_url) as url:
+            pool = settings.model_copy(update={"db_pool_max": settings.host_db_pool_max})
+            store = open_store(url, pool)
+            try:
+                epochs = start_agents(store, writers)
+                committer = GroupCommitter(store, settings.batch_window_s)
+                writer: Any = store if mode == "durable" else committer
+                count, elapsed = run_writers(writer, epochs, seconds, state_bytes)
+            finally:
+                store.close()
+        rates[mode] = count / elapsed
+        groups = committer.groups if mode == "batched" else count
+        rows.append(
+            [mode, writers, count, count / elapsed, groups / elapsed, count / max(groups, 1)]
+        )
+    print("\n## Checkpoint commits per second (PostgreSQL)\n")
+    print(
+        f"{writers} writers, one agent each, {state_bytes}-byte states, {seconds:g} s per mode; "
+        f"pool of {settings.host_db_pool_max} connections; batch window "
+        f"{settings.batch_window_s * 1000:g} ms"
+    )
+    print(
+        common.format_table(
+            ["mode", "writers", "checkpoints", "per s", "transactions per s", "per transaction"],
+            rows,
+        )
+    )
+    print(f"batched / durable: {rates['batched'] / rates['durable']:.1f}x")
+    plot(args, rates)
+
+
+def start_agents(store: Any, count: int) -> dict[str, int]:
+    epochs = {}
+    for index in range(count):
+        name = f"bench/commit-{index}"
+        store.create_agent(AgentRecord(name=name, type_path="m:C", status=RUNNING, spawn_id="s"))
+        epochs[name] = store.begin_incarnation(name, None)
+    return epochs
+
+
+def run_writers(
+    writer: Any, epochs: dict[str, int], seconds: float, state_bytes: int
+) -> tuple[int, float]:
+    """Commit checkpoints from one thread per agent for ``seconds``; returns count and time."""
+    stop = threading.Event()
+    padding = "x" * state_bytes
+    counts: list[int] = []
+
+    def write(name: str) -> None:
+        done = 0
+        while not stop.is_set():
+            writer.write_checkpoint(name, epochs[name], f'{{"n": {done}, "p": "{padding}"}}', [], 5)
+            done += 1
+        counts.append(done)
+
+    with concurrent.futures.ThreadPoolExecutor(len(epochs)) as pool:
+        started = time.perf_counter()
+        futures = [pool.submit(write, name) for name in epochs]
+        time.sleep(seconds)
+        stop.set()
+        for future in futures:
+            future.result()
+        elapsed = time.perf_counter() - started
+    return sum(counts), elapsed
+
+
+def plot(args: argparse.Namespace, rates: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3))
+    axes.barh(list(rates), list(rates.values()))
+    axes.invert_yaxis()
+    axes.set_xlabel("checkpoints committed per second")
+    axes.set_title("Checkpoint commits, PostgreSQL")
+    figure.tight_layout()
+    os.makedirs(args.plot_dir, exist_ok=True)
+    path = os.path.join(args.plot_dir, "hosted-commits.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()
