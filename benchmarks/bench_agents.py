@@ -109,3 +109,26 @@ class RawPinger:
             ray.get(target.get.remote())  # type: ignore[attr-defined]
             samples.append(time.perf_counter() - start)
         return samples
+
+
+class BenchPeer(arbor.Agent):
+    """Times asks to another agent from inside an async handler, for same-host delivery."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def echo(self, value: int) -> int:
+        return value
+
+    def echo_sync(self, value: int) -> int:
+        return value
+
+    async def time_asks(self, target: str, handler: str, count: int) -> list[float]:
+        """Ask ``target`` to run ``handler(index)`` ``count`` times; returns each round trip."""
+        ref = self.context.get(target)
+        samples = []
+        for index in range(count):
+            start = time.perf_counter()
+            await ref.ask_async(handler, index)
+            samples.append(time.perf_counter() - start)
+        return samples

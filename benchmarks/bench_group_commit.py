@@ -1,179 +1,150 @@
-"""Checkpoint commits per second on PostgreSQL: durable against batched (group commit).
+"""Checkpoint commits per second: one transaction each (durable) against group commit (batched).
 
-Part 1 calls the store from this process with several writer threads, each the checkpoint
-writer of one agent, the way the agents of one host commit: ``durable`` writes each
-checkpoint in its own transaction (``write_checkpoint``), ``batched`` hands it to a
-`GroupCommitter`. The floor is raw psycopg, one single-row INSERT per transaction on the
-same connection pool.
+Many writer threads, each the stand-in for one running handler of a host, commit
+checkpoints of their own agents for a fixed time through one store with the host's
+connection pool (``ARBOR_HOST_DB_POOL_MAX``). ``durable`` calls
+``store.write_checkpoint`` (a transaction per checkpoint); ``batched`` hands each
+checkpoint to a `GroupCommitter`, which commits the ones that arrive within its window in
+one transaction. A writer waits for its commit either way, as a handler waits before its
+reply. Ray plays no part here; raw Ray keeps no durable state to compare with.
 
-Part 2 runs hosted agents on a local Ray cluster and keeps asks that change state in
-flight to all of them, once with ``durability="durable"`` and once with ``"batched"``.
-Every ask commits one checkpoint before its reply, so asks per second are commits per
-second end to end.
+Run from the repository root (PostgreSQL on 127.0.0.1:5432):
 
-Run from the repository root:
-
-    .venv/bin/python -m benchmarks.bench_group_commit --seconds 5
+    .venv/bin/python -m benchmarks.bench_group_commit
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import concurrent.futures
+import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-import arbor
 from arbor.config import Settings
-from arbor.persistence import AgentRecord, CheckpointStore, open_store
+from arbor.persistence import RUNNING, AgentRecord, open_store
 from arbor.persistence.group import GroupCommitter
 from benchmarks import common
-from benchmarks.bench_agents import BenchCounter
-
-STATE = json.dumps({"count": 1, "notes": ["checkpoint"] * 10})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_arguments(parser)
     parser.add_argument(
-        "--seconds", type=float, default=5.0, help="length of each run (default: 5)"
+        "--pg-admin-url", default=common.DEFAULT_PG_ADMIN_URL, help="PostgreSQL server"
     )
     parser.add_argument(
-        "--writers",
-        default="16,64",
-        help="comma-separated writer thread counts for part 1 (default: 16,64)",
+        "--plot-dir",
+        default=os.path.join(common.ROOT, "docs", "benchmarks"),
+        help="folder for the PNG plot (default: docs/benchmarks)",
     )
-    parser.add_argument(
-        "--agents", type=int, default=64, help="hosted agents in part 2 (default: 64)"
-    )
-    parser.add_argument(
-        "--in-flight", type=int, default=64, help="asks in flight in part 2 (default: 64)"
-    )
-    parser.add_argument("--pool", type=int, default=8, help="PostgreSQL connections (default: 8)")
-    parser.add_argument("--skip-cluster", action="store_true", help="run part 1 only")
-    common.add_cluster_arguments(parser)
     args = parser.parse_args()
-
-    common.print_header("Checkpoint commits per second: durable and batched (PostgreSQL)")
-    rows = []
-    with common.temporary_database("postgresql", args.pg_admin_url) as url:
-        store = open_store(url, Settings(database_url=url, db_pool_max=args.pool))
-        try:
-            for writers in (int(count) for count in args.writers.split(",")):
-                rows.extend(_store_rows(store, url, writers, args.seconds))
-        finally:
-            store.close()
-    print("\n## Part 1: the store, one writer thread per agent\n")
-    print(common.format_table(["writers", "mode", "commits/s", "transactions/s"], rows))
-
-    if not args.skip_cluster:
-        print("\n## Part 2: hosted agents, asks that change state\n")
-        end_to_end = []
-        with common.temporary_database("postgresql", args.pg_admin_url) as url:
-            common.start_arbor(url, args)
-            try:
-                for mode in ("durable", "batched"):
-                    end_to_end.append(_cluster_row(mode, args))
-            finally:
-                arbor.shutdown()
-        print(common.format_table(["mode", "agents", "in flight", "commits/s"], end_to_end))
+    common.print_header("Checkpoint commits per second, durable against batched")
+    bench_commits(args)
     common.print_footer()
 
 
-def _store_rows(store: CheckpointStore, url: str, writers: int, seconds: float) -> list[list[Any]]:
-    names = [f"bench/{writers}/{index}" for index in range(writers)]
-    epochs = {}
-    for name in names:
-        store.create_agent(
-            AgentRecord(name=name, type_path="benchmarks:X", status="running", spawn_id=name)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--writers", type=int, default=64, help="writer threads (default: 64)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per mode (default: 5)")
+    parser.add_argument(
+        "--state-bytes", type=int, default=200, help="checkpoint state size (default: 200)"
+    )
+
+
+def bench_commits(args: argparse.Namespace) -> None:
+    writers = getattr(args, "writers", 64)
+    seconds = getattr(args, "seconds", 5.0)
+    state_bytes = getattr(args, "state_bytes", 200)
+    settings = Settings()
+    rows: list[list[object]] = []
+    rates: dict[str, float] = {}
+    for mode in ("durable", "batched"):
+        with common.temporary_database("postgresql", args.pg_admin_url) as url:
+            pool = settings.model_copy(update={"db_pool_max": settings.host_db_pool_max})
+            store = open_store(url, pool)
+            try:
+                epochs = start_agents(store, writers)
+                committer = GroupCommitter(store, settings.batch_window_s)
+                writer: Any = store if mode == "durable" else committer
+                count, elapsed = run_writers(writer, epochs, seconds, state_bytes)
+                committer.close()
+            finally:
+                store.close()
+        rates[mode] = count / elapsed
+        groups = committer.batches if mode == "batched" else count
+        rows.append(
+            [mode, writers, count, count / elapsed, groups / elapsed, count / max(groups, 1)]
         )
+    print("\n## Checkpoint commits per second (PostgreSQL)\n")
+    print(
+        f"{writers} writers, one agent each, {state_bytes}-byte states, {seconds:g} s per mode; "
+        f"pool of {settings.host_db_pool_max} connections; batch window "
+        f"{settings.batch_window_s * 1000:g} ms"
+    )
+    print(
+        common.format_table(
+            ["mode", "writers", "checkpoints", "per s", "transactions per s", "per transaction"],
+            rows,
+        )
+    )
+    print(f"batched / durable: {rates['batched'] / rates['durable']:.1f}x")
+    plot(args, rates)
+
+
+def start_agents(store: Any, count: int) -> dict[str, int]:
+    epochs = {}
+    for index in range(count):
+        name = f"bench/commit-{index}"
+        store.create_agent(AgentRecord(name=name, type_path="m:C", status=RUNNING, spawn_id="s"))
         epochs[name] = store.begin_incarnation(name, None)
-
-    def durable(name: str) -> None:
-        store.write_checkpoint(name, epochs[name], STATE, [], 10)
-
-    rows: list[list[Any]] = []
-    rate = _run_writers(names, durable, seconds)
-    rows.append([writers, "durable", round(rate), round(rate)])
-
-    committer = GroupCommitter(store, window_s=Settings().batch_window_s)
-
-    def batched(name: str) -> None:
-        committer.write_checkpoint(name, epochs[name], STATE, [], 10)
-
-    rate = _run_writers(names, batched, seconds)
-    committer.close()
-    transactions = committer.batches / seconds
-    rows.append([writers, "batched", round(rate), round(transactions)])
-
-    rate = _raw_inserts(url, writers, seconds)
-    rows.append([writers, "raw psycopg INSERT", round(rate), round(rate)])
-    return rows
+    return epochs
 
 
-def _run_writers(names: list[str], write: Callable[[str], None], seconds: float) -> float:
-    counts = [0] * len(names)
-    stop = time.monotonic() + seconds
+def run_writers(
+    writer: Any, epochs: dict[str, int], seconds: float, state_bytes: int
+) -> tuple[int, float]:
+    """Commit checkpoints from one thread per agent for ``seconds``; returns count and time."""
+    stop = threading.Event()
+    padding = "x" * state_bytes
+    counts: list[int] = []
 
-    def loop(index: int) -> None:
-        while time.monotonic() < stop:
-            write(names[index])
-            counts[index] += 1
+    def write(name: str) -> None:
+        done = 0
+        while not stop.is_set():
+            writer.write_checkpoint(name, epochs[name], f'{{"n": {done}, "p": "{padding}"}}', [], 5)
+            done += 1
+        counts.append(done)
 
-    threads = [threading.Thread(target=loop, args=(index,)) for index in range(len(names))]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.monotonic() - started)
-
-
-def _raw_inserts(url: str, writers: int, seconds: float) -> float:
-    from psycopg_pool import ConnectionPool
-
-    with ConnectionPool(url, min_size=1, max_size=8, open=True) as pool:
-        with pool.connection() as connection:
-            connection.execute("CREATE TABLE IF NOT EXISTS bench_raw (id bigserial, doc jsonb)")
-
-        def insert(_: str) -> None:
-            with pool.connection() as connection:
-                connection.execute("INSERT INTO bench_raw (doc) VALUES (%s::jsonb)", (STATE,))
-
-        return _run_writers([str(index) for index in range(writers)], insert, seconds)
+    with concurrent.futures.ThreadPoolExecutor(len(epochs)) as pool:
+        started = time.perf_counter()
+        futures = [pool.submit(write, name) for name in epochs]
+        time.sleep(seconds)
+        stop.set()
+        for future in futures:
+            future.result()
+        elapsed = time.perf_counter() - started
+    return sum(counts), elapsed
 
 
-def _cluster_row(mode: str, args: argparse.Namespace) -> list[Any]:
-    refs = [
-        arbor.spawn(BenchCounter, f"bench/{mode}/{index}", placement="hosted", durability=mode)
-        for index in range(args.agents)
-    ]
-    for ref in refs:
-        ref.ask("add", 1)
-    done = [0]
-    stop = time.monotonic() + args.seconds
-    lock = threading.Lock()
+def plot(args: argparse.Namespace, rates: dict[str, float]) -> None:
+    import matplotlib
 
-    def loop(offset: int) -> None:
-        index = offset
-        while time.monotonic() < stop:
-            refs[index % len(refs)].ask("add", 1, timeout=120)
-            index += args.in_flight
-            with lock:
-                done[0] += 1
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    threads = [threading.Thread(target=loop, args=(offset,)) for offset in range(args.in_flight)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    rate = done[0] / (time.monotonic() - started)
-    for ref in refs:
-        arbor.stop(ref.name, purge=True)
-    return [mode, args.agents, args.in_flight, round(rate)]
+    figure, axes = plt.subplots(figsize=(6, 3))
+    axes.barh(list(rates), list(rates.values()))
+    axes.invert_yaxis()
+    axes.set_xlabel("checkpoints committed per second")
+    axes.set_title("Checkpoint commits, PostgreSQL")
+    figure.tight_layout()
+    os.makedirs(args.plot_dir, exist_ok=True)
+    path = os.path.join(args.plot_dir, "hosted-commits.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"\nplot: {path}")
 
 
 if __name__ == "__main__":

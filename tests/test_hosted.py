@@ -175,10 +175,11 @@ def test_agent_with_timer_is_not_passivated() -> None:
     assert "h/ticking" in ray.get(host_of("h/ticking").active_agents.remote())
 
 
-def test_host_kill_under_load_loses_no_acknowledged_update() -> None:
-    names = [f"h/load-{index}" for index in range(12)]
+@pytest.mark.parametrize("durability", ["durable", "batched"])
+def test_host_kill_under_load_loses_no_acknowledged_update(durability: str) -> None:
+    names = [f"h/load-{durability}-{index}" for index in range(12)]
     for name in names:
-        arbor.spawn(Counter, name, **HOSTED)
+        arbor.spawn(Counter, name, durability=durability, **HOSTED)
     acknowledged: collections.Counter[str] = collections.Counter()
     errors: list[BaseException] = []
     stop = threading.Event()

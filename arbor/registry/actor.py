@@ -379,7 +379,7 @@ class Registry:
         try:
             handle = self._hosts.handle(host)
             await asyncio.wait_for(
-                handle.activate.remote(spec.name, spec.init_args, spec.init_kwargs),
+                handle.activate.remote(record, spec.init_args, spec.init_kwargs),
                 self._settings.spawn_timeout_s,
             )
         except Exception as error:

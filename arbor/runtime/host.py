@@ -105,8 +105,8 @@ class _Slot:
         self.last_flush = time.monotonic()
         # Passed to on_recover at the next start; None for a start after passivation.
         self.recovery: str | None = None
-        # The spawn's __init__ arguments, used once by the first start.
-        self.spawn: tuple[tuple[Any, ...] | None, dict[str, Any] | None] | None = None
+        # The spawn's record and __init__ arguments, used once by the first start.
+        self.spawn: tuple[AgentRecord, tuple[Any, ...] | None, dict[str, Any] | None] | None = None
         self.idle_s = 0.0
 
 
@@ -196,18 +196,19 @@ class HostActor:
 
     async def activate(
         self,
-        name: str,
+        record: AgentRecord,
         init_args: tuple[Any, ...] | None,
         init_kwargs: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        """Start agent ``name``, which the registry has recorded in this host.
+        """Start the agent of ``record``, which the registry has just stored in this host.
 
         A repeated call (Ray resends it after a host restart) only reports.
         """
+        name = record.name
 
         async def start(slot: _Slot) -> dict[str, Any]:
             if slot.cell is None:
-                slot.spawn = (init_args, init_kwargs)
+                slot.spawn = (record, init_args, init_kwargs)
                 try:
                     await self._activate(slot)
                 except _Elsewhere as moved:
@@ -557,7 +558,14 @@ class HostActor:
             AgentNotFound: the agent is stopped or has no record.
         """
         name = slot.name
-        record = await self._loop.run_in_executor(self._pool, self._store.get_agent, name)
+        spawn, slot.spawn = slot.spawn, None
+        if spawn is not None:
+            # The registry passes the record it just stored, which saves a read per spawn.
+            record: AgentRecord | None = spawn[0]
+            init_args, init_kwargs = spawn[1], spawn[2]
+        else:
+            record = await self._loop.run_in_executor(self._pool, self._store.get_agent, name)
+            init_args = init_kwargs = None
         if record is None:
             raise AgentNotFound(name)
         if record.status == STOPPED:
@@ -566,8 +574,6 @@ class HostActor:
             self._owned.discard(name)
             raise _Elsewhere(record)
         agent_class = import_type(record.type_path)
-        init_args, init_kwargs = slot.spawn or (None, None)
-        slot.spawn = None
         reason, slot.recovery = slot.recovery, None
         durability = record.options.get("durability", self._settings.durability)
         handle = self._handle
@@ -760,11 +766,18 @@ class _HostLocalRoute(LocalRoute):
             result: concurrent.futures.Future[Any] = concurrent.futures.Future()
             host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
             future = asyncio.wrap_future(result)
+        # A timeout must not cancel the message itself, which may already run, so the
+        # caller waits on a future of its own that the reply or the timer completes.
+        waiter: asyncio.Future[asyncio.Future[Any] | None] = host._loop.create_future()
+        future.add_done_callback(functools.partial(_complete, waiter))
+        timer = host._loop.call_later(timeout, _complete, waiter, None)
         try:
-            reply = await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
+            finished = await waiter
+        finally:
+            timer.cancel()
+        if finished is None:
             return _ask_timeout(envelope, self._name, timeout)
-        return _detached_reply(reply)
+        return _detached_reply(finished.result())
 
     def send(self, envelope: Envelope) -> Any:
         host = self._host
@@ -791,6 +804,11 @@ class _HostLocalRoute(LocalRoute):
                 result.set_result(done.result())
 
         future.add_done_callback(copy_outcome)
+
+
+def _complete(waiter: asyncio.Future[Any], outcome: Any) -> None:
+    if not waiter.done():
+        waiter.set_result(outcome)
 
 
 def _detached(envelope: Envelope) -> Envelope:

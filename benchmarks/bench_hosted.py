@@ -1,0 +1,394 @@
+"""Hosted placement: spawn latency, ask round trips, memory per agent, against raw Ray.
+
+Sections, each printed as a Markdown table and drawn as a PNG with matplotlib:
+
+- spawn: ``arbor.spawn`` p50/p99 for a hosted agent, a dedicated agent that claims a warm
+  actor, and a cold dedicated agent (``num_cpus=0`` keeps it off the warm pool); raw Ray
+  creates a detached named actor and waits for its first call.
+- ask: round trips between two agents of one host (in process), between agents of two
+  hosts on one node (through Ray), from the driver to a hosted and a dedicated agent;
+  raw Ray calls from the driver and from one actor to another, and an asyncio.Queue round
+  trip in one process, the floor of any in-process delivery.
+- memory: resident memory (RSS, and USS, the memory unique to the process) of the host
+  processes per hosted agent at 100, 1,000 and 10,000 agents, and of the actor processes
+  per dedicated agent and per raw Ray actor at ``--dedicated`` actors.
+- commits: checkpoint commits per second through the store with many agents writing at
+  once, ``durable`` (a transaction per checkpoint) against ``batched`` (group commit).
+
+Run from the repository root (PostgreSQL on 127.0.0.1:5432):
+
+    .venv/bin/python -m benchmarks.bench_hosted --store postgresql
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import ray
+
+import arbor
+from arbor.config import reset_settings
+from arbor.runtime.ref import registry_handle
+from benchmarks import common
+from benchmarks.bench_agents import (
+    BenchCounter,
+    BenchPeer,
+    RawCounter,
+    RawPinger,
+    RawSyncCounter,
+)
+
+RAW_NAMESPACE = "bench-raw"
+BENCH_TYPE = f"{BenchCounter.__module__}:{BenchCounter.__qualname__}"
+SECTIONS = ("spawn", "ask", "memory", "commits")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
+    parser.add_argument("--hosted-spawns", type=int, default=200, help="(default: 200)")
+    parser.add_argument("--actor-spawns", type=int, default=10, help="per kind (default: 10)")
+    parser.add_argument("--asks", type=int, default=2000, help="per kind (default: 2000)")
+    parser.add_argument(
+        "--levels", default="100,1000,10000", help="hosted agent counts (default: 100,1000,10000)"
+    )
+    parser.add_argument(
+        "--dedicated", type=int, default=20, help="dedicated agents measured (default: 20)"
+    )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="postgresql",
+        help="checkpoint store, created empty and deleted afterwards (default: postgresql)",
+    )
+    parser.add_argument(
+        "--plot-dir",
+        default=os.path.join(common.ROOT, "docs", "benchmarks"),
+        help="folder for the PNG plots (default: docs/benchmarks)",
+    )
+    common.add_cluster_arguments(parser)
+    args = parser.parse_args()
+    sections = [name for name in args.sections.split(",") if name]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    os.makedirs(args.plot_dir, exist_ok=True)
+
+    common.print_header(f"Hosted placement, {args.store} store")
+    os.environ.update({"ARBOR_WARM_POOL_SIZE": "2", "ARBOR_HOSTS_PER_NODE": "2"})
+    reset_settings()
+    with common.temporary_database(args.store, args.pg_admin_url) as database_url:
+        common.start_arbor(database_url, args)
+        try:
+            if "spawn" in sections:
+                bench_spawn(args)
+            if "ask" in sections:
+                bench_ask(args)
+            if "memory" in sections:
+                bench_memory(args)
+        finally:
+            arbor.shutdown()
+    if "commits" in sections:
+        from benchmarks.bench_group_commit import bench_commits
+
+        bench_commits(args)
+    common.print_footer()
+
+
+# Spawn latency.
+
+
+def bench_spawn(args: argparse.Namespace) -> None:
+    arbor.spawn(BenchCounter, "bench/hosted-first", placement="hosted")
+    arbor.spawn(BenchCounter, "bench/warm-first")
+    wait_for_pool(2)
+    raw_class = ray.remote(RawCounter)
+
+    samples: dict[str, list[float]] = {
+        "hosted": [],
+        "dedicated, warm": [],
+        "dedicated, cold": [],
+        "raw Ray actor": [],
+    }
+    for index in range(args.hosted_spawns):
+        samples["hosted"].append(timed(spawn_hosted, f"bench/hosted-{index}"))
+    for index in range(args.actor_spawns):
+        samples["dedicated, warm"].append(timed(arbor.spawn, BenchCounter, f"bench/warm-{index}"))
+        wait_for_pool(2)
+        samples["dedicated, cold"].append(
+            timed(arbor.spawn, BenchCounter, f"bench/cold-{index}", num_cpus=0)
+        )
+        samples["raw Ray actor"].append(timed(spawn_raw, raw_class, f"raw-{index}"))
+        time.sleep(0.3)
+
+    rows = [[kind, *stat_row(values)] for kind, values in samples.items()]
+    print("\n## Spawn latency\n")
+    print(common.format_table(["spawn", "n", "p50 ms", "p99 ms", "min ms", "max ms"], rows))
+    plot_bars(
+        args,
+        "hosted-spawn.png",
+        "Spawn latency (ms, log scale)",
+        {kind: (row[2], row[3]) for kind, *row in rows},
+    )
+
+
+def spawn_hosted(name: str) -> None:
+    arbor.spawn(BenchCounter, name, placement="hosted")
+
+
+def spawn_raw(actor_class: Any, name: str) -> None:
+    handle = actor_class.options(
+        name=name, namespace=RAW_NAMESPACE, lifetime="detached", max_restarts=-1
+    ).remote()
+    ray.get(handle.get.remote())
+
+
+def wait_for_pool(size: int, timeout: float = 120.0) -> None:
+    registry = registry_handle()
+    deadline = time.monotonic() + timeout
+    while ray.get(registry.warm_pool.remote()).get(BENCH_TYPE, 0) < size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm pool did not refill to {size} within {timeout} s")
+        time.sleep(0.01)
+
+
+# Ask round trips.
+
+
+def bench_ask(args: argparse.Namespace) -> None:
+    peers = [
+        arbor.spawn(BenchPeer, f"bench/peer-{index}", placement="hosted") for index in range(4)
+    ]
+    hosts = {peer.name: peer.info()["actor"] for peer in peers}
+    first = peers[0]
+    same = next(peer for peer in peers[1:] if hosts[peer.name] == hosts[first.name])
+    other = next(peer for peer in peers[1:] if hosts[peer.name] != hosts[first.name])
+    for target in (same, other):
+        arbor.grant(first.name, f"arbor://agent/ask/{target.name}")
+    dedicated = arbor.spawn(BenchPeer, "bench/peer-dedicated")
+    raw_async = ray.remote(RawCounter).remote()
+    raw_sync = ray.remote(RawSyncCounter).remote()
+    raw_pinger = ray.remote(RawPinger).remote()
+    ray.get([raw_async.get.remote(), raw_sync.get.remote()])
+    count = args.asks
+
+    def inside(target: arbor.AgentRef, handler: str) -> list[float]:
+        first.ask("time_asks", target.name, handler, 100, timeout=300)
+        result: list[float] = first.ask("time_asks", target.name, handler, count, timeout=300)
+        return result
+
+    samples = {
+        "asyncio.Queue round trip, one process (floor)": queue_round_trips(count),
+        "same host, async handler (in process)": inside(same, "echo"),
+        "same host, sync handler (in process)": inside(same, "echo_sync"),
+        "two hosts, one node (Ray)": inside(other, "echo"),
+        "raw Ray actor to actor, one node": raw_actor_to_actor(raw_pinger, raw_sync, count),
+        "driver to hosted agent (Ray)": driver_asks(lambda i: same.ask("echo", i), count),
+        "driver to dedicated agent (Ray)": driver_asks(lambda i: dedicated.ask("echo", i), count),
+        "driver to raw Ray async actor": driver_asks(
+            lambda i: ray.get(raw_async.get.remote()), count
+        ),
+        "driver to raw Ray sync actor": driver_asks(
+            lambda i: ray.get(raw_sync.get.remote()), count
+        ),
+    }
+    rows = [[kind, *stat_row(values, scale=1e6)] for kind, values in samples.items()]
+    print("\n## Ask round trip\n")
+    print(common.format_table(["round trip", "n", "p50 µs", "p99 µs", "min µs", "max µs"], rows))
+    plot_bars(
+        args,
+        "hosted-ask.png",
+        "Ask round trip (µs, log scale)",
+        {kind: (row[2], row[3]) for kind, *row in rows},
+    )
+
+
+def queue_round_trips(count: int) -> list[float]:
+    async def run() -> list[float]:
+        requests: asyncio.Queue[int] = asyncio.Queue()
+        replies: asyncio.Queue[int] = asyncio.Queue()
+
+        async def echo() -> None:
+            while True:
+                replies.put_nowait(await requests.get())
+
+        server = asyncio.get_running_loop().create_task(echo())
+        samples = []
+        for index in range(count):
+            start = time.perf_counter()
+            requests.put_nowait(index)
+            await replies.get()
+            samples.append(time.perf_counter() - start)
+        server.cancel()
+        return samples
+
+    return asyncio.run(run())
+
+
+def raw_actor_to_actor(pinger: Any, target: Any, count: int) -> list[float]:
+    ray.get(pinger.ping.remote(target, 100))
+    result: list[float] = ray.get(pinger.ping.remote(target, count))
+    return result
+
+
+def driver_asks(call: Callable[[int], Any], count: int) -> list[float]:
+    for index in range(100):
+        call(index)
+    samples = []
+    for index in range(count):
+        start = time.perf_counter()
+        call(index)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+# Memory per agent.
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    levels = [int(level) for level in args.levels.split(",") if level]
+    host_pids = [report["pid"] for report in ray.get(registry_handle().hosts.remote())]
+    base_rss, base_uss = memory_of(host_pids)
+    rows: list[list[object]] = []
+    spawned = 0
+    per_agent: dict[str, list[tuple[int, float]]] = {"hosted, RSS": [], "hosted, USS": []}
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        for level in levels:
+            started = time.perf_counter()
+            list(pool.map(spawn_hosted, [f"bench/mem/{index}" for index in range(spawned, level)]))
+            seconds = time.perf_counter() - started
+            spawned_now, spawned = level - spawned, level
+            rss, uss = memory_of(host_pids)
+            per_agent["hosted, RSS"].append((level, (rss - base_rss) / level))
+            per_agent["hosted, USS"].append((level, (uss - base_uss) / level))
+            rows.append(
+                [
+                    f"hosted, {level} agents",
+                    rss / common.MIB,
+                    uss / common.MIB,
+                    (rss - base_rss) / level / 1024,
+                    (uss - base_uss) / level / 1024,
+                    f"{spawned_now / seconds:.0f} spawns/s",
+                ]
+            )
+
+    dedicated_pids = []
+    for index in range(args.dedicated):
+        ref = arbor.spawn(BenchCounter, f"bench/mem-dedicated-{index}", num_cpus=0)
+        dedicated_pids.append(ref.info()["pid"])
+    raw_handles = [
+        ray.remote(RawSyncCounter).options(num_cpus=0).remote() for _ in range(args.dedicated)
+    ]
+    raw_pids = ray.get([handle.pid.remote() for handle in raw_handles])
+    for label, pids in (("dedicated", dedicated_pids), ("raw Ray actor", raw_pids)):
+        rss, uss = memory_of(pids)
+        per_agent[f"{label}, RSS"] = [(len(pids), rss / len(pids))]
+        per_agent[f"{label}, USS"] = [(len(pids), uss / len(pids))]
+        rows.append(
+            [
+                f"{label}, {len(pids)} processes",
+                rss / common.MIB,
+                uss / common.MIB,
+                rss / len(pids) / 1024,
+                uss / len(pids) / 1024,
+                "one process each",
+            ]
+        )
+    print("\n## Resident memory\n")
+    print(f"host processes before the hosted agents: {base_rss / common.MIB:.0f} MiB RSS")
+    print(
+        common.format_table(
+            ["agents", "RSS MiB", "USS MiB", "RSS KiB/agent", "USS KiB/agent", "note"], rows
+        )
+    )
+    plot_memory(args, per_agent)
+
+
+def memory_of(pids: list[int]) -> tuple[int, int]:
+    """Return the summed RSS and USS of the processes, in bytes."""
+    rss = uss = 0
+    for pid in pids:
+        info = psutil.Process(pid).memory_full_info()
+        rss += info.rss
+        uss += info.uss
+    return rss, uss
+
+
+# Shared helpers.
+
+
+def timed(action: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+    start = time.perf_counter()
+    action(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def stat_row(values: list[float], scale: float = 1000.0) -> list[object]:
+    stats = common.summarize(values)
+    factor = scale / 1000.0
+    return [
+        int(stats["n"]),
+        stats["p50"] * factor,
+        stats["p99"] * factor,
+        stats["min"] * factor,
+        stats["max"] * factor,
+    ]
+
+
+def plot_bars(
+    args: argparse.Namespace, filename: str, title: str, values: dict[str, tuple[Any, Any]]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(values)
+    positions = range(len(labels))
+    figure, axes = plt.subplots(figsize=(10, 0.5 * len(labels) + 1.5))
+    axes.barh([p - 0.2 for p in positions], [values[k][0] for k in labels], 0.4, label="p50")
+    axes.barh([p + 0.2 for p in positions], [values[k][1] for k in labels], 0.4, label="p99")
+    axes.set_yticks(list(positions), labels)
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(args.plot_dir, filename), dpi=100)
+    plt.close(figure)
+    print(f"\nplot: {os.path.join(args.plot_dir, filename)}")
+
+
+def plot_memory(args: argparse.Namespace, per_agent: dict[str, list[tuple[int, float]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for label, points in per_agent.items():
+        counts = [count for count, _ in points]
+        kib = [value / 1024 for _, value in points]
+        axes.plot(counts, kib, marker="o", label=label)
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("agents (actors for dedicated and raw Ray)")
+    axes.set_ylabel("KiB per agent")
+    axes.set_title("Resident memory per agent")
+    axes.legend()
+    figure.tight_layout()
+    path = os.path.join(args.plot_dir, "hosted-memory.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()
