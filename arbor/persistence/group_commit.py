@@ -19,7 +19,7 @@ from arbor.persistence.base import CheckpointStore, CheckpointWrite
 
 logger = logging.getLogger(__name__)
 
-# The most checkpoints one transaction commits; more wait for the next one.
+# The maximum number of checkpoints in one transaction; more wait for the next one.
 MAX_GROUP = 512
 
 # Threads that commit groups. With two, one group collects while the other commits, so
