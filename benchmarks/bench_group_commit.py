@@ -3,7 +3,7 @@
 Many writer threads, each the stand-in for one running handler of a host, commit
 checkpoints of their own agents for a fixed time through one store with the host's
 connection pool (``ARBOR_HOST_DB_POOL_MAX``). ``durable`` calls
-``store.write_checkpoint`` (a transaction per checkpoint); ``batched`` hands each
+``store.write_checkpoint``, a transaction per checkpoint. ``batched`` hands each
 checkpoint to a `GroupCommitter`, which commits the ones that arrive within its window in
 one transaction. A writer waits for its commit either way, as a handler waits before its
 reply. Ray plays no part here; raw Ray keeps no durable state to compare with.

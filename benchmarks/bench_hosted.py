@@ -3,7 +3,7 @@
 Sections, each printed as a Markdown table and drawn as a PNG with matplotlib:
 
 - spawn: ``arbor.spawn`` p50/p99 for a hosted agent, a dedicated agent that claims a warm
-  actor, and a cold dedicated agent (``num_cpus=0`` keeps it off the warm pool); raw Ray
+  actor, and a cold dedicated agent (``num_cpus=0`` keeps it off the warm pool). Raw Ray
   creates a detached named actor and waits for its first call.
 - ask: round trips between two agents of one host (in process), between agents of two
   hosts on one node (through Ray), from the driver to a hosted and a dedicated agent;
@@ -60,7 +60,11 @@ def main() -> None:
         "--levels", default="100,1000,10000", help="hosted agent counts (default: 100,1000,10000)"
     )
     parser.add_argument(
-        "--dedicated", type=int, default=20, help="dedicated agents measured (default: 20)"
+        "--dedicated",
+        type=int,
+        default=10,
+        help="dedicated agents measured; each holds ARBOR_DB_POOL_MAX database connections "
+        "(default: 10)",
     )
     parser.add_argument(
         "--store",
@@ -73,6 +77,12 @@ def main() -> None:
         default=os.path.join(common.ROOT, "docs", "benchmarks"),
         help="folder for the PNG plots (default: docs/benchmarks)",
     )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="run with ARBOR_METRICS=false and ARBOR_ENFORCE_CAPABILITIES=false, to show "
+        "what metrics and capability checks add to each message",
+    )
     common.add_cluster_arguments(parser)
     args = parser.parse_args()
     sections = [name for name in args.sections.split(",") if name]
@@ -81,8 +91,11 @@ def main() -> None:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     os.makedirs(args.plot_dir, exist_ok=True)
 
-    common.print_header(f"Hosted placement, {args.store} store")
+    lean = ", without metrics and capability checks" if args.lean else ""
+    common.print_header(f"Hosted placement, {args.store} store{lean}")
     os.environ.update({"ARBOR_WARM_POOL_SIZE": "2", "ARBOR_HOSTS_PER_NODE": "2"})
+    if args.lean:
+        os.environ.update({"ARBOR_METRICS": "false", "ARBOR_ENFORCE_CAPABILITIES": "false"})
     reset_settings()
     with common.temporary_database(args.store, args.pg_admin_url) as database_url:
         common.start_arbor(database_url, args)
@@ -125,6 +138,9 @@ def bench_spawn(args: argparse.Namespace) -> None:
         samples["dedicated, cold"].append(
             timed(arbor.spawn, BenchCounter, f"bench/cold-{index}", num_cpus=0)
         )
+        # Each dedicated agent holds its own database connections; free them for the next.
+        arbor.stop(f"bench/warm-{index}", purge=True)
+        arbor.stop(f"bench/cold-{index}", purge=True)
         samples["raw Ray actor"].append(timed(spawn_raw, raw_class, f"raw-{index}"))
         time.sleep(0.3)
 
@@ -135,7 +151,7 @@ def bench_spawn(args: argparse.Namespace) -> None:
         args,
         "hosted-spawn.png",
         "Spawn latency (ms, log scale)",
-        {kind: (row[2], row[3]) for kind, *row in rows},
+        {kind: (row[1], row[2]) for kind, *row in rows},
     )
 
 
@@ -170,8 +186,9 @@ def bench_ask(args: argparse.Namespace) -> None:
     first = peers[0]
     same = next(peer for peer in peers[1:] if hosts[peer.name] == hosts[first.name])
     other = next(peer for peer in peers[1:] if hosts[peer.name] != hosts[first.name])
-    for target in (same, other):
-        arbor.grant(first.name, f"arbor://agent/ask/{target.name}")
+    if not args.lean:
+        for target in (same, other):
+            arbor.grant(first.name, f"arbor://agent/ask/{target.name}")
     dedicated = arbor.spawn(BenchPeer, "bench/peer-dedicated")
     raw_async = ray.remote(RawCounter).remote()
     raw_sync = ray.remote(RawSyncCounter).remote()
@@ -204,9 +221,9 @@ def bench_ask(args: argparse.Namespace) -> None:
     print(common.format_table(["round trip", "n", "p50 µs", "p99 µs", "min µs", "max µs"], rows))
     plot_bars(
         args,
-        "hosted-ask.png",
+        "hosted-ask-lean.png" if args.lean else "hosted-ask.png",
         "Ask round trip (µs, log scale)",
-        {kind: (row[2], row[3]) for kind, *row in rows},
+        {kind: (row[1], row[2]) for kind, *row in rows},
     )
 
 
@@ -254,6 +271,8 @@ def driver_asks(call: Callable[[int], Any], count: int) -> list[float]:
 
 def bench_memory(args: argparse.Namespace) -> None:
     levels = [int(level) for level in args.levels.split(",") if level]
+    # The first hosted spawn starts the hosts, whose memory without agents is the base.
+    arbor.spawn(BenchCounter, "bench/mem-first", placement="hosted")
     host_pids = [report["pid"] for report in ray.get(registry_handle().hosts.remote())]
     base_rss, base_uss = memory_of(host_pids)
     rows: list[list[object]] = []
@@ -268,6 +287,11 @@ def bench_memory(args: argparse.Namespace) -> None:
             rss, uss = memory_of(host_pids)
             per_agent["hosted, RSS"].append((level, (rss - base_rss) / level))
             per_agent["hosted, USS"].append((level, (uss - base_uss) / level))
+            print(
+                f"hosted, {level} agents: {rss / common.MIB:.0f} MiB RSS, "
+                f"{uss / common.MIB:.0f} MiB USS in the host processes",
+                flush=True,
+            )
             rows.append(
                 [
                     f"hosted, {level} agents",

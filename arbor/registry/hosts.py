@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 # A host may run this share more agents than the average before agents move off it.
 _REBALANCE_SLACK = 0.2
 
-# The most agents one reconciler pass moves between hosts, so that a pass stays short.
+# The maximum number of agents one reconciler pass moves, so that a pass stays short.
 _REBALANCE_BATCH = 100
 
 
@@ -43,7 +43,7 @@ class HostPool:
 
     @property
     def names(self) -> list[str]:
-        """The Ray names of the hosts this registry knows."""
+        """The Ray names of the hosts this registry has started or found."""
         return list(self._hosts)
 
     def handle(self, name: str) -> Any:
@@ -117,7 +117,7 @@ class HostPool:
         return name
 
     async def _host_nodes(self) -> dict[str, str]:
-        """Return the node of each host that answers; a restarted host may have moved."""
+        """Return the node of each host that replies; a restarted host may have moved."""
         names = list(self._hosts)
         reports = await asyncio.gather(
             *(asyncio.wait_for(self._hosts[name].ping.remote(), 10.0) for name in names),
@@ -147,9 +147,9 @@ class HostPool:
     async def reconcile(self, records: list[AgentRecord]) -> list[str]:
         """Move the agents of hosts that are gone for good to live hosts; returns their names.
 
-        A host whose process died is restarted by Ray under the same name and starts its
-        agents itself; only a host that Ray no longer has (killed, or out of restarts)
-        loses its agents to the others.
+        Ray restarts a host whose process died under the same name, and the host starts
+        its agents itself. Only a host that Ray no longer has (killed, or out of
+        restarts) loses its agents to the others.
         """
         hosted = [
             record

@@ -2,7 +2,7 @@
 
 Each hosted agent has its own mailbox in the host and handles one message at a time, in
 arrival order, while other agents of the same host handle theirs. Async handlers run on
-the host's event loop; synchronous handlers, agent starts and checkpoint writes run in
+the host's event loop. Synchronous handlers, agent starts and checkpoint writes run in
 the host's thread pool, so neither a slow handler nor the database stalls the loop.
 
 A handler that runs past its time limit is abandoned rather than waited for: the host
@@ -297,7 +297,7 @@ class HostActor:
         return await self._post(name, passivate)  # type: ignore[no-any-return]
 
     async def active_agents(self) -> list[str]:
-        """Return the names of the agents whose objects this host holds now, sorted."""
+        """Return the names of the agents whose objects are in this host's memory, sorted."""
         return sorted(name for name, slot in self._slots.items() if slot.cell is not None)
 
     async def ping(self) -> dict[str, Any]:
@@ -462,8 +462,8 @@ class HostActor:
         if cell.fenced:
             self._drop(slot)
             if not retried and reply.error is not None and reply.error.kind == "conflict":
-                # A newer incarnation owns the agent and this one applied nothing; run the
-                # message where the record says the agent lives now, as Ray's retry would.
+                # A newer incarnation owns the agent and this one applied nothing. Run the
+                # message where the record places the agent now, as Ray's retry would.
                 return await self._run_message(slot, envelope, retried=True)
         return reply
 

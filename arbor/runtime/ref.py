@@ -55,9 +55,8 @@ class _BoundMethod:
 
 
 # The envelope header that numbers a process's messages to one hosted agent, as
-# "<stream>:<n>". A host runs many agents concurrently, so Ray treats it as an async actor
-# and may start its calls out of submission order; the host puts each agent's messages
-# from one stream back in order by this number.
+# "<stream>:<n>". A host is an async Ray actor, which may start calls out of submission
+# order, so the host puts each agent's messages from one stream back in order by it.
 SEQUENCE_HEADER = "arbor-seq"
 
 # This process's stream id, and the next number per hosted agent it sends to.
@@ -228,7 +227,11 @@ class AgentRef:
             return self._unwrap(handler, await local.ask_async(envelope, seconds))
         deadline = time.monotonic() + seconds
         while True:
-            actor = self._resolve(deadline)
+            actor = self._handle
+            if actor is None:
+                # A lookup waits for the GCS and the registry. A thread keeps the caller's
+                # event loop free meanwhile, which matters in a host shared by many agents.
+                actor = await asyncio.to_thread(self._resolve_for_submit, deadline)
             object_ref = self._submit(actor, envelope)
             try:
                 reply = await asyncio.wait_for(
@@ -388,6 +391,12 @@ class AgentRef:
                 )
             time.sleep(_RESOLVE_POLL_S)
 
+    def _resolve_for_submit(self, deadline: float) -> Any:
+        """Resolve the actor and read the agent's mailbox limit, both of which may block."""
+        actor = self._resolve(deadline)
+        _pending.limited(self._name)
+        return actor
+
     def _lost_actor(self, error: Exception) -> None:
         logger.info(
             "agent %s actor is gone (%s); looking it up again", self._name, type(error).__name__
@@ -480,7 +489,7 @@ _pending = _PendingMessages()
 
 
 def reset_process_state() -> None:
-    """Forget what this process knows of a Ray session, when it disconnects from one."""
+    """Drop this process's mailbox counts and message numbering when it leaves a Ray session."""
     global _pending, _stream
     _pending = _PendingMessages()
     with _sequence_lock:
