@@ -476,7 +476,7 @@ def _record(row: tuple[Any, ...]) -> AgentRecord:
 
 # One batch of checkpoint writes: lock the agents' rows in name order, keep the writes
 # whose epoch is current, insert their checkpoints, move the agents' versions on and prune.
-# The sub-statements share one snapshot, so the DELETE sees only older versions.
+# The sub-statements share one snapshot, so the DELETE finds only older versions.
 _BATCH_CHECKPOINT_SQL = """
 WITH input AS (
     SELECT * FROM unnest(

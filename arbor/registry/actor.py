@@ -274,8 +274,8 @@ class Registry:
     async def _check_quota(self, spec: SpawnSpec) -> None:
         """Raise `QuotaExceeded` when the new agent's namespace has no room left.
 
-        A retried spawn whose record exists already has its place. The caller holds the
-        namespace's quota lock.
+        A retried spawn whose record exists already has its place. The caller must hold
+        the namespace's quota lock.
         """
         namespace = namespace_of(spec.name)
         limit = self._settings.agent_cap(namespace)

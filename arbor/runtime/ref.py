@@ -368,7 +368,7 @@ class AgentRef:
             status, actor = located["status"], located["actor"]
             if (self._relocating or actor != self._name) and status in ("running", "starting"):
                 # The agent runs in a warm, moved or host actor, which has a Ray name of its
-                # own, or its old actor was lost and the registry knows the current one.
+                # own, or its old actor was lost and the registry names the current one.
                 try:
                     handle = ray.get_actor(actor, namespace=NAMESPACE)
                     self._handle = route_to(self._name, handle, located.get("placement"))
