@@ -306,7 +306,10 @@ def test_stopped_agent_loses_reminders(cluster: str) -> None:
     arbor.stop("rem/purged", purge=True)
 
     assert arbor.reminders("rem/stopped") == []
-    assert arbor.reminders("rem/purged") == []
+    # A purged agent has no record left to list reminders of, and none of its remain.
+    with pytest.raises(arbor.AgentNotFound, match="rem/purged"):
+        arbor.reminders("rem/purged")
+    assert "rem/purged" not in {info.agent for info in arbor.reminders(namespace="*")}
 
 
 def test_remind_without_handler_names_agent_and_fix(cluster: str) -> None:
