@@ -27,7 +27,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check arbor tests benchmarks examples
 
 bench: $(STAMP)
-	for script in spawn ask checkpoint crash_recovery node_recovery; do \
+	$(VENV)/bin/pip install --quiet -e ".[test,bench]"
+	for script in spawn ask checkpoint crash_recovery node_recovery hosted; do \
 		$(VENV)/bin/python -m benchmarks.bench_$$script || exit 1; \
 	done
 

@@ -315,6 +315,30 @@ def test_spawn_returns_record(gateway: Gateway) -> None:
     assert arbor.get("gw/s1").ask("get") == 3
 
 
+def test_spawn_hosted_agent(gateway: Gateway) -> None:
+    body = {
+        "type": "counter",
+        "name": "gw/hosted",
+        "kwargs": {"start": 4},
+        "placement": {"placement": "hosted", "passivate_idle_s": 60},
+    }
+    status, result, _ = call(gateway, "POST", "/v1/agents", body, gateway.admin)
+    assert status == 201
+    assert result["placement"] == "hosted"
+    assert arbor.get("gw/hosted").ask("get") == 4
+
+
+def test_spawn_hosted_with_ray_option_is_400(gateway: Gateway) -> None:
+    body = {
+        "type": "counter",
+        "name": "gw/hosted-cpu",
+        "placement": {"placement": "hosted", "num_cpus": 1},
+    }
+    status, result, _ = call(gateway, "POST", "/v1/agents", body, gateway.admin)
+    assert status == 400
+    assert "num_cpus" in result["error"]["message"]
+
+
 def test_spawn_existing_name_is_409(gateway: Gateway) -> None:
     spawn(gateway, "gw/taken")
     status, body, _ = call(

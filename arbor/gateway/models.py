@@ -73,7 +73,15 @@ class Placement(_Request):
     node_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{56}$")
     node_affinity: Literal["soft", "hard"] | None = None
     spread: bool | None = None
-    durability: Literal["durable", "periodic"] | None = None
+    durability: Literal["durable", "periodic", "batched"] | None = None
+    placement: Literal["dedicated", "hosted"] | None = Field(
+        default=None, description="'hosted' runs the agent in a shared host actor."
+    )
+    passivate_idle_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Idle seconds before a hosted agent is dropped from memory; 0 never.",
+    )
 
 
 class SpawnBody(_Request):
@@ -167,6 +175,7 @@ class AgentView(BaseModel):
     started_at: datetime | None
     checkpointed_at: datetime | None
     last_error: str | None
+    placement: str = "dedicated"
 
     @classmethod
     def of(cls, info: AgentInfo) -> AgentView:
@@ -182,6 +191,7 @@ class AgentView(BaseModel):
             started_at=info.started_at,
             checkpointed_at=info.checkpointed_at,
             last_error=info.last_error,
+            placement=info.placement,
         )
 
 

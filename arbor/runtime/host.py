@@ -171,6 +171,8 @@ class HostActor:
         self.local_deliveries = 0
         # Per (sender stream, agent): the next message number to run, and the messages
         # that arrived before their predecessors, by number.
+        # NOTE: entries of senders that are gone are never removed, about 100 bytes per
+        # sending process and agent for the host's lifetime.
         self._expected: dict[tuple[str, str], int] = {}
         self._held: dict[tuple[str, str], dict[int, tuple[Envelope, asyncio.Future[Any]]]] = {}
         set_local_router(self._local_route)
