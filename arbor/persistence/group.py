@@ -4,7 +4,8 @@ Agents with ``durability="batched"`` hand their checkpoint to the process's
 `GroupCommitter` and wait. A committer thread takes the writes that arrived, waits up to
 the window for more, and commits them together with `CheckpointStore.write_checkpoints`.
 A batch costs one commit (one flush of the write-ahead log) however many agents it holds,
-and no agent's message is acknowledged before the batch with its checkpoint commits.
+and no agent's message is acknowledged before the batch with its checkpoint commits. Two
+committer threads take turns, so one batch collects while the other commits.
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ class GroupCommitter:
             join it; 0 commits what has queued at once, so batches form only while a
             commit is in progress.
         max_batch: writes per transaction at most.
+        threads: committer threads. With two, one batch collects while the other commits,
+            on another connection; an agent has one write in flight at most, so the
+            order of its checkpoints holds.
     """
 
-    def __init__(self, store: CheckpointStore, window_s: float, max_batch: int = 256) -> None:
+    def __init__(
+        self, store: CheckpointStore, window_s: float, max_batch: int = 256, threads: int = 2
+    ) -> None:
         self.store = store
         self.window_s = window_s
         self.max_batch = max_batch
@@ -53,8 +59,13 @@ class GroupCommitter:
         self._last_size = 0
         self._ready = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="arbor-group-commit", daemon=True)
-        self._thread.start()
+        self._counts = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"arbor-group-commit-{index}", daemon=True)
+            for index in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def write_checkpoint(
         self,
@@ -90,8 +101,9 @@ class GroupCommitter:
         """Commit what is queued, then stop the committer thread."""
         with self._ready:
             self._closed = True
-            self._ready.notify()
-        self._thread.join()
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join()
 
     def _run(self) -> None:
         while True:
@@ -137,8 +149,9 @@ class GroupCommitter:
                 pending.error = failure
                 pending.done.set()
             return
-        self.batches += 1
-        self.writes += len(batch)
+        with self._counts:
+            self.batches += 1
+            self.writes += len(batch)
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, CheckpointConflict):
                 pending.error = result
