@@ -52,12 +52,12 @@ class Settings(BaseSettings):
         "together. periodic: checkpoint every checkpoint_interval_s seconds.",
     )
     batch_window_s: float = Field(
-        default=0.002,
+        default=0.0,
         ge=0,
         le=1,
         description="Seconds a host's group commit waits after a batch's first checkpoint "
-        "for others to join it, in batched durability; 0 groups only the checkpoints that "
-        "queue while a commit is in progress.",
+        "for others to join it, in batched durability. 0 commits what has queued as soon "
+        "as a committer thread is free, so batches form while the other one commits.",
     )
     checkpoint_interval_s: float = Field(
         default=1.0,
