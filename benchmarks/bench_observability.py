@@ -12,6 +12,9 @@ setting runs on a new local cluster, ``--rounds`` times, in alternating order:
 - full 0.1: the same with traces sampled at 0.1.
 
 Throughput is asks per second over a round; the table compares each setting with off.
+It varies with whatever else runs on the machine, so the table also gives the CPU time the
+two agent processes and the driver (which runs the collector) spent per ask, from their
+Linux CPU-time clocks: on a shared machine that moves far less than throughput does.
 
 Run from the repository root:
 
@@ -25,6 +28,7 @@ import os
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
@@ -94,14 +98,18 @@ def main() -> None:
     )
     samples: dict[str, list[float]] = {name: [] for name in SETTINGS}
     rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    agent_cpu: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    driver_cpu: dict[str, list[float]] = {name: [] for name in SETTINGS}
     names = list(SETTINGS)
     try:
         for round_index in range(args.rounds):
             order = names if round_index % 2 == 0 else list(reversed(names))
             for name in order:
-                measured, rate = run_round(args, name, endpoint)
-                samples[name].extend(measured)
-                rates[name].append(rate)
+                result = run_round(args, name, endpoint)
+                samples[name].extend(result.seconds)
+                rates[name].append(result.rate)
+                agent_cpu[name].append(result.agent_cpu_us)
+                driver_cpu[name].append(result.driver_cpu_us)
     finally:
         server.shutdown()
         for variable in VARIABLES:
@@ -111,10 +119,12 @@ def main() -> None:
     off_p99 = common.summarize(samples["off"])["p99"]
     # The median round, because single rounds on a fresh cluster vary by about 10 %.
     off_rate = statistics.median(rates["off"])
+    off_agent_cpu = statistics.median(agent_cpu["off"])
     rows = []
     for name in names:
         stats = common.summarize(samples[name])
         rate = statistics.median(rates[name])
+        cpu = statistics.median(agent_cpu[name])
         rows.append(
             [
                 name,
@@ -124,6 +134,9 @@ def main() -> None:
                 f"{rate:.0f}",
                 f"{(1 - rate / off_rate) * 100:+.1f} %",
                 f"{stats['p99'] / off_p99:.3f}x",
+                f"{cpu:.0f}",
+                f"{cpu - off_agent_cpu:+.0f}",
+                f"{statistics.median(driver_cpu[name]):.0f}",
             ]
         )
     print(
@@ -136,6 +149,9 @@ def main() -> None:
                 "requests/s (median round)",
                 "throughput lost vs off",
                 "p99 / off",
+                "agent CPU µs/request",
+                "vs off",
+                "driver CPU µs/request",
             ],
             rows,
         )
@@ -143,7 +159,19 @@ def main() -> None:
     common.print_footer()
 
 
-def run_round(args: argparse.Namespace, name: str, endpoint: str) -> tuple[list[float], float]:
+@dataclass
+class RoundResult:
+    """One round of one setting: the asks' latencies and what the round cost."""
+
+    seconds: list[float]
+    rate: float
+    # CPU time per ask, in microseconds, of the two agent processes together and of the
+    # driver process (the asks and the collector thread).
+    agent_cpu_us: float
+    driver_cpu_us: float
+
+
+def run_round(args: argparse.Namespace, name: str, endpoint: str) -> RoundResult:
     """Run one round of the workload on a new cluster with setting ``name``."""
     for variable in VARIABLES:
         os.environ.pop(variable, None)
@@ -162,16 +190,37 @@ def run_round(args: argparse.Namespace, name: str, endpoint: str) -> tuple[list[
             )
             for _ in range(100):  # warm-up
                 pinger.ask("ping", "bench/target", 1)
+            agents = [pinger.info()["pid"], arbor.get("bench/target").info()["pid"]]
             measured: list[float] = []
+            agent_cpu_start = _cpu_seconds(agents)
+            driver_cpu_start = time.process_time()
             start = time.perf_counter()
             for _ in range(args.asks):
                 sent = time.perf_counter()
                 pinger.ask("ping", "bench/target", 1)
                 measured.append(time.perf_counter() - sent)
             elapsed = time.perf_counter() - start
+            driver_cpu = time.process_time() - driver_cpu_start
+            agent_cpu = _cpu_seconds(agents) - agent_cpu_start
         finally:
             arbor.shutdown()
-    return measured, args.asks / elapsed
+    return RoundResult(
+        measured,
+        args.asks / elapsed,
+        agent_cpu / args.asks * 1e6,
+        driver_cpu / args.asks * 1e6,
+    )
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """Return the CPU seconds that processes ``pids`` have used, over all their threads.
+
+    It reads each process's CPU-time clock, which Linux keeps in nanoseconds, where
+    ``psutil``'s ``cpu_times`` counts clock ticks of 10 ms, too coarse for a few hundred
+    asks. The clock id of a process is what glibc's ``clock_getcpuclockid`` returns, which
+    Python does not wrap: ``(~pid << 3) | 2``, the kernel's ``CPUCLOCK_SCHED`` of that pid.
+    """
+    return sum(time.clock_gettime((~pid << 3) | 2) for pid in pids)
 
 
 if __name__ == "__main__":

@@ -127,10 +127,12 @@ def test_integer_outside_int64_is_left_out() -> None:
 def test_attribute_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(otlp, "MAX_CACHED_ATTRIBUTES", 8)
     monkeypatch.setattr(otlp, "_attribute_cache", {})
+    monkeypatch.setattr(otlp, "_attribute_set_cache", {})
+    monkeypatch.setattr(otlp, "_name_cache", {})
     provider, exporter = finished_spans()
     for number in range(20):
         with provider.get_tracer("arbor").start_as_current_span(
-            "step", attributes={"request": f"r{number}"}
+            f"step {number}", attributes={"request": f"r{number}"}
         ):
             pass
 
@@ -138,6 +140,8 @@ def test_attribute_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     otlp.encode_spans(spans)
 
     assert 0 < len(otlp._attribute_cache) <= 8
+    assert 0 < len(otlp._attribute_set_cache) <= 8
+    assert 0 < len(otlp._name_cache) <= 8
     assert_same_request(spans)
 
 

@@ -25,7 +25,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ _FLAGS_REMOTE = 0x200
 # so unbounded attribute values cannot grow it.
 MAX_CACHED_ATTRIBUTES = 4096
 _attribute_cache: dict[tuple[int, str, str], bytes] = {}
+# Encoded name fields of spans, and encoded string attribute sets of spans, bounded in the
+# same way.
+_name_cache: dict[str, bytes] = {}
+_attribute_set_cache: dict[tuple[tuple[str, str], ...], bytes] = {}
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -54,6 +58,11 @@ _SMALL_VARINTS = [bytes((value,)) for value in range(128)]
 _fixed32 = struct.Struct("<I").pack
 _fixed64 = struct.Struct("<Q").pack
 _double = struct.Struct("<d").pack
+# Span.status of a span whose status was never set, and Span.flags of a span with a local
+# or no parent and of one with a remote parent.
+_UNSET_STATUS_FIELD = b"\x7a\x00"
+_LOCAL_PARENT_FLAGS_FIELD = b"\x85\x01" + _fixed32(_FLAGS_REMOTE_KNOWN)
+_REMOTE_PARENT_FLAGS_FIELD = b"\x85\x01" + _fixed32(_FLAGS_REMOTE_KNOWN | _FLAGS_REMOTE)
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
@@ -151,26 +160,31 @@ def _span(span: ReadableSpan) -> bytes:
     context = span.context
     parent = span.parent
     parts = [
-        b"\x0a\x10",
-        context.trace_id.to_bytes(16, "big"),
-        b"\x12\x08",
-        context.span_id.to_bytes(8, "big"),
+        b"\x0a\x10"
+        + context.trace_id.to_bytes(16, "big")
+        + b"\x12\x08"
+        + context.span_id.to_bytes(8, "big")
     ]
-    trace_state = _trace_state(context)
-    if trace_state:
-        parts.append(_string(3, trace_state))
+    if context.trace_state:
+        parts.append(_string(3, _trace_state(context)))
     if parent is not None:
-        parts.append(b"\x22\x08")
-        parts.append(parent.span_id.to_bytes(8, "big"))
-    if span.name:
-        parts.append(_string(5, span.name))
+        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
+    name = span.name
+    if name:
+        name_field = _name_cache.get(name)
+        if name_field is None:
+            if len(_name_cache) >= MAX_CACHED_ATTRIBUTES:
+                _name_cache.clear()
+            name_field = _name_cache[name] = _string(5, name)
+        parts.append(name_field)
     parts.append(_KIND_FIELDS[span.kind])
     if span.start_time:
         parts.append(b"\x39" + _fixed64(span.start_time))
     if span.end_time:
         parts.append(b"\x41" + _fixed64(span.end_time))
-    if span.attributes:
-        parts.extend(_attributes(9, span.attributes))
+    attributes = span.attributes
+    if attributes:
+        parts.append(_span_attributes(attributes))
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
     for event in span.events:
@@ -184,17 +198,20 @@ def _span(span: ReadableSpan) -> bytes:
 
     status = span.status
     if status is not None:
-        status_parts = []
-        if status.description:
-            status_parts.append(_string(2, status.description))
-        if status.status_code.value:
-            status_parts.append(b"\x18" + _varint(status.status_code.value))
-        parts.append(_message(15, b"".join(status_parts)))
+        if status.status_code is StatusCode.UNSET and not status.description:
+            parts.append(_UNSET_STATUS_FIELD)
+        else:
+            status_parts = []
+            if status.description:
+                status_parts.append(_string(2, status.description))
+            if status.status_code.value:
+                status_parts.append(b"\x18" + _varint(status.status_code.value))
+            parts.append(_message(15, b"".join(status_parts)))
 
-    flags = _FLAGS_REMOTE_KNOWN
     if parent is not None and parent.is_remote:
-        flags |= _FLAGS_REMOTE
-    parts.append(b"\x85\x01" + _fixed32(flags))
+        parts.append(_REMOTE_PARENT_FLAGS_FIELD)
+    else:
+        parts.append(_LOCAL_PARENT_FLAGS_FIELD)
     return b"".join(parts)
 
 
@@ -257,6 +274,24 @@ def _trace_state(context: SpanContext) -> str:
 
 
 # --- attributes ------------------------------------------------------------------------------
+
+
+def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
+    """Encode a span's attributes, looking the whole set up at once when all are strings.
+
+    Arbor's spans repeat a few sets of attributes (agent type, kind, agent, handler), so
+    one lookup of the set replaces one per attribute.
+    """
+    items = tuple(attributes.items())
+    for _key, value in items:
+        if type(value) is not str:
+            return b"".join(_attributes(9, attributes))
+    encoded = _attribute_set_cache.get(items)
+    if encoded is None:
+        if len(_attribute_set_cache) >= MAX_CACHED_ATTRIBUTES:
+            _attribute_set_cache.clear()
+        encoded = _attribute_set_cache[items] = b"".join(_attributes(9, attributes))
+    return encoded
 
 
 def _attributes(field: int, attributes: Mapping[str, Any]) -> list[bytes]:

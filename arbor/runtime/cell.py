@@ -530,7 +530,9 @@ class AgentCell:
         outbox = self.outbox.records() if self.outbox is not None else []
         started = time.perf_counter()
         try:
-            with telemetry.span("arbor.checkpoint", {"arbor.agent": self.name}, child_only=True):
+            with telemetry.span(
+                "arbor.checkpoint", self.telemetry.checkpoint_attributes, child_only=True
+            ):
                 self.checkpoint_version = self._writer.write_checkpoint(
                     self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
                 )

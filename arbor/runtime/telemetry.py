@@ -3,26 +3,32 @@
 Every hook is cheap when its part is off: metrics record nothing with
 ``ARBOR_METRICS=false``, and message spans exist only when an OTLP endpoint is set
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``).
+
+The runtime samples before it asks for a span. A message that is not recorded runs in an
+`UnsampledSpan`, which carries its trace context with the sampled flag off and costs no
+span object, attribute dictionary or export.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import os
 import random
 import threading
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
+from contextvars import Token
 from types import TracebackType
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from arbor.config import Settings
 from arbor.messages import Envelope, Reply
 from arbor.observability import logs, metrics, tracing
+from arbor.observability.spans import UnsampledSpan, is_plain_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +36,11 @@ _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP
 
 _configured = False
 _tracing = False
-# The share of traces a process starts that it records; see `_should_trace`.
+# The share of traces a process starts that it records; see `_unsampled_span`.
 _ratio = 1.0
-# The W3C traceparent, with the sampled flag off, of an unrecorded message being handled.
-_unsampled: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "arbor_unsampled_traceparent", default=None
-)
 _lock = threading.Lock()
+# Hex digits with bit 0, the W3C "sampled" flag, set.
+_SAMPLED_FLAG_DIGITS = frozenset("13579bdf")
 
 # The handler label of messages whose handler did not resolve, so callers cannot grow
 # the label set with made-up names.
@@ -68,29 +72,23 @@ def tracing_active() -> bool:
 
 
 def outgoing_headers() -> dict[str, str]:
-    """Return the trace context to put into an envelope sent now."""
-    if not _tracing:
-        return {}
-    unsampled = _unsampled.get()
-    if unsampled is not None:
-        return {"traceparent": unsampled}
+    """Return the trace context to put into an envelope sent now.
+
+    A process that does not trace (a driver, say) still passes on a trace context that its
+    own OpenTelemetry set-up made current, so a client's trace continues into the agents.
+    """
     return tracing.inject_context()
 
 
 def current_trace_id() -> str | None:
-    """Return the id of the trace being recorded here, for audit rows, or None."""
+    """Return the id of the trace of the request being handled here, for audit rows, or None.
+
+    An unrecorded request has a trace id too, which its log lines carry.
+    """
     if not _tracing:
         return None
     ids = tracing.current_trace_ids()
     return ids[0] if ids else None
-
-
-def _unsampled_traceparent() -> str:
-    # The ids need to be unique, not secret, so they come from `random` without a system
-    # call, as the SDK's own ids do. W3C treats an all-zero id as invalid.
-    trace_id = random.getrandbits(128) or 1
-    span_id = random.getrandbits(64) or 1
-    return f"00-{trace_id:032x}-{span_id:016x}-00"
 
 
 class CellTelemetry:
@@ -101,6 +99,8 @@ class CellTelemetry:
         self.agent_type = agent_type
         self.node = node_id or "unknown"
         self._log_fields = logs.AgentLogFields(name, agent_type, None, self.node)
+        # The attributes of this agent's checkpoint spans, made once: a span copies them.
+        self.checkpoint_attributes = {"arbor.agent": name}
 
     def message(self, envelope: Envelope, epoch: int) -> AbstractContextManager[None]:
         """Return the scope that runs one message with its log fields and, if traced, its span."""
@@ -111,14 +111,17 @@ class CellTelemetry:
         log_scope = logs.AgentLogScope(fields)
         if not _tracing:
             return log_scope
+        unsampled = _unsampled_span(envelope.headers)
+        if unsampled is not None:
+            return _MessageScope(log_scope, unsampled)
         attributes = {
             "arbor.agent_type": self.agent_type,
             "arbor.kind": envelope.kind,
             "arbor.agent": self.name,
             "arbor.handler": envelope.handler,
         }
-        span_scope = incoming_span("arbor.message", envelope.headers, attributes)
-        return _MessageScope(log_scope, span_scope)
+        span = tracing.continue_trace("arbor.message", envelope.headers, attributes)
+        return _MessageScope(log_scope, span)
 
     def record_message(self, envelope: Envelope, reply: Reply, seconds: float) -> None:
         """Observe one handled message by its outcome."""
@@ -146,25 +149,42 @@ class CellTelemetry:
         record(metrics.record_recovery, self.agent_type, "process", seconds)
 
 
-def _should_trace(headers: Mapping[str, str]) -> bool:
-    """Decide whether a message's span is recorded, before any span object exists.
+def _unsampled_span(headers: Mapping[str, Any]) -> UnsampledSpan | None:
+    """Decide whether a request's span is recorded, before any span object exists.
 
-    A message that carries W3C trace context follows the sender's sampled flag; one
-    that starts a trace is recorded with probability ``ARBOR_TRACE_SAMPLE_RATIO``.
-    Deciding first keeps an unrecorded message at about a microsecond, where an
-    unsampled SDK span costs some 30 µs.
+    Returns None when it is, else the `UnsampledSpan` it runs in. A request that carries
+    W3C trace context follows the sender's sampled flag. One that starts a trace is
+    recorded with probability ``ARBOR_TRACE_SAMPLE_RATIO``. Deciding first means that an
+    unrecorded request makes no span object of the SDK or of Arbor.
     """
-    parent = headers.get("traceparent")
-    if parent:
-        try:
-            return bool(int(parent[-2:], 16) & 1)
-        except ValueError:
-            return random.random() < _ratio
-    return random.random() < _ratio
+    traceparent = headers.get("traceparent")
+    if traceparent:
+        if (
+            type(traceparent) is str
+            and len(traceparent) == 55
+            and traceparent[:3] == "00-"
+            and "tracestate" not in headers
+        ):
+            # The form Arbor sends, whose last field holds the sampled flag in bit 0. A
+            # recorded span needs a valid parent now. An unsampled span checks its
+            # traceparent when first used, and starts a new trace if that is invalid.
+            if traceparent[-1] not in _SAMPLED_FLAG_DIGITS:
+                return UnsampledSpan(traceparent)
+            if is_plain_traceparent(traceparent):
+                return None
+        # Other forms (blanks, other versions, a tracestate) go through the propagators.
+        parent = trace.get_current_span(tracing.extract_context(headers)).get_span_context()
+        if parent.is_valid:
+            if parent.trace_flags.sampled:
+                return None
+            return UnsampledSpan.for_context(parent)
+    if random.random() < _ratio:
+        return None
+    return UnsampledSpan()
 
 
 def incoming_span(
-    name: str, headers: Mapping[str, str], attributes: dict[str, Any]
+    name: str, headers: Mapping[str, Any], attributes: dict[str, Any]
 ) -> AbstractContextManager[Any]:
     """Return the scope that runs a request arriving with ``headers`` in a span of its own.
 
@@ -174,9 +194,9 @@ def incoming_span(
     """
     if not _tracing:
         return _NO_SPAN
-    if not _should_trace(headers):
-        parent = headers.get("traceparent") or _unsampled_traceparent()
-        return _UnsampledScope(parent[:-2] + "00")
+    unsampled = _unsampled_span(headers)
+    if unsampled is not None:
+        return tracing.ActiveSpan(unsampled)
     return tracing.span_from_carrier(name, headers, attributes)
 
 
@@ -186,15 +206,21 @@ def span(
     """Return the scope that runs a step (a spawn, a checkpoint, a restore, a denial) in a span.
 
     Inside a recorded span it becomes a child. Elsewhere it starts a trace with probability
-    ``ARBOR_TRACE_SAMPLE_RATIO``, unless ``child_only`` or the surrounding message is
+    ``ARBOR_TRACE_SAMPLE_RATIO``, unless ``child_only`` or the surrounding request is
     unrecorded.
     """
     if not _tracing:
         return _NO_SPAN
     current = trace.get_current_span()
-    if not current.is_recording() and (
-        child_only or _unsampled.get() is not None or random.random() >= _ratio
-    ):
+    if current.is_recording():
+        return tracing.start_span(name, attributes)
+    if child_only or type(current) is UnsampledSpan:
+        return _NO_SPAN
+    parent = current.get_span_context()
+    if parent.is_valid:
+        # A trace context someone else made current: follow its decision.
+        return tracing.start_span(name, attributes) if parent.trace_flags.sampled else _NO_SPAN
+    if random.random() >= _ratio:
         return _NO_SPAN
     return tracing.start_span(name, attributes)
 
@@ -203,39 +229,20 @@ def span(
 _NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
 
 
-class _UnsampledScope:
-    """A scope that marks the code inside it as part of an unrecorded trace."""
-
-    __slots__ = ("_traceparent", "_token")
-
-    def __init__(self, traceparent: str) -> None:
-        self._traceparent = traceparent
-        self._token: contextvars.Token[str | None] | None = None
-
-    def __enter__(self) -> None:
-        self._token = _unsampled.set(self._traceparent)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._token is not None:
-            _unsampled.reset(self._token)
-            self._token = None
-
-
 class _MessageScope:
-    """The log fields of a message around its span (or unsampled mark), as one scope."""
+    """The log fields of a message around its span, recorded or unsampled, as one scope."""
 
-    __slots__ = ("_log_scope", "_span_scope")
+    __slots__ = ("_log_scope", "_span", "_token")
 
-    def __init__(
-        self, log_scope: logs.AgentLogScope, span_scope: AbstractContextManager[Any]
-    ) -> None:
+    def __init__(self, log_scope: logs.AgentLogScope, span: trace.Span) -> None:
         self._log_scope = log_scope
-        self._span_scope = span_scope
+        self._span = span
+        self._token: Token[otel_context.Context] | None = None
 
     def __enter__(self) -> None:
         self._log_scope.__enter__()
         try:
-            self._span_scope.__enter__()
+            self._token = otel_context.attach(trace.set_span_in_context(self._span))
         except BaseException:
             self._log_scope.__exit__(None, None, None)
             raise
@@ -247,7 +254,10 @@ class _MessageScope:
         traceback: TracebackType | None,
     ) -> None:
         try:
-            self._span_scope.__exit__(exc_type, exc, traceback)
+            if self._token is not None:
+                otel_context.detach(self._token)
+                self._token = None
+            tracing.finish_span(self._span, exc)
         finally:
             self._log_scope.__exit__(None, None, None)
 
