@@ -33,7 +33,7 @@ from arbor.registry.info import AgentInfo
 from arbor.registry.reminder_spec import ReminderInfo
 from arbor.registry.security import CapabilityInfo
 from arbor.registry.spec import build_spawn_spec, validate_name
-from arbor.runtime.ref import AgentRef, reset_process_state, route_to
+from arbor.runtime.ref import AgentRef, host_handle, reset_process_state, route_to
 
 logger = logging.getLogger(__name__)
 
@@ -226,9 +226,10 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             f"({missing.strip()}); install its module on every node, or add its folder "
             "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
         ) from None
+    if info.placement == "hosted":
+        return AgentRef(name, handle=route_to(name, host_handle(info.actor), info.placement))
     if info.actor != name:
-        handle = ray.get_actor(info.actor, namespace=NAMESPACE)
-        return AgentRef(name, handle=route_to(name, handle, info.placement))
+        return AgentRef(name, handle=ray.get_actor(info.actor, namespace=NAMESPACE))
     return AgentRef(name)
 
 
@@ -253,8 +254,12 @@ def get(name: str) -> AgentRef:
         try:
             # A spawn that claimed a warm actor, or a hosted agent: that actor has its own
             # Ray name.
-            handle = ray.get_actor(located["actor"], namespace=NAMESPACE)
-            return AgentRef(name, handle=route_to(name, handle, located.get("placement")))
+            placement = located.get("placement")
+            if placement == "hosted":
+                handle = host_handle(located["actor"])
+            else:
+                handle = ray.get_actor(located["actor"], namespace=NAMESPACE)
+            return AgentRef(name, handle=route_to(name, handle, placement))
         except ValueError:
             pass
     # Registered and meant to run: the reconciler is bringing its actor back.

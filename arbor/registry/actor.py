@@ -295,17 +295,20 @@ class Registry:
 
     async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
         logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
-        info = await self.info(spec.name)
+        # The audit row and the record read are independent, so they share the wait.
+        info, _ = await asyncio.gather(
+            self.info(spec.name),
+            asyncio.to_thread(
+                self._security.audit,
+                spec.spawner or OPERATOR,
+                "spawn",
+                f"arbor://agent/spawn/{spec.name}",
+                ALLOWED,
+                type=spec.type_path,
+            ),
+        )
         telemetry.record(
             metrics.record_spawn, _type_name(spec.type_path), info.node_id or "unknown"
-        )
-        await asyncio.to_thread(
-            self._security.audit,
-            spec.spawner or OPERATOR,
-            "spawn",
-            f"arbor://agent/spawn/{spec.name}",
-            ALLOWED,
-            type=spec.type_path,
         )
         self._refill_later(spec)
         return info

@@ -137,7 +137,9 @@ class Wallet:
         self._tokens: list[CapabilityToken] = []
         # The token last found for each resource, so a repeated request skips the search.
         self._by_uri: dict[str, CapabilityToken] = {}
-        self.reload()
+        # Read at the first request rather than here, so that starting an agent that
+        # sends nothing (a spawn, a reactivation) costs no query.
+        self._loaded = False
 
     def reload(self) -> None:
         """Read the principal's live capabilities from the store again."""
@@ -154,13 +156,14 @@ class Wallet:
                 )
         self._tokens = tokens
         self._by_uri = {}
+        self._loaded = True
 
     def token_for(self, uri: str) -> str | None:
         """Return the text of a live token that grants ``uri``, or None if none does."""
         cached = self._by_uri.get(uri)
         if cached is not None and self._usable(cached):
             return cached.to_string()
-        found = self._find(uri)
+        found = self._find(uri) if self._loaded else None
         if found is None:
             # A capability granted since the last read is found at once. A request that
             # finds none costs this read, as its denial costs an audit row anyway.
@@ -173,6 +176,8 @@ class Wallet:
 
     def tokens(self) -> list[CapabilityToken]:
         """Return the live tokens held, as last read."""
+        if not self._loaded:
+            self.reload()
         return [token for token in self._tokens if self._usable(token)]
 
     def _find(self, uri: str) -> CapabilityToken | None:

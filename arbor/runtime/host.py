@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import ctypes
 import functools
 import inspect
@@ -43,13 +42,9 @@ from arbor.persistence.group import GroupCommitter
 from arbor.runtime import kv, telemetry
 from arbor.runtime.actor import start_cell
 from arbor.runtime.cell import AgentCell
-from arbor.runtime.ref import (
-    SEQUENCE_HEADER,
-    HostedRoute,
-    LocalRoute,
-    route_to,
-    set_local_router,
-)
+from arbor.runtime.host_local import HostLocalRoute, log_failure
+from arbor.runtime.host_order import StreamOrder
+from arbor.runtime.ref import SEQUENCE_HEADER, HostedRoute, route_to, set_local_router
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +57,6 @@ MAX_CONCURRENCY = 10_000
 
 # Seconds between the host's passivation and periodic checkpoint sweeps, at most.
 _SWEEP_INTERVAL_S = 1.0
-
-# Seconds a message waits for the messages numbered before it in its stream. A gap
-# outlives this only when the earlier message is lost to the host, as after a host restart
-# (Ray resends in-flight calls in no particular order) or a move from another host.
-# NOTE: a sender stalled longer than this between numbering and submitting a message
-# (a heavily loaded machine) lets its later messages run first.
-_SEQUENCE_GAP_S = 1.0
-
-# Values that need no copy when a message or reply stays in the process.
-_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
 
 
 class HandlerAbandoned(BaseException):
@@ -94,6 +79,7 @@ class _Slot:
         "recovery",
         "spawn",
         "idle_s",
+        "running",
     )
 
     def __init__(self, name: str) -> None:
@@ -108,6 +94,8 @@ class _Slot:
         # The spawn's record and __init__ arguments, used once by the first start.
         self.spawn: tuple[AgentRecord, tuple[Any, ...] | None, dict[str, Any] | None] | None = None
         self.idle_s = 0.0
+        # Whether a message or operation taken off the queue is running now.
+        self.running = False
 
 
 class _Elsewhere(Exception):
@@ -164,17 +152,12 @@ class HostActor:
         self._async_handlers: dict[tuple[type[Agent], str], bool] = {}
         # Handler threads past their limit that have not returned yet.
         self._abandoned: set[asyncio.Future[Any]] = set()
-        self._routes: dict[str, _HostLocalRoute] = {}
+        self._routes: dict[str, HostLocalRoute] = {}
         # The max_pending of each agent that got a message here; None for no limit.
         self._limits: dict[str, int | None] = {}
         # Messages delivered between agents of this host without Ray.
         self.local_deliveries = 0
-        # Per (sender stream, agent): the next message number to run, and the messages
-        # that arrived before their predecessors, by number.
-        # NOTE: entries of senders that are gone are never removed, about 100 bytes per
-        # sending process and agent for the host's lifetime.
-        self._expected: dict[tuple[str, str], int] = {}
-        self._held: dict[tuple[str, str], dict[int, tuple[Envelope, asyncio.Future[Any]]]] = {}
+        self._order = StreamOrder(self._name, self._loop, self._post)
         set_local_router(self._local_route)
         self._recovery = self._loop.create_task(
             self._recover("crash" if reconstructed else "recreated")
@@ -191,7 +174,7 @@ class HostActor:
         if sequence is None:
             reply = await self._post(name, envelope)
         else:
-            reply = await self._post_in_order(name, envelope, sequence)
+            reply = await self._order.post(name, envelope, sequence)
         if isinstance(reply, Reply) and reply.error is None and not isinstance(reply.value, Reply):
             return reply.value
         return reply
@@ -333,7 +316,7 @@ class HostActor:
         if future is None:
             future = self._loop.create_future()
         limit = self._mailbox_limit(name) if isinstance(item, Envelope) else None
-        if limit is not None and len(slot.queue) + slot.draining >= limit:
+        if limit is not None and len(slot.queue) + slot.running >= limit:
             # Every sender's messages reach the host, so the limit covers them all together.
             future.set_result(_error_reply(item, AgentOverloaded(name, limit, False)))
             return future
@@ -343,30 +326,6 @@ class HostActor:
             self._loop.create_task(self._drain(slot))
         return future
 
-    def _post_in_order(self, name: str, envelope: Envelope, sequence: str) -> asyncio.Future[Any]:
-        """Post a numbered message once the messages numbered before it in its stream are."""
-        stream, _, number_text = sequence.rpartition(":")
-        try:
-            number = int(number_text)
-        except ValueError:
-            return self._post(name, envelope)
-        key = (stream, name)
-        expected = self._expected.get(key, 0)
-        if number < expected:
-            # A resent message; deduplication decides whether it runs.
-            return self._post(name, envelope)
-        if number > expected:
-            future = self._loop.create_future()
-            held = self._held.setdefault(key, {})
-            if not held:
-                self._loop.call_later(_SEQUENCE_GAP_S, self._release_held, key, expected)
-            held[number] = (envelope, future)
-            return future
-        future = self._post(name, envelope)
-        self._expected[key] = number + 1
-        self._release_ready(key)
-        return future
-
     def _mailbox_limit(self, name: str) -> int | None:
         """Return the ``max_pending`` of agent ``name``, read once from Ray's key-value store."""
         if name not in self._limits:
@@ -374,45 +333,13 @@ class HostActor:
             self._limits[name] = int(value) if value else None
         return self._limits[name]
 
-    def _release_ready(self, key: tuple[str, str]) -> None:
-        held = self._held.get(key)
-        if not held:
-            return
-        number = self._expected[key]
-        while number in held:
-            envelope, future = held.pop(number)
-            self._post(key[1], envelope, future)
-            number += 1
-        self._expected[key] = number
-        if not held:
-            del self._held[key]
-        else:
-            self._loop.call_later(_SEQUENCE_GAP_S, self._release_held, key, number)
-
-    def _release_held(self, key: tuple[str, str], waited_for: int) -> None:
-        """Give up on a gap in a stream: post its held messages in number order."""
-        held = self._held.get(key)
-        if not held or self._expected.get(key, 0) != waited_for:
-            return
-        logger.info(
-            "host %s: agent %s messages %d.. of stream %s did not arrive within %.1f s; "
-            "running the %d later ones",
-            self._name,
-            key[1],
-            waited_for,
-            key[0],
-            _SEQUENCE_GAP_S,
-            len(held),
-        )
-        self._expected[key] = min(held)
-        self._release_ready(key)
-
     async def _drain(self, slot: _Slot) -> None:
         try:
             while slot.queue:
                 item, future = slot.queue.popleft()
                 if future.done():
                     continue
+                slot.running = True
                 try:
                     if isinstance(item, Envelope):
                         result = await self._run_message(slot, item)
@@ -424,6 +351,8 @@ class HostActor:
                 else:
                     if not future.done():
                         future.set_result(result)
+                finally:
+                    slot.running = False
         finally:
             slot.draining = False
             slot.last_active = time.monotonic()
@@ -703,13 +632,13 @@ class HostActor:
             if cell is None or slot.draining or slot.queue:
                 continue
             if slot.idle_s > 0 and now - slot.last_active >= slot.idle_s and not _has_timers(cell):
-                self._post(slot.name, self._passivate).add_done_callback(_log_failure)
+                self._post(slot.name, self._passivate).add_done_callback(log_failure)
             elif (
                 cell.durability == "periodic"
                 and now - slot.last_flush >= self._settings.checkpoint_interval_s
             ):
                 slot.last_flush = now
-                self._post(slot.name, self._flush).add_done_callback(_log_failure)
+                self._post(slot.name, self._flush).add_done_callback(log_failure)
 
     async def _flush(self, slot: _Slot) -> None:
         cell = slot.cell
@@ -720,144 +649,17 @@ class HostActor:
 
     # Delivery between agents of this host.
 
-    def _local_route(self, name: str) -> _HostLocalRoute | None:
+    def _local_route(self, name: str) -> HostLocalRoute | None:
         if name not in self._owned:
             return None
         route = self._routes.get(name)
         if route is None:
-            route = self._routes[name] = _HostLocalRoute(self, name)
+            route = self._routes[name] = HostLocalRoute(self, name)
         return route
 
     def __repr__(self) -> str:
         # Ray prefixes this actor's log lines with its repr.
         return f"Host({self._name})"
-
-
-class _HostLocalRoute(LocalRoute):
-    """Delivers to an agent of the same host through its mailbox, without Ray.
-
-    The envelope goes through the same admission as one from Ray (capability check,
-    deduplication, order), and mutable arguments and replies are copied, so the two
-    agents never share an object.
-    """
-
-    def __init__(self, host: HostActor, name: str) -> None:
-        self._host = host
-        self._name = name
-
-    def ask(self, envelope: Envelope, timeout: float) -> Any:
-        host = self._host
-        if threading.get_ident() == host._loop_thread:
-            raise ArborError(
-                f"a blocking ask to agent {self._name!r} from the host's event loop would "
-                "stall every agent of the host; use `await ref.ask_async(...)` in async handlers"
-            )
-        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
-        try:
-            return _detached_reply(result.result(timeout))
-        except concurrent.futures.TimeoutError:
-            return _ask_timeout(envelope, self._name, timeout)
-
-    async def ask_async(self, envelope: Envelope, timeout: float) -> Any:
-        host = self._host
-        if threading.get_ident() == host._loop_thread:
-            future = host._post(self._name, _detached(envelope))
-            host.local_deliveries += 1
-        else:
-            result: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
-            future = asyncio.wrap_future(result)
-        # A timeout must not cancel the message itself, which may already run, so the
-        # caller waits on a future of its own that the reply or the timer completes.
-        waiter: asyncio.Future[asyncio.Future[Any] | None] = host._loop.create_future()
-        future.add_done_callback(functools.partial(_complete, waiter))
-        timer = host._loop.call_later(timeout, _complete, waiter, None)
-        try:
-            finished = await waiter
-        finally:
-            timer.cancel()
-        if finished is None:
-            return _ask_timeout(envelope, self._name, timeout)
-        return _detached_reply(finished.result())
-
-    def send(self, envelope: Envelope) -> Any:
-        host = self._host
-        if threading.get_ident() == host._loop_thread:
-            future = host._post(self._name, _detached(envelope))
-            host.local_deliveries += 1
-            future.add_done_callback(_log_failure)
-            return future
-        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
-        result.add_done_callback(_log_failure)
-        return result
-
-    def _post_into(self, envelope: Envelope, result: concurrent.futures.Future[Any]) -> None:
-        future = self._host._post(self._name, envelope)
-        self._host.local_deliveries += 1
-
-        def copy_outcome(done: asyncio.Future[Any]) -> None:
-            if done.cancelled():
-                result.cancel()
-            elif done.exception() is not None:
-                result.set_exception(done.exception())  # type: ignore[arg-type]
-            else:
-                result.set_result(done.result())
-
-        future.add_done_callback(copy_outcome)
-
-
-def _complete(waiter: asyncio.Future[Any], outcome: Any) -> None:
-    if not waiter.done():
-        waiter.set_result(outcome)
-
-
-def _detached(envelope: Envelope) -> Envelope:
-    """Return the envelope with arguments the receiver cannot share with the sender."""
-    args, kwargs = envelope.args, envelope.kwargs
-    if not all(type(value) in _IMMUTABLE for value in args):
-        args = copy.deepcopy(args)
-    if kwargs:
-        if all(type(value) in _IMMUTABLE for value in kwargs.values()):
-            kwargs = dict(kwargs)
-        else:
-            kwargs = copy.deepcopy(kwargs)
-    return Envelope(
-        envelope.handler,
-        tuple(args),
-        kwargs,
-        envelope.kind,
-        envelope.message_id,
-        envelope.sender,
-        envelope.sent_at,
-        dict(envelope.headers),
-    )
-
-
-def _detached_reply(reply: Reply) -> Reply:
-    if type(reply.value) in _IMMUTABLE:
-        return reply
-    return Reply(
-        reply.message_id,
-        value=copy.deepcopy(reply.value),
-        error=reply.error,
-        exception=reply.exception,
-        duplicate=reply.duplicate,
-    )
-
-
-def _ask_timeout(envelope: Envelope, name: str, timeout: float) -> Reply:
-    return Reply(
-        envelope.message_id,
-        error=ErrorInfo(
-            kind="timeout",  # type: ignore[arg-type]
-            error_type="arbor.errors.AskTimeout",
-            message=f"agent {name!r} handler {envelope.handler!r} did not reply within "
-            f"{timeout} s; the message may still be applied, so retry with the same "
-            "message_id to stay idempotent",
-        ),
-    )
 
 
 def _stopped_reply(envelope: Envelope, error: AgentNotFound) -> Reply:
@@ -883,14 +685,6 @@ def _has_timers(cell: AgentCell) -> bool:
 def _ignore_outcome(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if future.cancelled():
-        return
-    error = future.exception()
-    if error is not None:
-        logger.error("hosted agent operation failed: %s: %s", type(error).__name__, error)
 
 
 def create_host_actor(host_name: str, settings: Settings, node_id: str | None = None) -> Any:

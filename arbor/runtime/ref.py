@@ -90,19 +90,50 @@ class HostedRoute:
     methods, so callers of either placement submit messages the same way.
     """
 
-    def __init__(self, host: Any, name: str) -> None:
+    def __init__(self, host: Any, name: str, host_name: str = "") -> None:
         self.host = host
         self.name = name
+        # The host's Ray name, to drop its cached handle when Ray reports it lost.
+        self.host_name = host_name
         self.handle = _SequencedDelivery(host.deliver, name)
         self.info = _BoundMethod(host.agent_info, name)
         self.stop = _BoundMethod(host.stop_agent, name)
 
 
+# Handles of host actors by Ray name. Hosts live long and serve many agents, so the
+# lookup is done once per process; a handle found dead is dropped by `forget_host`.
+_host_handles: dict[str, Any] = {}
+
+
+def host_handle(host: str) -> Any:
+    """Return the handle of host actor ``host``.
+
+    Raises:
+        ValueError: no actor has this name.
+    """
+    handle = _host_handles.get(host)
+    if handle is None:
+        handle = _host_handles[host] = ray.get_actor(host, namespace=NAMESPACE)
+    return handle
+
+
+def forget_host(host: str) -> None:
+    """Drop the cached handle of a host that Ray reported lost."""
+    _host_handles.pop(host, None)
+
+
 def route_to(name: str, actor: Any, placement: str | None) -> Any:
     """Return what messages to agent ``name`` are submitted to, given its Ray actor's handle."""
     if placement == "hosted":
-        return HostedRoute(actor, name)
+        return HostedRoute(actor, name, _host_name(actor))
     return actor
+
+
+def _host_name(handle: Any) -> str:
+    for host, cached in _host_handles.items():
+        if cached is handle:
+            return host
+    return ""
 
 
 class LocalRoute:
@@ -370,7 +401,10 @@ class AgentRef:
                 # The agent runs in a warm, moved or host actor, which has a Ray name of its
                 # own, or its old actor was lost and the registry names the current one.
                 try:
-                    handle = ray.get_actor(actor, namespace=NAMESPACE)
+                    if located.get("placement") == "hosted":
+                        handle = host_handle(actor)
+                    else:
+                        handle = ray.get_actor(actor, namespace=NAMESPACE)
                     self._handle = route_to(self._name, handle, located.get("placement"))
                     return self._handle
                 except ValueError:
@@ -401,6 +435,8 @@ class AgentRef:
         logger.info(
             "agent %s actor is gone (%s); looking it up again", self._name, type(error).__name__
         )
+        if isinstance(self._handle, HostedRoute):
+            forget_host(self._handle.host_name)
         self._handle = None
         self._relocating = True
 
@@ -492,6 +528,7 @@ def reset_process_state() -> None:
     """Drop this process's mailbox counts and message numbering when it leaves a Ray session."""
     global _pending, _stream
     _pending = _PendingMessages()
+    _host_handles.clear()
     with _sequence_lock:
         _stream = uuid.uuid4().hex[:16]
         _next_sequence.clear()
@@ -536,8 +573,12 @@ def find_actor(name: str) -> Any:
     located = locate(name)
     if located is None or located["actor"] == name:
         return None
+    placement = located.get("placement")
     try:
-        handle = ray.get_actor(located["actor"], namespace=NAMESPACE)
+        if placement == "hosted":
+            handle = host_handle(located["actor"])
+        else:
+            handle = ray.get_actor(located["actor"], namespace=NAMESPACE)
     except ValueError:
         return None
-    return route_to(name, handle, located.get("placement"))
+    return route_to(name, handle, placement)
