@@ -112,7 +112,7 @@ class RawPinger:
 
 
 class BenchPeer(arbor.Agent):
-    """Times asks to another agent from inside an async handler, for same-host delivery."""
+    """An agent that times its ask calls to a host-mate from an async handler."""
 
     def __init__(self) -> None:
         self.count = 0

@@ -138,7 +138,7 @@ def bench_spawn(args: argparse.Namespace) -> None:
         samples["dedicated, cold"].append(
             timed(arbor.spawn, BenchCounter, f"bench/cold-{index}", num_cpus=0)
         )
-        # Each dedicated agent holds its own database connections; free them for the next.
+        # Each dedicated agent has its own database connections, so free them for the next.
         arbor.stop(f"bench/warm-{index}", purge=True)
         arbor.stop(f"bench/cold-{index}", purge=True)
         samples["raw Ray actor"].append(timed(spawn_raw, raw_class, f"raw-{index}"))

@@ -76,7 +76,7 @@ def test_invalid_hosted_options_are_rejected(options: dict[str, Any], message: s
 
 
 def run_poisoned(poison: arbor.AgentRef, handler: str, mates: list[arbor.AgentRef]) -> None:
-    """Ask the poisoned handler in a thread while the mates answer asks meanwhile."""
+    """Ask the poisoned handler in a thread while its host-mates reply to their own messages."""
     outcome: dict[str, Any] = {}
 
     def ask_poisoned() -> None:
@@ -98,7 +98,7 @@ def run_poisoned(poison: arbor.AgentRef, handler: str, mates: list[arbor.AgentRe
 
     assert isinstance(outcome.get("error"), arbor.AskTimeout)
     assert "1 s limit" in str(outcome["error"])
-    # Every mate answered while the poisoned handler still held its agent.
+    # Every host-mate replied while the poisoned handler was still running.
     assert answered_at[0] < outcome["finished_at"]
 
 
@@ -222,7 +222,7 @@ def test_local_delivery_keeps_order_and_counts() -> None:
     assert sender.ask("fan_out_async", "h/peer-b", 50, 20) == 70
     assert receiver.ask("items") == list(range(70))
 
-    # 50 sends, then 20 asks and one more; none went through Ray.
+    # 50 sends, then 21 ask calls, and none of them went through Ray.
     assert host_report("h/peer-a")["local_deliveries"] - before == 71
 
 

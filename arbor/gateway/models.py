@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from arbor.registry.info import AgentInfo
 from arbor.registry.security import CapabilityInfo
 
-# The full agent name rule of `arbor.registry.spec.validate_name`, an optional namespace
-# and colon before the name, repeated here so the OpenAPI document shows it;
+# The full agent name rule of `arbor.registry.spec.validate_name` (an optional namespace
+# and colon before the name), repeated here so the OpenAPI document shows it.
 # validate_name still runs and also rejects '.', '..', 'arbor-' and reserved namespaces.
 AGENT_NAME_PATTERN = (
     r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?:)?"

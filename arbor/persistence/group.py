@@ -42,9 +42,9 @@ class GroupCommitter:
             join it; 0 commits what has queued at once, so batches form only while a
             commit is in progress.
         max_batch: writes per transaction at most.
-        threads: committer threads. With two, one batch collects while the other commits,
-            on another connection; an agent has one write in flight at most, so the
-            order of its checkpoints holds.
+        threads: committer threads. With two, one batch collects while the other commits
+            on another connection. An agent has one write in flight at most, so its
+            checkpoints still commit in order.
     """
 
     def __init__(

@@ -113,13 +113,18 @@ class AgentActor:
     def _retry_or_fail(self, name: str, error: Exception) -> None:
         """Count a failed restart; after `START_ATTEMPTS` in a row, mark the agent failed.
 
+        A stopped agent, or one whose cluster lost the lease, exits at once without a
+        restart, since every restart would fail the same way.
+
         An earlier failure waits before Ray's next restart, so a restore or ``on_start``
         that fails for a moment (a service still starting) gets another chance. The last
         one records the error for `arbor.list_agents` and exits without a restart, so an
         agent that can never start does not restart forever.
         """
         if isinstance(error, AgentNotFound | ClusterLeaseLost):
-            return
+            # Stopped, or owned by another cluster: a restart would fail the same way.
+            logger.warning("agent %s does not start here and its actor exits: %s", name, error)
+            ray.actor.exit_actor()
         key = kv.start_failures_key(name)
         failures = int(kv.get(key) or 0) + 1
         summary = f"{type(error).__name__}: {error}"
@@ -357,8 +362,8 @@ def start_cell(
             outbox=Outbox(functools.partial(_dispatch, wallet), _delivered),
             guard=guard,
             wallet=wallet,
-            # An incarnation of a cluster that lost the lease refuses to start; in a
-            # dedicated actor the error in __init__ ends the actor without a restart.
+            # An incarnation of a cluster that lost the lease raises at its start, and a
+            # dedicated actor then exits without a restart (see `_retry_or_fail`).
             cluster_id=settings.cluster_id,
             recovery=recovery,
             handler_timeout_s=settings.handler_timeout_s,

@@ -5,7 +5,7 @@ arrival order, while other agents of the same host handle theirs. Async handlers
 the host's event loop. Synchronous handlers, agent starts and checkpoint writes run in
 the host's thread pool, so neither a slow handler nor the database stalls the loop.
 
-A handler that runs past its time limit is abandoned rather than waited for: the host
+A handler that runs past its time limit is abandoned rather than waited for. The host
 records the message as failed with `AskTimeout` under a new epoch, drops the agent's
 object, and starts the agent again from its last checkpoint for the next message. A
 thread cannot be stopped from outside, so the host raises an exception inside the

@@ -4,7 +4,7 @@ Every hook is cheap when its part is off: metrics record nothing with
 ``ARBOR_METRICS=false``, and message spans exist only when an OTLP endpoint is set
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``).
 
-The runtime samples before it asks for a span. A message that is not recorded runs in an
+The runtime samples before it requests a span. A message that is not recorded runs in an
 `UnsampledSpan`, which carries its trace context with the sampled flag off and costs no
 span object, attribute dictionary or export.
 """
@@ -165,7 +165,7 @@ def _unsampled_span(headers: Mapping[str, Any]) -> UnsampledSpan | None:
             and traceparent[:3] == "00-"
             and "tracestate" not in headers
         ):
-            # The form Arbor sends, whose last field holds the sampled flag in bit 0. A
+            # The form Arbor sends, whose last field carries the sampled flag in bit 0. A
             # recorded span needs a valid parent now. An unsampled span checks its
             # traceparent when first used, and starts a new trace if that is invalid.
             if traceparent[-1] not in _SAMPLED_FLAG_DIGITS:
