@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -9,8 +11,24 @@ from typing import Any, Literal
 
 
 def new_message_id() -> str:
-    """Return a fresh, globally unique message id."""
-    return uuid.uuid4().hex
+    """Return a fresh, globally unique message id.
+
+    The id is a random 64-bit prefix of this process followed by a counter, which costs a
+    fraction of a `uuid.uuid4` per message. A forked child draws a prefix of its own.
+    """
+    return f"{_id_prefix}{next(_id_counter):x}"
+
+
+def _new_id_prefix() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = uuid.uuid4().hex[:16] + "-"
+    _id_counter = itertools.count()
+
+
+_id_prefix = ""
+_id_counter = itertools.count()
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 @dataclass

@@ -706,3 +706,46 @@ def test_engines_disagreeing_is_logged(caplog: pytest.LogCaptureFixture) -> None
         decision = verifier.check(token, "coordinator", "arbor://agent/send/workers/7")
     assert_denied(decision, "expired")
     assert "engines disagree" in caplog.text
+
+
+# Allowed decisions kept for token strings
+
+
+def test_kept_decision_dropped_after_revocation(verifier: CapabilityVerifier) -> None:
+    text = issue_workers().to_string()
+    uri = "arbor://agent/send/workers/7"
+    assert verifier.check(text, "coordinator", uri).allowed is True
+    assert verifier.check(text, "coordinator", uri).allowed is True
+
+    verifier.revoke(issue_workers().id)  # another token: the kept decision still holds
+    assert verifier.check(text, "coordinator", uri).allowed is True
+    verifier.revoke(verifier.load(text).id)
+    assert_denied(verifier.check(text, "coordinator", uri), "was revoked")
+    verifier.set_revoked([])
+    assert verifier.check(text, "coordinator", uri).allowed is True
+
+
+def test_kept_decision_dropped_at_expiry(verifier: CapabilityVerifier, clock: FakeClock) -> None:
+    text = issue_workers().to_string()
+    uri = "arbor://agent/send/workers/7"
+    assert verifier.check(text, "coordinator", uri).allowed is True
+    clock.advance((EXPIRES - START).total_seconds())
+    assert_denied(verifier.check(text, "coordinator", uri), "expired")
+
+
+def test_kept_decision_is_per_principal_resource_and_caller(verifier: CapabilityVerifier) -> None:
+    text = issue_workers(allowed_callers=["client"]).to_string()
+    uri = "arbor://agent/send/workers/7"
+    assert verifier.check(text, "coordinator", uri, "client").allowed is True
+    assert_denied(verifier.check(text, "intruder", uri, "client"), "held by")
+    assert verifier.check(text, "coordinator", uri, "other").allowed is False
+    assert verifier.check(text, "coordinator", "arbor://agent/stop/workers/7").allowed is False
+
+
+def test_limited_token_counts_every_check_of_its_string(clock: FakeClock) -> None:
+    text = issue_workers(max_uses=2).to_string()
+    verifier = CapabilityVerifier(KEYS.public_key, clock=clock)
+    uri = "arbor://agent/send/workers/7"
+    assert verifier.check(text, "coordinator", uri).allowed is True
+    assert verifier.check(text, "coordinator", uri).allowed is True
+    assert verifier.check(text, "coordinator", uri).allowed is False

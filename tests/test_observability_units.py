@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import SimpleNamespace
@@ -695,3 +696,53 @@ def test_metric_names_follow_prometheus_conventions() -> None:
             assert list(spec.boundaries) == sorted(spec.boundaries), spec.name
         forbidden = {"agent", "agent_name", "name", "message_id", "agent_id"}
         assert not forbidden & set(spec.labels), spec.name
+
+
+def test_message_times_reach_ray_at_flush(fake_ray_metrics: dict[str, FakeMetric]) -> None:
+    times = metrics.MessageTimes(interval_s=3600)
+    times.add("Counter", "add", "ok", 0.002)
+    times.add("Counter", "add", "error", 0.004)
+    assert "arbor_agent_message_duration_seconds" not in [m.name for m in FakeMetric.created]
+
+    assert times.flush() == 2
+    assert fake_ray_metrics["arbor_agent_message_duration_seconds"].records == [
+        (0.002, {"agent_type": "Counter", "handler": "add", "status": "ok"}),
+        (0.004, {"agent_type": "Counter", "handler": "add", "status": "error"}),
+    ]
+    assert times.flush() == 0
+
+
+def test_message_times_flush_in_the_background(fake_ray_metrics: dict[str, FakeMetric]) -> None:
+    times = metrics.MessageTimes(interval_s=0.05)
+    times.add("Counter", "add", "ok", 0.001)
+    deadline = time.monotonic() + 10
+    while (
+        not FakeMetric.created
+        or not fake_ray_metrics["arbor_agent_message_duration_seconds"].records
+    ):
+        assert time.monotonic() < deadline, "the flush thread observed nothing in 10 s"
+        time.sleep(0.02)
+
+
+def test_message_times_keep_nothing_when_metrics_are_off(
+    fake_ray_metrics: dict[str, FakeMetric], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ARBOR_METRICS", "false")
+    reset_settings()
+    times = metrics.MessageTimes(interval_s=3600)
+    times.add("Counter", "add", "ok", 0.002)
+    assert times.flush() == 0
+
+
+def test_message_times_log_a_bad_value_and_go_on(
+    fake_ray_metrics: dict[str, FakeMetric], caplog: pytest.LogCaptureFixture
+) -> None:
+    times = metrics.MessageTimes(interval_s=3600)
+    times.add("Counter", "add", "no-such-status", 0.002)
+    times.add("Counter", "add", "ok", 0.003)
+    with caplog.at_level(logging.WARNING):
+        assert times.flush() == 2
+    assert "no-such-status" in caplog.text
+    assert fake_ray_metrics["arbor_agent_message_duration_seconds"].records == [
+        (0.003, {"agent_type": "Counter", "handler": "add", "status": "ok"})
+    ]

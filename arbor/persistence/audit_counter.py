@@ -72,7 +72,7 @@ class AuditCounter:
             InvalidAuditEntry: a name is empty, too long or contains a NUL character, or
                 ``count`` is not a whole number of 1 or more.
         """
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        if type(count) is not int or count < 1:
             raise InvalidAuditEntry(f"count {count!r} is invalid; pass a whole number of 1 or more")
         key = (principal, action, resource)
         now = time.time()

@@ -55,6 +55,12 @@ def running_cell() -> AgentCell | None:
 # The envelope header that carries the sender's capability token.
 CAPABILITY_HEADER = "capability"
 
+# Integers below this in magnitude are JSON that any reader takes back unchanged.
+_PLAIN_INT_LIMIT = 2**63
+
+# Encodes a state the way `encode_state` does, made once rather than per message.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
 # Durability modes that commit a changed state before the message is acknowledged.
 COMMIT_FIRST = frozenset({"durable", "batched"})
 
@@ -124,6 +130,11 @@ class AgentCell:
         self._lock = asyncio.Lock()
         self._processed: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._signatures: dict[str, inspect.Signature] = {}
+        # Per handler, the number of arguments when every parameter is a plain required
+        # one, so that a call passing exactly that many positionally needs no binding.
+        self._plain_arity: dict[str, int | None] = {}
+        # The agent's bound handlers by name, as resolved at their first message.
+        self._handlers: dict[str, Callable[..., Any]] = {}
         # Messages this agent sends from handlers; None sends them at once, unrecorded.
         self.outbox = outbox
         # The message being handled, from which the ids of messages it sends derive.
@@ -187,34 +198,42 @@ class AgentCell:
         serialises messages, and with ``offload_io`` the checkpoint write runs in a thread.
         """
         async with self._lock:
-            started = time.perf_counter()
-            with self.telemetry.message(envelope, self.epoch):
-                reply = await self._handle_locked(envelope)
-            self.telemetry.record_message(envelope, reply, time.perf_counter() - started)
-            return reply
+            return await self.handle_serialised(envelope)
 
-    async def _handle_locked(self, envelope: Envelope) -> Reply:
-        admitted = self._admit(envelope)
-        if isinstance(admitted, Reply):
-            return admitted
-        running = self._begin(envelope)
-        try:
-            value = admitted(*envelope.args, **envelope.kwargs)
-            if inspect.isawaitable(value):
-                value = await value
-            error = None
-        except Exception as raised:
-            value, error = None, self._handler_error(envelope, raised)
-        finally:
-            self._current_id = None
-            _running_cell.reset(running)
-        settled = self._settle_state(envelope, value, error)
-        if isinstance(settled, Reply):
-            return settled
-        if self.offload_io and settled is not None:
-            # Only a commit touches the database; a read-only message settles here.
-            return await asyncio.to_thread(self._settle_commit, envelope, value, error, settled)
-        return self._settle_commit(envelope, value, error, settled)
+    async def handle_serialised(self, envelope: Envelope) -> Reply:
+        """`handle` for a caller that runs one message or operation of this cell at a time.
+
+        A host's mailbox does that, so its messages skip the lock.
+        """
+        started = time.perf_counter()
+        with self.telemetry.message(envelope, self.epoch):
+            admitted = self._admit(envelope)
+            if isinstance(admitted, Reply):
+                reply = admitted
+            else:
+                running = self._begin(envelope)
+                try:
+                    value = admitted(*envelope.args, **envelope.kwargs)
+                    if inspect.isawaitable(value):
+                        value = await value
+                    error = None
+                except Exception as raised:
+                    value, error = None, self._handler_error(envelope, raised)
+                finally:
+                    self._current_id = None
+                    _running_cell.reset(running)
+                settled = self._settle_state(envelope, value, error)
+                if isinstance(settled, Reply):
+                    reply = settled
+                elif self.offload_io and settled is not None:
+                    # Only a commit touches the database; a read-only message settles here.
+                    reply = await asyncio.to_thread(
+                        self._settle_commit, envelope, value, error, settled
+                    )
+                else:
+                    reply = self._settle_commit(envelope, value, error, settled)
+        self.telemetry.record_message(envelope, reply, time.perf_counter() - started)
+        return reply
 
     def handle_now(self, envelope: Envelope, run: Callable[[Awaitable[Any]], Any]) -> Reply:
         """Apply one message in the calling thread; ``run`` drives an async handler's coroutine.
@@ -439,7 +458,10 @@ class AgentCell:
         if outcome is not None:
             return self._replay(envelope, outcome)
         try:
-            handler = resolve_handler(self.agent, envelope.handler)
+            handler = self._handlers.get(envelope.handler)
+            if handler is None:
+                handler = resolve_handler(self.agent, envelope.handler)
+                self._handlers[envelope.handler] = handler
             self._bind(envelope, handler)
         except UnknownHandler as error:
             wrapped = UnknownHandler(f"agent {self.name!r}: {error}")
@@ -484,15 +506,16 @@ class AgentCell:
         """
         self._remember(envelope.message_id, value, error_info)
         try:
-            state_json = encode_state(self.name, self.agent.snapshot())
+            state_json = self._encode_changed(self.agent.snapshot())
         except StateNotSerializable as error:
             self._forget(envelope.message_id)
             self._roll_back()
             return self._error_reply(envelope, "state", error)
         outbox = self.outbox
-        pruned = outbox.prune() if outbox is not None else False
-        outbox_changed = pruned or (outbox is not None and outbox.has_staged)
-        changed = state_json != self._committed_json or outbox_changed
+        changed = state_json != self._committed_json
+        if outbox is not None and outbox.busy():
+            pruned = outbox.prune()
+            changed = changed or pruned or outbox.has_staged
         if self.durability in COMMIT_FIRST and changed:
             return state_json
         return None
@@ -519,7 +542,7 @@ class AgentCell:
                 return self._error_reply(envelope, "store", error)
             if outbox is not None:
                 outbox.commit_staged()
-        if outbox is not None:
+        if outbox is not None and outbox.busy():
             outbox.flush()
 
         self.messages_processed += 1
@@ -551,7 +574,25 @@ class AgentCell:
         self.telemetry.record_checkpoint(len(state_json), time.perf_counter() - started)
         self._committed_json = state_json
 
+    def _encode_changed(self, state: Any) -> str:
+        """Return ``state`` as JSON text, validated unless it equals the committed text.
+
+        Most messages change nothing, and for those one pass of the C encoder shows that
+        the text is the committed one, which was validated when it was committed. A state
+        that differs goes through `encode_state`, which names any value JSON cannot hold.
+        """
+        try:
+            text = _ENCODER.encode(state)
+        except (TypeError, ValueError, RecursionError):
+            text = None
+        if text is not None and text == self._committed_json:
+            return text
+        return encode_state(self.name, state)
+
     def _bind(self, envelope: Envelope, handler: Any) -> None:
+        arity = self._plain_arity.get(envelope.handler, -1)
+        if arity == len(envelope.args) and not envelope.kwargs:
+            return
         signature = self._signatures.get(envelope.handler)
         if signature is None:
             try:
@@ -560,10 +601,16 @@ class AgentCell:
                 # Annotations that name types not importable here stay as strings.
                 signature = inspect.signature(handler)
             self._signatures[envelope.handler] = signature
+            plain = all(
+                parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+                and parameter.default is inspect.Parameter.empty
+                for parameter in signature.parameters.values()
+            )
+            self._plain_arity[envelope.handler] = len(signature.parameters) if plain else None
         signature.bind(*envelope.args, **envelope.kwargs)
 
     def _snapshot_json(self) -> str:
-        return encode_state(self.name, self.agent.snapshot())
+        return self._encode_changed(self.agent.snapshot())
 
     def _remember(self, message_id: str, value: Any, error: ErrorInfo | None) -> None:
         if self.dedup_window == 0:
@@ -571,6 +618,13 @@ class AgentCell:
         outcome: dict[str, Any]
         if error is not None:
             outcome = {_ERROR: [error.kind, error.error_type, error.message, error.traceback]}
+        elif (
+            value is None
+            or type(value) is bool
+            or (type(value) is int and -_PLAIN_INT_LIMIT < value < _PLAIN_INT_LIMIT)
+        ):
+            # The common replies, which `encode_reply` would keep unchanged.
+            outcome = {_VALUE: value}
         else:
             kept = encode_reply(value)
             outcome = {_VALUE: kept} if kept is not None or value is None else {_NOT_KEPT: 1}

@@ -136,7 +136,8 @@ class Wallet:
         self.guard = guard
         self._tokens: list[CapabilityToken] = []
         # The token last found for each resource, so a repeated request skips the search.
-        self._by_uri: dict[str, CapabilityToken] = {}
+        # Each with its expiry in Unix seconds, cheaper to compare than a datetime.
+        self._by_uri: dict[str, tuple[CapabilityToken, float]] = {}
         # Read at the first request rather than here, so that starting an agent that
         # sends nothing (a spawn, a reactivation) costs no query.
         self._loaded = False
@@ -161,8 +162,11 @@ class Wallet:
     def token_for(self, uri: str) -> str | None:
         """Return the text of a live token that grants ``uri``, or None if none does."""
         cached = self._by_uri.get(uri)
-        if cached is not None and self._usable(cached):
-            return cached.to_string()
+        if cached is not None:
+            token, expires = cached
+            revoked = self.guard.verifier.revoked
+            if time.time() < expires and revoked.isdisjoint(token.revocation_ids):
+                return token.to_string()
         found = self._find(uri) if self._loaded else None
         if found is None:
             # A capability granted since the last read is found at once. A request that
@@ -171,7 +175,7 @@ class Wallet:
             found = self._find(uri)
         if found is None:
             return None
-        self._by_uri[uri] = found
+        self._by_uri[uri] = (found, found.expires_at.timestamp())
         return found.to_string()
 
     def tokens(self) -> list[CapabilityToken]:

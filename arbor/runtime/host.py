@@ -28,8 +28,8 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import ray
 
@@ -48,6 +48,8 @@ from arbor.runtime.ref import SEQUENCE_HEADER, HostedRoute, route_to, set_local_
 
 logger = logging.getLogger(__name__)
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
 # Ray names of host actors start with this; agent names cannot, since "arbor-" is reserved.
 HOST_PREFIX = "arbor-host-"
 
@@ -64,6 +66,18 @@ class HandlerAbandoned(BaseException):
 
     A BaseException, so that the handler's own ``except Exception`` does not swallow it.
     """
+
+
+def _untraced(method: _Method) -> _Method:
+    """Keep Ray's tracing wrapper off a method that runs per message inside the process.
+
+    `ray.remote` wraps every method of an actor class, private ones included, to carry
+    Ray's own trace context, and each wrapped call costs a microsecond or more. Methods
+    that Ray never calls need no wrapper. Ray leaves a method alone when it carries the
+    mark it puts on methods it has already wrapped.
+    """
+    method.__ray_tracing_wrapped__ = True  # type: ignore[attr-defined]
+    return method
 
 
 class _Slot:
@@ -85,7 +99,8 @@ class _Slot:
     def __init__(self, name: str) -> None:
         self.name = name
         self.cell: AgentCell | None = None
-        self.queue: deque[tuple[Any, asyncio.Future[Any]]] = deque()
+        # Items, their futures and whether to run them when the future is done already.
+        self.queue: deque[tuple[Any, asyncio.Future[Any], bool]] = deque()
         self.draining = False
         self.last_active = time.monotonic()
         self.last_flush = time.monotonic()
@@ -302,13 +317,19 @@ class HostActor:
 
     # The mailbox.
 
+    @_untraced
     def _post(
-        self, name: str, item: Any, future: asyncio.Future[Any] | None = None
+        self,
+        name: str,
+        item: Any,
+        future: asyncio.Future[Any] | None = None,
+        run_anyway: bool = False,
     ) -> asyncio.Future[Any]:
         """Append a message or an operation to the agent's mailbox; call on the host's loop.
 
         The append happens before the caller's first await, so messages keep the order
-        in which they reach the host.
+        in which they reach the host. An item whose future is done by the time its turn
+        comes is skipped (a cancelled Ray call), unless ``run_anyway``.
         """
         slot = self._slots.get(name)
         if slot is None:
@@ -320,12 +341,13 @@ class HostActor:
             # Every sender's messages reach the host, so the limit covers them all together.
             future.set_result(_error_reply(item, AgentOverloaded(name, limit, False)))
             return future
-        slot.queue.append((item, future))
+        slot.queue.append((item, future, run_anyway))
         if not slot.draining:
             slot.draining = True
             self._loop.create_task(self._drain(slot))
         return future
 
+    @_untraced
     def _mailbox_limit(self, name: str) -> int | None:
         """Return the ``max_pending`` of agent ``name``, read once from Ray's key-value store."""
         if name not in self._limits:
@@ -333,15 +355,28 @@ class HostActor:
             self._limits[name] = int(value) if value else None
         return self._limits[name]
 
+    @_untraced
     async def _drain(self, slot: _Slot) -> None:
         try:
             while slot.queue:
-                item, future = slot.queue.popleft()
-                if future.done():
+                item, future, run_anyway = slot.queue.popleft()
+                if future.done() and not run_anyway:
                     continue
                 slot.running = True
                 try:
-                    if isinstance(item, Envelope):
+                    cell = slot.cell
+                    if (
+                        type(item) is Envelope
+                        and cell is not None
+                        and cell.handler_timeout(item.handler) is None
+                        and self._is_async(cell, item.handler)
+                        and not cell.fenced
+                    ):
+                        # The common case of `_run_message`, without its extra coroutine.
+                        result = await cell.handle_serialised(item)
+                        if cell.fenced:
+                            result = await self._after_fenced(slot, item, result)
+                    elif isinstance(item, Envelope):
                         result = await self._run_message(slot, item)
                     else:
                         result = await item(slot)
@@ -362,6 +397,7 @@ class HostActor:
             if idle and self._slots.get(slot.name) is slot:
                 del self._slots[slot.name]
 
+    @_untraced
     async def _run_message(self, slot: _Slot, envelope: Envelope, retried: bool = False) -> Any:
         cell = slot.cell
         if cell is None:
@@ -376,7 +412,7 @@ class HostActor:
 
         timeout = cell.handler_timeout(envelope.handler)
         if self._is_async(cell, envelope.handler):
-            job: Awaitable[Reply] = cell.handle(envelope)
+            job: Awaitable[Reply] = cell.handle_serialised(envelope)
             running = None
         else:
             running = _Running()
@@ -391,13 +427,22 @@ class HostActor:
             reply = task.result()
 
         if cell.fenced:
-            self._drop(slot)
-            if not retried and reply.error is not None and reply.error.kind == "conflict":
-                # A newer incarnation owns the agent and this one applied nothing. Run the
-                # message where the record places the agent now, as Ray's retry would.
-                return await self._run_message(slot, envelope, retried=True)
+            return await self._after_fenced(slot, envelope, reply, retried)
         return reply
 
+    async def _after_fenced(
+        self, slot: _Slot, envelope: Envelope, reply: Reply, retried: bool = False
+    ) -> Reply:
+        """Drop a cell that a newer incarnation fenced off while it ran ``envelope``."""
+        self._drop(slot)
+        if not retried and reply.error is not None and reply.error.kind == "conflict":
+            # A newer incarnation owns the agent and this one applied nothing. Run the
+            # message where the record places the agent now, as Ray's retry would.
+            result: Reply = await self._run_message(slot, envelope, retried=True)
+            return result
+        return reply
+
+    @_untraced
     def _run_sync(self, cell: AgentCell, envelope: Envelope, running: _Running) -> Reply:
         with running.lock:
             running.thread_id = threading.get_ident()
@@ -407,6 +452,7 @@ class HostActor:
             with running.lock:
                 running.thread_id = None
 
+    @_untraced
     def _run_in_thread_loop(self, awaitable: Awaitable[Any]) -> Any:
         """Run a coroutine that a synchronous hook or handler returned, on its thread's loop."""
         loop = getattr(self._thread_loops, "loop", None)
@@ -414,6 +460,7 @@ class HostActor:
             loop = self._thread_loops.loop = asyncio.new_event_loop()
         return loop.run_until_complete(awaitable)
 
+    @_untraced
     def _is_async(self, cell: AgentCell, handler: str) -> bool:
         key = (cell.agent_class, handler)
         known = self._async_handlers.get(key)
@@ -649,6 +696,7 @@ class HostActor:
 
     # Delivery between agents of this host.
 
+    @_untraced
     def _local_route(self, name: str) -> HostLocalRoute | None:
         if name not in self._owned:
             return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
-import functools
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -58,25 +57,27 @@ class HostLocalRoute(LocalRoute):
 
     async def ask_async(self, envelope: Envelope, timeout: float) -> Any:
         host = self._host
-        if threading.get_ident() == host._loop_thread:
-            future = host._post(self._name, _detached(envelope))
-            host.local_deliveries += 1
-        else:
+        loop = host._loop
+        if threading.get_ident() != host._loop_thread:
             result: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            host._loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
-            future = asyncio.wrap_future(result)
-        # A timeout must not cancel the message itself, which may already run, so the
-        # caller waits on a future of its own that the reply or the timer completes.
-        waiter: asyncio.Future[asyncio.Future[Any] | None] = host._loop.create_future()
-        future.add_done_callback(functools.partial(_complete, waiter))
-        timer = host._loop.call_later(timeout, _complete, waiter, None)
+            loop.call_soon_threadsafe(self._post_into, _detached(envelope), result)
+            try:
+                return _detached_reply(await asyncio.wait_for(asyncio.wrap_future(result), timeout))
+            except asyncio.TimeoutError:
+                return _ask_timeout(envelope, self._name, timeout)
+        # The caller awaits the message's own future. The mailbox runs the message even
+        # when that future is done already, so neither a timeout nor the caller's
+        # cancellation takes back a message that was posted.
+        future = host._post(self._name, _detached(envelope), None, True)
+        host.local_deliveries += 1
+        timer = loop.call_later(timeout, _time_out, future)
         try:
-            finished = await waiter
+            reply = await future
         finally:
             timer.cancel()
-        if finished is None:
+        if reply is None:
             return _ask_timeout(envelope, self._name, timeout)
-        return _detached_reply(finished.result())
+        return _detached_reply(reply)
 
     def send(self, envelope: Envelope) -> Any:
         host = self._host
@@ -105,31 +106,30 @@ class HostLocalRoute(LocalRoute):
         future.add_done_callback(copy_outcome)
 
 
-def _complete(waiter: asyncio.Future[Any], outcome: Any) -> None:
-    if not waiter.done():
-        waiter.set_result(outcome)
+def _time_out(future: asyncio.Future[Any]) -> None:
+    """Complete an ask's future with None, which its caller takes as a timeout."""
+    if not future.done():
+        future.set_result(None)
 
 
 def _detached(envelope: Envelope) -> Envelope:
-    """Return the envelope with arguments the receiver cannot share with the sender."""
-    args, kwargs = envelope.args, envelope.kwargs
-    if not all(type(value) in _IMMUTABLE for value in args):
-        args = copy.deepcopy(args)
+    """Give the envelope arguments that the receiver does not share with the sender.
+
+    The sender made the envelope for this one delivery and keeps no reference to it. So
+    the receiver takes the envelope itself, and only mutable arguments are copied.
+    """
+    args = envelope.args
+    for value in args:
+        if type(value) not in _IMMUTABLE:
+            envelope.args = tuple(copy.deepcopy(args))
+            break
+    kwargs = envelope.kwargs
     if kwargs:
         if all(type(value) in _IMMUTABLE for value in kwargs.values()):
-            kwargs = dict(kwargs)
+            envelope.kwargs = dict(kwargs)
         else:
-            kwargs = copy.deepcopy(kwargs)
-    return Envelope(
-        envelope.handler,
-        tuple(args),
-        kwargs,
-        envelope.kind,
-        envelope.message_id,
-        envelope.sender,
-        envelope.sent_at,
-        dict(envelope.headers),
-    )
+            envelope.kwargs = copy.deepcopy(kwargs)
+    return envelope
 
 
 def _detached_reply(reply: Reply) -> Reply:

@@ -39,6 +39,10 @@ class Outbox:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._staged: list[tuple[str, _Entry]] = []
 
+    def busy(self) -> bool:
+        """Whether any message is staged or undelivered; an idle outbox needs no upkeep."""
+        return bool(self._entries or self._staged)
+
     @property
     def has_staged(self) -> bool:
         """Whether the running handler has sent messages that are not committed yet."""

@@ -154,6 +154,9 @@ class LocalRoute:
 # or None. Other processes have none and always go through Ray.
 _local_router: Any = None
 
+# Marks an argument not passed, where None is a value.
+_UNSET: Any = object()
+
 
 def local_route(name: str) -> LocalRoute | None:
     """Return the in-process route to agent ``name`` when this process's host runs it."""
@@ -251,9 +254,10 @@ class AgentRef:
     ) -> Any:
         """Awaitable `ask`, for async handlers and other asyncio code."""
         _check_timeout(timeout)
-        envelope = self._envelope("ask", handler, args, kwargs, message_id)
+        origin = self._sending_origin()
+        envelope = self._envelope("ask", handler, args, kwargs, message_id, origin)
         seconds = timeout if timeout is not None else _default_timeout()
-        local = self._local()
+        local = self._local(origin)
         if local is not None:
             return self._unwrap(handler, await local.ask_async(envelope, seconds))
         deadline = time.monotonic() + seconds
@@ -297,13 +301,17 @@ class AgentRef:
         self._submit(actor, envelope)
         return envelope.message_id
 
-    def _local(self) -> LocalRoute | None:
+    def _local(self, origin: Any = _UNSET) -> LocalRoute | None:
         """Return the in-process route when the sender and the agent share a host.
 
         Agents with a ``max_pending`` limit always go through Ray, where the limit counts
-        the unfinished messages.
+        the unfinished messages. ``origin`` is the `_sending_origin` when known.
         """
-        if _local_router is None or self._sending_origin() is None:
+        if _local_router is None:
+            return None
+        if origin is _UNSET:
+            origin = self._sending_origin()
+        if origin is None:
             return None
         return local_route(self._name)
 
@@ -354,8 +362,10 @@ class AgentRef:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         message_id: str | None,
+        origin: Any = _UNSET,
     ) -> Envelope:
-        origin = self._sending_origin()
+        if origin is _UNSET:
+            origin = self._sending_origin()
         sender = origin.name if origin is not None else self._sender
         envelope = Envelope(handler=handler, args=args, kwargs=kwargs, kind=kind, sender=sender)
         if message_id is not None:

@@ -135,7 +135,7 @@ class CellTelemetry:
         else:
             status = "error"
         handler = UNKNOWN_HANDLER if status == "rejected" else envelope.handler
-        record(metrics.record_message, self.agent_type, handler, status, seconds)
+        metrics.message_times.add(self.agent_type, handler, status, seconds)
 
     def record_checkpoint(self, nbytes: int, seconds: float, status: str = "ok") -> None:
         """Count one checkpoint write."""

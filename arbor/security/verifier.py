@@ -143,6 +143,15 @@ class CapabilityVerifier:
         self._engine = engine
         self._lock = threading.Lock()
         self._load_cached = functools.lru_cache(maxsize=cache_size)(self._load_uncached)
+        # Allowed decisions by (token, principal, resource, caller), each with the
+        # revocation list it was decided under and the first expiry of the token's blocks.
+        # A hit skips parsing and evaluation, the largest part of a check between agents
+        # of one host. Tokens with use limits are never kept, as each check counts a use.
+        self._allowed: dict[
+            tuple[str, str, str, str | None], tuple[frozenset[str], float, Decision]
+        ]
+        self._allowed = {}
+        self._allowed_size = cache_size
         self._biscuit_limits = biscuit_auth.AuthorizerBuilder().limits()
         self._biscuit_limits.max_time = BISCUIT_MAX_TIME
 
@@ -207,6 +216,11 @@ class CapabilityVerifier:
             caller: the principal the holder acts for, such as the sender of the message
                 it is handling; a token with allowed callers denies a check without one.
         """
+        key = (token, principal, resource, caller)
+        if type(token) is str and type(resource) is str:
+            hit = self._allowed.get(key)  # type: ignore[arg-type]
+            if hit is not None and hit[0] is self._revoked and self._clock() < hit[1]:
+                return hit[2]
         if not isinstance(principal, str):
             reason = f"the principal must be a string, got {type(principal).__name__}"
             return Decision(False, ascii(principal), ascii(resource), "access", reason)
@@ -238,7 +252,14 @@ class CapabilityVerifier:
             if block.max_uses is not None
         ]
         if not limited:
-            return self._decide(loaded, principal, resource, caller, limited)
+            revoked = self._revoked
+            decision = self._decide(loaded, principal, resource, caller, limited)
+            if decision.allowed and type(key[0]) is str and type(key[2]) is str:
+                if len(self._allowed) >= self._allowed_size:
+                    self._allowed.clear()
+                expires = min(block.expires_at.timestamp() for block in loaded.blocks)
+                self._allowed[key] = (revoked, expires, decision)  # type: ignore[index]
+            return decision
         with self._lock:
             return self._decide(loaded, principal, resource, caller, limited)
 
