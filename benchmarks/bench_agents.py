@@ -6,6 +6,7 @@ and the benchmark scripts put the repository root on ``PYTHONPATH`` before Ray s
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -132,3 +133,33 @@ class BenchPeer(arbor.Agent):
             await ref.ask_async(handler, index)
             samples.append(time.perf_counter() - start)
         return samples
+
+    async def ask_for(self, target: str, seconds: float, concurrency: int) -> int:
+        """Ask ``target`` to echo from ``concurrency`` loops for ``seconds``; returns the count."""
+        ref = self.context.get(target)
+        deadline = time.perf_counter() + seconds
+        return sum(await asyncio.gather(*(_ask_until(ref, deadline) for _ in range(concurrency))))
+
+
+async def _ask_until(ref: arbor.AgentRef, deadline: float) -> int:
+    count = 0
+    while time.perf_counter() < deadline:
+        await ref.ask_async("echo", count)
+        count += 1
+    return count
+
+
+class RawAsyncPinger:
+    """The raw-Ray baseline of `BenchPeer.ask_for`: concurrent calls to another actor."""
+
+    async def call_for(self, target: object, seconds: float, concurrency: int) -> int:
+        deadline = time.perf_counter() + seconds
+
+        async def loop() -> int:
+            count = 0
+            while time.perf_counter() < deadline:
+                await target.add.remote(1)  # type: ignore[attr-defined]
+                count += 1
+            return count
+
+        return sum(await asyncio.gather(*(loop() for _ in range(concurrency))))

@@ -9,6 +9,9 @@ Sections, each printed as a Markdown table and drawn as a PNG with matplotlib:
   hosts on one node (through Ray), from the driver to a hosted and a dedicated agent;
   raw Ray calls from the driver and from one actor to another, and an asyncio.Queue round
   trip in one process, the floor of any in-process delivery.
+- throughput: messages per second on the node, with several senders asking at once:
+  between agents of one host, between agents of two hosts, between two dedicated agents,
+  and between two raw Ray async actors.
 - memory: resident memory (RSS, and USS, the memory unique to the process) of the host
   processes per hosted agent at 100, 1,000 and 10,000 agents, and of the actor processes
   per dedicated agent and per raw Ray actor at ``--dedicated`` actors.
@@ -40,6 +43,7 @@ from benchmarks import common
 from benchmarks.bench_agents import (
     BenchCounter,
     BenchPeer,
+    RawAsyncPinger,
     RawCounter,
     RawPinger,
     RawSyncCounter,
@@ -47,7 +51,7 @@ from benchmarks.bench_agents import (
 
 RAW_NAMESPACE = "bench-raw"
 BENCH_TYPE = f"{BenchCounter.__module__}:{BenchCounter.__qualname__}"
-SECTIONS = ("spawn", "ask", "memory", "commits")
+SECTIONS = ("spawn", "ask", "throughput", "memory", "commits")
 
 
 def main() -> None:
@@ -56,6 +60,15 @@ def main() -> None:
     parser.add_argument("--hosted-spawns", type=int, default=200, help="(default: 200)")
     parser.add_argument("--actor-spawns", type=int, default=10, help="per kind (default: 10)")
     parser.add_argument("--asks", type=int, default=2000, help="per kind (default: 2000)")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="per throughput run (default: 3)"
+    )
+    parser.add_argument(
+        "--senders",
+        type=int,
+        default=4,
+        help="sending agents per throughput run, each with 4 asks in flight (default: 4)",
+    )
     parser.add_argument(
         "--levels", default="100,1000,10000", help="hosted agent counts (default: 100,1000,10000)"
     )
@@ -104,6 +117,8 @@ def main() -> None:
                 bench_spawn(args)
             if "ask" in sections:
                 bench_ask(args)
+            if "throughput" in sections:
+                bench_throughput(args)
             if "memory" in sections:
                 bench_memory(args)
         finally:
@@ -264,6 +279,97 @@ def driver_asks(call: Callable[[int], Any], count: int) -> list[float]:
         call(index)
         samples.append(time.perf_counter() - start)
     return samples
+
+
+# Messages per second.
+
+# Asks each sender keeps in flight in a throughput run.
+IN_FLIGHT = 4
+
+
+def bench_throughput(args: argparse.Namespace) -> None:
+    # New agents go to the host with the fewest, so 6 x senders agents fill both hosts.
+    agents = [
+        arbor.spawn(BenchPeer, f"bench/rate-{index}", placement="hosted")
+        for index in range(6 * args.senders)
+    ]
+    by_host: dict[str, list[arbor.AgentRef]] = {}
+    for agent in agents:
+        by_host.setdefault(agent.info()["actor"], []).append(agent)
+    if len(by_host) < 2:
+        raise RuntimeError(f"the throughput section needs two hosts; the agents are in {by_host}")
+    first, second = (group for _, group in sorted(by_host.items())[:2])
+    half = max(args.senders // 2, 1)
+    # Same host: half the pairs in each host. Two hosts: half the senders in each host.
+    same = [(first.pop(), first.pop()) for _ in range(half)]
+    same += [(second.pop(), second.pop()) for _ in range(half)]
+    across = [(first.pop(), second.pop()) for _ in range(half)]
+    across += [(second.pop(), first.pop()) for _ in range(half)]
+    dedicated = [
+        (
+            arbor.spawn(BenchPeer, f"bench/rate-sender-{index}"),
+            arbor.spawn(BenchPeer, f"bench/rate-receiver-{index}"),
+        )
+        for index in range(2)
+    ]
+    if not args.lean:
+        for sender, receiver in [*same, *across, *dedicated]:
+            arbor.grant(sender.name, f"arbor://agent/ask/{receiver.name}")
+    raw = [
+        (ray.remote(RawAsyncPinger).remote(), ray.remote(RawCounter).remote())
+        for _ in range(args.senders)
+    ]
+    ray.get([receiver.get.remote() for _, receiver in raw])
+
+    def agents_rate(pairs: list[tuple[arbor.AgentRef, arbor.AgentRef]]) -> tuple[int, float]:
+        def run(pair: tuple[arbor.AgentRef, arbor.AgentRef]) -> int:
+            sender, receiver = pair
+            count: int = sender.ask(
+                "ask_for", receiver.name, args.seconds, IN_FLIGHT, timeout=args.seconds + 60
+            )
+            return count
+
+        run(pairs[0])  # warm up: the first asks look up routes and capabilities
+        with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
+            total = sum(pool.map(run, pairs))
+        return len(pairs), total / args.seconds
+
+    def raw_rate() -> tuple[int, float]:
+        calls = [
+            pinger.call_for.remote(receiver, args.seconds, IN_FLIGHT) for pinger, receiver in raw
+        ]
+        return len(raw), sum(ray.get(calls)) / args.seconds
+
+    results = {
+        "hosted, same host (in process)": agents_rate(same),
+        "hosted, two hosts (Ray)": agents_rate(across),
+        "dedicated to dedicated (Ray)": agents_rate(dedicated),
+        "raw Ray async actor to actor": raw_rate(),
+    }
+    rows = [[kind, senders, senders * IN_FLIGHT, rate] for kind, (senders, rate) in results.items()]
+    print(f"\n## Messages per second on one node ({args.seconds:g} s per run)\n")
+    print(common.format_table(["between", "senders", "asks in flight", "messages/s"], rows))
+    plot_rates(args, {kind: rate for kind, (_, rate) in results.items()})
+
+
+def plot_rates(args: argparse.Namespace, rates: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rates)
+    figure, axes = plt.subplots(figsize=(10, 0.5 * len(labels) + 1.5))
+    axes.barh(range(len(labels)), [rates[label] for label in labels])
+    axes.set_yticks(list(range(len(labels))), labels)
+    axes.invert_yaxis()
+    axes.set_xlabel("messages per second (asks answered)")
+    axes.set_title("Messages per second on one node")
+    figure.tight_layout()
+    path = os.path.join(args.plot_dir, "hosted-throughput.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"\nplot: {path}")
 
 
 # Memory per agent.

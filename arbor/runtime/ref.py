@@ -22,7 +22,7 @@ from arbor.errors import (
     InvalidArguments,
     UnknownHandler,
 )
-from arbor.messages import Envelope, Reply
+from arbor.messages import Envelope, Reply, new_message_id
 from arbor.runtime import kv
 from arbor.runtime.cell import CAPABILITY_HEADER, running_cell
 from arbor.runtime.telemetry import outgoing_headers
@@ -367,11 +367,9 @@ class AgentRef:
         if origin is _UNSET:
             origin = self._sending_origin()
         sender = origin.name if origin is not None else self._sender
-        envelope = Envelope(handler=handler, args=args, kwargs=kwargs, kind=kind, sender=sender)
-        if message_id is not None:
-            envelope.message_id = message_id
-        elif origin is not None:
-            envelope.message_id = origin.next_message_id()
+        if message_id is None:
+            message_id = origin.next_message_id() if origin is not None else new_message_id()
+        envelope = Envelope(handler, args, kwargs, kind, message_id, sender)
         trace_headers = outgoing_headers()
         if trace_headers:
             envelope.headers.update(trace_headers)
