@@ -1,8 +1,9 @@
 -- The namespace of every agent, reminder, subscription and capability, as a column the
 -- database derives from the full name (arbor/names.py: the text before the first ':', or
 -- 'default' when the name has none). Listings of one namespace then read only its rows
--- through an index, whatever the database's collation. A stored generated column is
--- filled for the existing rows when it is added and on every insert, so no code writes it.
+-- through an index, whatever the database's collation. A stored generated column
+-- (PostgreSQL 12 or later) is filled for the existing rows when it is added, which
+-- rewrites the table, and on every insert, so no code writes it.
 -- Key principals (key:<id>) and client subscribers (client:<id>) get the reserved words
 -- 'key' and 'client', which no namespace can be called.
 ALTER TABLE arbor_agents ADD COLUMN namespace TEXT GENERATED ALWAYS AS (
