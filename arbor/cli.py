@@ -23,7 +23,7 @@ from rich.table import Table
 import arbor
 from arbor.config import get_settings, redact_url
 from arbor.errors import ArborError, ClusterUnavailable
-from arbor.names import namespace_of, validate_namespace
+from arbor.names import validate_namespace
 from arbor.persistence import AuditEntry, CheckpointStore, absolute_database_url, open_store
 from arbor.persistence.audit import DECISIONS, format_time
 
@@ -531,10 +531,8 @@ def _agents(args: argparse.Namespace, console: Console) -> int:
             console.print(f"--namespace: {error}")
             return 2
     if args.url is not None:
-        infos = _gateway_client(args).list_agents(args.status)
         wanted = args.namespace or arbor.current_namespace()
-        if wanted != "*":
-            infos = [info for info in infos if namespace_of(info.name) == wanted]
+        infos = _gateway_client(args).list_agents(args.status, namespace=wanted)
     else:
         _connect_existing()
         infos = arbor.list_agents(args.status, namespace=args.namespace)

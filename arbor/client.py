@@ -277,13 +277,12 @@ def list_agents(status: str | None = None, *, namespace: str | None = None) -> l
         raise InvalidArguments(
             f"status={status!r} is invalid; use one of {', '.join(AGENT_STATUSES)}, or None"
         )
-    wanted = _namespace_filter(namespace)
+    # The registry's store reads only the namespace's rows, through an index.
     result: list[AgentInfo] = _call(
-        _registry().list_agents.remote(status), timeout=_REGISTRY_TIMEOUT_S
+        _registry().list_agents.remote(status, _namespace_filter(namespace)),
+        timeout=_REGISTRY_TIMEOUT_S,
     )
-    if wanted is None:
-        return result
-    return [info for info in result if namespace_of(info.name) == wanted]
+    return result
 
 
 def stop(name: str, purge: bool = False) -> None:
@@ -427,15 +426,10 @@ def capabilities(
         principal = qualify_principal(principal, current_namespace())
     wanted = _namespace_filter(namespace) if principal is None else None
     result: list[CapabilityInfo] = _call(
-        _registry().capabilities.remote(principal, include_revoked), timeout=_REGISTRY_TIMEOUT_S
+        _registry().capabilities.remote(principal, include_revoked, wanted),
+        timeout=_REGISTRY_TIMEOUT_S,
     )
-    if wanted is None:
-        return result
-    return [
-        info
-        for info in result
-        if not info.principal.startswith("key:") and namespace_of(info.principal) == wanted
-    ]
+    return result
 
 
 def reminders(agent: str | None = None, *, namespace: str | None = None) -> list[ReminderInfo]:
@@ -451,11 +445,9 @@ def reminders(agent: str | None = None, *, namespace: str | None = None) -> list
     target = None if agent is None else full_name(agent)
     wanted = _namespace_filter(namespace) if agent is None else None
     result: list[ReminderInfo] = _call(
-        _registry().reminders.remote(target), timeout=_REGISTRY_TIMEOUT_S
+        _registry().reminders.remote(target, namespace=wanted), timeout=_REGISTRY_TIMEOUT_S
     )
-    if wanted is None:
-        return result
-    return [info for info in result if namespace_of(info.agent) == wanted]
+    return result
 
 
 def cancel_reminder(agent: str, name: str) -> bool:

@@ -232,12 +232,23 @@ class GatewayClient:
         """Return an agent's record."""
         return _agent_info(self.request("GET", f"/v1/agents/{_quote(name)}"))
 
-    def list_agents(self, status: str | None = None, prefix: str | None = None) -> list[AgentInfo]:
-        """Return every agent the key may inspect, ordered by name, following all pages."""
+    def list_agents(
+        self, status: str | None = None, prefix: str | None = None, namespace: str | None = None
+    ) -> list[AgentInfo]:
+        """Return every agent the key may inspect, ordered by name, following all pages.
+
+        ``namespace`` keeps one namespace's agents; None or ``"*"`` keeps every namespace's.
+        """
         agents: list[AgentInfo] = []
         cursor = None
         while True:
-            query = {"status": status, "prefix": prefix, "cursor": cursor, "limit": 500}
+            query = {
+                "status": status,
+                "namespace": namespace,
+                "prefix": prefix,
+                "cursor": cursor,
+                "limit": 500,
+            }
             page = self.request("GET", "/v1/agents" + _query(query))
             agents.extend(_agent_info(item) for item in page["agents"])
             cursor = page["next_cursor"]
@@ -277,10 +288,20 @@ class GatewayClient:
         return revoked
 
     def capabilities(
-        self, principal: str | None = None, include_revoked: bool = False
+        self,
+        principal: str | None = None,
+        include_revoked: bool = False,
+        namespace: str | None = None,
     ) -> list[CapabilityInfo]:
-        """Return the key's capabilities, or another principal's it may revoke."""
-        query = {"principal": principal, "include_revoked": str(include_revoked).lower()}
+        """Return the key's capabilities, or another principal's it may revoke.
+
+        ``namespace`` keeps those held by one namespace's agents; None or ``"*"`` keeps all.
+        """
+        query = {
+            "principal": principal,
+            "include_revoked": str(include_revoked).lower(),
+            "namespace": namespace,
+        }
         return [
             _capability_info(item)
             for item in self.request("GET", "/v1/capabilities" + _query(query))

@@ -14,7 +14,7 @@ from arbor.client import _call, _namespace_filter, _registry, current_namespace
 from arbor.config import get_settings
 from arbor.errors import ArborError, InvalidArguments, InvalidTopicName
 from arbor.messages import new_message_id
-from arbor.names import namespace_of, qualify, qualify_principal
+from arbor.names import qualify, qualify_principal
 from arbor.persistence import CheckpointStore, open_store
 from arbor.registry.topic_spec import SubscriptionInfo, TopicEvent, validate_max_lag, validate_topic
 from arbor.runtime.topics import append_event
@@ -96,11 +96,9 @@ def subscriptions(
     if subscriber is not None:
         subscriber = qualify_principal(subscriber, current_namespace())
     result: list[SubscriptionInfo] = _call(
-        _registry().topic.remote("list", topic, subscriber), _CALL_MARGIN_S
+        _registry().topic.remote("list", topic, subscriber, wanted), _CALL_MARGIN_S
     )
-    if wanted is None:
-        return result
-    return [info for info in result if namespace_of(info.topic) == wanted]
+    return result
 
 
 class Subscription:

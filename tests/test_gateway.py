@@ -20,10 +20,11 @@ import pytest
 import ray
 
 import arbor
+from arbor import cli
 from arbor.config import reset_settings
 from arbor.gateway import create_api_key, deploy
 from arbor.http_client import GatewayClient, ServerSentEvent
-from arbor.persistence import CheckpointStore, open_store
+from arbor.persistence import STOPPED, AgentRecord, CheckpointStore, open_store
 
 # The command actors and agents of these tests import from tests.gateway_support.
 ENVIRONMENT = {
@@ -432,6 +433,70 @@ def test_list_pages_follow_cursor(gateway: Gateway) -> None:
     )[1]
     assert [item["name"] for item in second["agents"]] == ["gw/page/2"]
     assert second["next_cursor"] is None
+
+
+def test_list_keeps_to_the_namespace(gateway: Gateway) -> None:
+    names = ["team-g:ns/a", "team-g:ns/b", "team-gx:ns/c", "gwns/d"]
+    for name in names:
+        gateway.store.create_agent(AgentRecord(name, "tests.agents.Counter", STOPPED, name))
+    key = new_key(
+        gateway.store,
+        "namespaces",
+        "arbor://agent/inspect/team-g:**",
+        "arbor://agent/inspect/team-gx:**",
+        "arbor://agent/inspect/gwns/**",
+    )
+    lister = client(gateway, key)
+    try:
+        assert [info.name for info in lister.list_agents(namespace="team-g")] == names[:2]
+        assert [info.name for info in lister.list_agents(namespace="default")] == ["gwns/d"]
+        assert sorted(info.name for info in lister.list_agents()) == sorted(names)
+        assert sorted(info.name for info in lister.list_agents(namespace="*")) == sorted(names)
+        assert [info.name for info in lister.list_agents(prefix="team-g:")] == names[:2]
+
+        first = call(gateway, "GET", "/v1/agents?namespace=team-g&limit=1", key=key)[1]
+        assert [item["name"] for item in first["agents"]] == ["team-g:ns/a"]
+        assert first["next_cursor"] == "team-g:ns/a"
+        path = "/v1/agents?namespace=team-g&limit=1&cursor=team-g:ns/a"
+        second = call(gateway, "GET", path, key=key)[1]
+        assert [item["name"] for item in second["agents"]] == ["team-g:ns/b"]
+        assert second["next_cursor"] is None
+    finally:
+        for name in names:
+            gateway.store.delete_agent(name)
+
+
+def test_cli_agents_through_gateway_keep_to_namespace(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = ["team-h:cli/a", "team-hx:cli/b", "gwcli/c"]
+    for name in names:
+        gateway.store.create_agent(AgentRecord(name, "tests.agents.Counter", STOPPED, name))
+    key = new_key(
+        gateway.store,
+        "cli-namespaces",
+        "arbor://agent/inspect/team-h:**",
+        "arbor://agent/inspect/team-hx:**",
+        "arbor://agent/inspect/gwcli/**",
+    )
+    monkeypatch.setenv("ARBOR_API_KEY", key)
+    try:
+        for namespace, listed in (("team-h", [0]), (None, [2]), ("*", [0, 1, 2])):
+            option = [] if namespace is None else ["--namespace", namespace]
+            assert cli.main(["agents", "--url", gateway.url, *option]) == 0
+            output = capsys.readouterr().out
+            for index, name in enumerate(names):
+                assert (name in output) == (index in listed), (namespace, name, output)
+    finally:
+        for name in names:
+            gateway.store.delete_agent(name)
+
+
+def test_list_rejects_bad_namespace(gateway: Gateway) -> None:
+    status, body, _ = call(gateway, "GET", "/v1/agents?namespace=Team_G", key=gateway.admin)
+    assert status == 400
+    assert body["error"]["code"] == "invalid_namespace"
+    assert body["error"]["field"] == "namespace"
 
 
 def test_list_rejects_bad_limit(gateway: Gateway) -> None:

@@ -67,7 +67,7 @@ from arbor.gateway.models import (
     SpawnBody,
     StopBody,
 )
-from arbor.names import DEFAULT_NAMESPACE, qualify
+from arbor.names import DEFAULT_NAMESPACE, SEPARATOR, namespace_of, qualify, validate_namespace
 from arbor.observability import metrics
 from arbor.persistence import open_store
 from arbor.persistence.gateway import FINAL_STATUSES, ExecutionRecord
@@ -130,6 +130,15 @@ async def _observe_request(request: Request, call_next: Any) -> Any:
 _bearer = HTTPBearer(auto_error=False, description="An API key from `arbor keys create`.")
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of the last page")]
+Namespace = Annotated[
+    str | None,
+    Query(max_length=63, description="only this namespace's; '*' or absent for every namespace"),
+]
+
+# Agents read from the registry per call while a page of GET /v1/agents fills. The caller
+# may inspect only some agents, so a page can take several calls. A batch larger than the
+# page keeps those calls few, and each reply stays small.
+AGENT_BATCH = 500
 
 
 def _agent_name(name: str, field: str) -> str:
@@ -138,6 +147,16 @@ def _agent_name(name: str, field: str) -> str:
         return validate_name(qualify(name, DEFAULT_NAMESPACE))
     except ArborError as error:
         raise ApiError(400, "invalid_name", str(error), field) from None
+
+
+def _listing_namespace(namespace: str | None, field: str) -> str | None:
+    """Return the namespace a listing keeps, or None for every namespace."""
+    if namespace is None or namespace == "*":
+        return None
+    try:
+        return validate_namespace(namespace)
+    except ArborError as error:
+        raise ApiError(400, "invalid_namespace", str(error), field) from None
 
 
 def _principal_path(principal: str, field: str) -> str:
@@ -285,25 +304,37 @@ class Gateway:
         self,
         bearer: Bearer,
         status: Annotated[str | None, Query(pattern="^(starting|running|stopped|failed)$")] = None,
+        namespace: Namespace = None,
         prefix: Annotated[str | None, Query(max_length=200)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         cursor: Cursor = None,
     ) -> AgentPage:
         """List the agents the caller may inspect, ordered by name, one page at a time."""
         principal = await self._principal(bearer)
-        infos = await self._registry_call(
-            "list_agents", (status,), self.settings.gateway_request_timeout_s
-        )
-        visible = []
-        for info in infos:
-            if cursor is not None and info.name <= cursor:
-                continue
-            if prefix is not None and not info.name.startswith(prefix):
-                continue
-            if self.auth.may(principal, f"arbor://agent/inspect/{info.name}"):
-                visible.append(AgentView.of(info))
-                if len(visible) > limit:
-                    break
+        selected = _listing_namespace(namespace, "namespace")
+        if selected is None and prefix is not None and SEPARATOR in prefix:
+            # Every name that starts with the prefix is in its namespace, and the store
+            # reads one namespace through an index.
+            selected = namespace_of(prefix)
+
+        batch = max(limit + 1, AGENT_BATCH)
+        visible: list[AgentView] = []
+        after = cursor
+        while len(visible) <= limit:
+            infos = await self._registry_call(
+                "list_agents",
+                (status, selected, prefix, after, batch),
+                self.settings.gateway_request_timeout_s,
+            )
+            for info in infos:
+                if self.auth.may(principal, f"arbor://agent/inspect/{info.name}"):
+                    visible.append(AgentView.of(info))
+                    if len(visible) > limit:
+                        break
+            if len(infos) < batch:
+                break
+            after = infos[-1].name
+
         more = len(visible) > limit
         page = visible[:limit]
         return AgentPage(agents=page, next_cursor=page[-1].name if more else None)
@@ -409,15 +440,22 @@ class Gateway:
         bearer: Bearer,
         principal: Annotated[str | None, Query(max_length=200)] = None,
         include_revoked: bool = False,
+        namespace: Namespace = None,
     ) -> list[CapabilityView]:
-        """List the caller's capabilities, or those of principals it may revoke from."""
+        """List the caller's capabilities, or those of principals it may revoke from.
+
+        ``namespace`` keeps those held by that namespace's agents, which leaves out keys.
+        """
         caller = await self._principal(bearer)
         if principal is not None and principal != caller:
             await self._require(
                 caller, f"arbor://capability/revoke/{_principal_path(principal, 'principal')}"
             )
+        selected = _listing_namespace(namespace, "namespace")
         infos = await self._registry_call(
-            "capabilities", (principal, include_revoked), self.settings.gateway_request_timeout_s
+            "capabilities",
+            (principal, include_revoked, selected),
+            self.settings.gateway_request_timeout_s,
         )
         visible = []
         for info in infos:

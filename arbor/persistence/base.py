@@ -12,7 +12,6 @@ from importlib import resources
 from typing import Any, NamedTuple, TypeVar
 
 from arbor.errors import CheckpointConflict, StoreUnavailable
-from arbor.names import DEFAULT_NAMESPACE, SEPARATOR
 from arbor.persistence.audit import AuditEntry, AuditVerification
 
 logger = logging.getLogger(__name__)
@@ -114,8 +113,26 @@ class CheckpointStore(ABC):
         """Return the agent's record, or None."""
 
     @abstractmethod
-    def list_agents(self, status: str | None = None) -> list[AgentRecord]:
-        """Return every record (optionally only one status), ordered by name."""
+    def list_agents(
+        self,
+        status: str | None = None,
+        namespace: str | None = None,
+        *,
+        prefix: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[AgentRecord]:
+        """Return the records that match every given filter, ordered by name.
+
+        Args:
+            status: only records with this status.
+            namespace: only records of this namespace (the indexed ``namespace`` column
+                the database derives from the name); None for every namespace.
+            prefix: only records whose full name starts with this text.
+            after: only records whose name sorts after this one, in the database's
+                order; pass the last name of a page to read the next.
+            limit: at most this many records.
+        """
 
     @abstractmethod
     def set_status(self, name: str, status: str, last_error: str | None = None) -> None:
@@ -131,14 +148,9 @@ class CheckpointStore(ABC):
         marks = ", ".join(mark for _ in statuses)
         sql = f"SELECT count(*) FROM arbor_agents WHERE status IN ({marks})"
         parameters: tuple[str, ...] = statuses
-        if namespace == DEFAULT_NAMESPACE:
-            # Full names in the default namespace are the ones without a colon.
-            sql += f" AND name NOT LIKE {mark}"
-            parameters += (f"%{SEPARATOR}%",)
-        elif namespace is not None:
-            # Namespace names hold no LIKE wildcards ('%' or '_').
-            sql += f" AND name LIKE {mark}"
-            parameters += (f"{namespace}{SEPARATOR}%",)
+        if namespace is not None:
+            sql += f" AND namespace = {mark}"
+            parameters += (namespace,)
 
         def step() -> int:
             with self._transaction() as connection:  # type: ignore[attr-defined]
@@ -293,6 +305,46 @@ class CheckpointStore(ABC):
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
         raise AssertionError("unreachable")
+
+
+def agent_listing(
+    dialect: str,
+    status: str | None,
+    namespace: str | None,
+    prefix: str | None,
+    after: str | None,
+    limit: int | None,
+) -> tuple[str, list[Any]]:
+    """Return the WHERE, ORDER BY and LIMIT clauses of `CheckpointStore.list_agents`.
+
+    A namespace is matched on the indexed ``namespace`` column, so the database reads
+    only that namespace's rows, in name order, from the ``(namespace, name)`` index.
+    """
+    mark = "%s" if dialect == "postgresql" else "?"
+    conditions: list[str] = []
+    parameters: list[Any] = []
+    for condition, value in (
+        (f"namespace = {mark}", namespace),
+        (f"status = {mark}", status),
+        (f"name > {mark}", after),
+    ):
+        if value is not None:
+            conditions.append(condition)
+            parameters.append(value)
+    if prefix:
+        if dialect == "postgresql":
+            conditions.append("starts_with(name, %s)")
+            parameters.append(prefix)
+        else:
+            # substr counts characters, as len does.
+            conditions.append("substr(name, 1, ?) = ?")
+            parameters += [len(prefix), prefix]
+    clauses = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    clauses += " ORDER BY name"
+    if limit is not None:
+        clauses += f" LIMIT {mark}"
+        parameters.append(limit)
+    return clauses, parameters
 
 
 def migration_scripts(dialect: str) -> list[tuple[int, str]]:

@@ -106,13 +106,22 @@ class CapabilityTables:
         return result
 
     def list_capabilities(
-        self, principal: str | None = None, include_revoked: bool = False
+        self,
+        principal: str | None = None,
+        include_revoked: bool = False,
+        namespace: str | None = None,
     ) -> list[CapabilityRecord]:
-        """Return capabilities, optionally of one holder, oldest first."""
+        """Return capabilities, optionally of one holder, oldest first.
+
+        ``namespace`` keeps the capabilities held by that namespace's principals, read
+        through the index on the ``namespace`` column the database derives from the
+        principal. API keys (``key:<id>``) are in no namespace and never match one.
+        """
         conditions, parameters = [], []
-        if principal is not None:
-            conditions.append("principal = ?")
-            parameters.append(principal)
+        for column, value in (("principal", principal), ("namespace", namespace)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                parameters.append(value)
         if not include_revoked:
             conditions.append("revoked_at IS NULL")
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""

@@ -31,6 +31,7 @@ from arbor.persistence.base import (
     CheckpointInfo,
     CheckpointStore,
     CheckpointWrite,
+    agent_listing,
     migration_scripts,
     split_statements,
 )
@@ -163,19 +164,21 @@ class PostgresStore(
 
         return self._retry("get_agent", step)
 
-    def list_agents(self, status: str | None = None) -> list[AgentRecord]:
+    def list_agents(
+        self,
+        status: str | None = None,
+        namespace: str | None = None,
+        *,
+        prefix: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[AgentRecord]:
+        clauses, parameters = agent_listing(self.dialect, status, namespace, prefix, after, limit)
+        query = f"SELECT {_AGENT_COLUMNS} FROM arbor_agents{clauses}"
+
         def step() -> list[AgentRecord]:
             with self._pool.connection() as connection:
-                if status is None:
-                    rows = connection.execute(
-                        f"SELECT {_AGENT_COLUMNS} FROM arbor_agents ORDER BY name"
-                    ).fetchall()
-                else:
-                    rows = connection.execute(
-                        f"SELECT {_AGENT_COLUMNS} FROM arbor_agents WHERE status = %s "
-                        "ORDER BY name",
-                        (status,),
-                    ).fetchall()
+                rows = connection.execute(query.encode(), parameters).fetchall()
             return [_record(row) for row in rows]
 
         return self._retry("list_agents", step)

@@ -74,10 +74,20 @@ class ReminderTables:
 
         self._retry("save_reminder", step)
 
-    def list_reminders(self, agent: str | None = None) -> list[ReminderRecord]:
-        """Return the reminders of ``agent`` (every agent's when None), soonest first."""
-        where = " WHERE agent = ?" if agent is not None else ""
-        parameters = (agent,) if agent is not None else ()
+    def list_reminders(
+        self, agent: str | None = None, namespace: str | None = None
+    ) -> list[ReminderRecord]:
+        """Return the reminders of ``agent`` (every agent's when None), soonest first.
+
+        ``namespace`` keeps the reminders of that namespace's agents, read through the
+        index on the ``namespace`` column the database derives from the agent's name.
+        """
+        conditions, parameters = [], []
+        for column, value in (("agent", agent), ("namespace", namespace)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                parameters.append(value)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
 
         def step() -> list[ReminderRecord]:
             with self._transaction() as connection:
@@ -86,7 +96,7 @@ class ReminderTables:
                         f"SELECT {_COLUMNS} FROM arbor_reminders{where} "
                         "ORDER BY due_at, agent, name"
                     ),
-                    parameters,
+                    tuple(parameters),
                 ).fetchall()
             return [self._rem_record(row) for row in rows]
 

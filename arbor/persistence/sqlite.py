@@ -32,6 +32,7 @@ from arbor.persistence.base import (
     CheckpointInfo,
     CheckpointStore,
     CheckpointWrite,
+    agent_listing,
     migration_scripts,
     split_statements,
 )
@@ -165,15 +166,21 @@ class SQLiteStore(
 
         return self._retry("get_agent", step)
 
-    def list_agents(self, status: str | None = None) -> list[AgentRecord]:
+    def list_agents(
+        self,
+        status: str | None = None,
+        namespace: str | None = None,
+        *,
+        prefix: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[AgentRecord]:
+        clauses, parameters = agent_listing(self.dialect, status, namespace, prefix, after, limit)
+        query = f"SELECT {_AGENT_COLUMNS} FROM arbor_agents{clauses}"
+
         def step() -> list[AgentRecord]:
-            query = f"SELECT {_AGENT_COLUMNS} FROM arbor_agents"
-            params: tuple[Any, ...] = ()
-            if status is not None:
-                query += " WHERE status = ?"
-                params = (status,)
             with self._lock:
-                rows = self._connection.execute(query + " ORDER BY name", params).fetchall()
+                rows = self._connection.execute(query, parameters).fetchall()
             return [_record(row) for row in rows]
 
         return self._retry("list_agents", step)

@@ -198,12 +198,20 @@ class TopicTables:
         return result
 
     def list_subscriptions(
-        self, topic: str | None = None, subscriber: str | None = None
+        self, topic: str | None = None, subscriber: str | None = None, namespace: str | None = None
     ) -> list[SubscriptionRecord]:
-        """Return the subscriptions to ``topic`` and of ``subscriber`` (None: any)."""
+        """Return the subscriptions to ``topic`` and of ``subscriber`` (None: any).
+
+        ``namespace`` keeps the subscriptions to that namespace's topics, read through the
+        index on the ``namespace`` column the database derives from the topic.
+        """
         conditions = []
         parameters: list[Any] = []
-        for column, value in (("topic", topic), ("subscriber", subscriber)):
+        for column, value in (
+            ("topic", topic),
+            ("subscriber", subscriber),
+            ("namespace", namespace),
+        ):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 parameters.append(value)

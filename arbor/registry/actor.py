@@ -353,10 +353,17 @@ class Registry:
         return await asyncio.to_thread(self._security.revoke, capability_id, by, checked)
 
     async def capabilities(
-        self, principal: str | None = None, include_revoked: bool = False
+        self,
+        principal: str | None = None,
+        include_revoked: bool = False,
+        namespace: str | None = None,
     ) -> list[CapabilityInfo]:
-        """Return the capabilities of ``principal`` (or all), oldest first."""
-        return await asyncio.to_thread(self._security.list, principal, include_revoked)
+        """Return the capabilities of ``principal`` (or all), oldest first.
+
+        ``namespace`` keeps those held by that namespace's principals, which leaves out
+        API keys; None keeps every principal's.
+        """
+        return await asyncio.to_thread(self._security.list, principal, include_revoked, namespace)
 
     async def _claim(
         self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
@@ -437,16 +444,18 @@ class Registry:
         return await self._reminders.set_reminder(agent, request, by)
 
     async def reminders(
-        self, agent: str | None = None, by: str | None = None
+        self, agent: str | None = None, by: str | None = None, namespace: str | None = None
     ) -> list[ReminderInfo]:
         """Return the reminders of ``agent`` (every agent's when None), soonest first.
+
+        ``namespace`` keeps the reminders of that namespace's agents; None keeps all.
 
         Raises:
             AgentNotFound: ``agent`` names no registered agent.
         """
         if agent is not None:
             await self.info(agent)
-        return await self._reminders.list_reminders(agent, by)
+        return await self._reminders.list_reminders(agent, by, namespace)
 
     async def cancel_reminder(self, agent: str, name: str, by: str | None = None) -> bool:
         """Delete a reminder; returns whether it existed.
@@ -634,9 +643,28 @@ class Registry:
         record = await asyncio.to_thread(self._store.get_agent, name)
         return record.status if record else None
 
-    async def list_agents(self, status: str | None = None) -> list[AgentInfo]:
-        """Return every agent, optionally only those with ``status``, ordered by name."""
-        records = await asyncio.to_thread(self._store.list_agents, status)
+    async def list_agents(
+        self,
+        status: str | None = None,
+        namespace: str | None = None,
+        prefix: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[AgentInfo]:
+        """Return the agents that match every given filter, ordered by name.
+
+        The store applies the filters, so only the matching records are read and sent.
+
+        Args:
+            status: only agents with this status.
+            namespace: only agents of this namespace; None for every namespace.
+            prefix: only agents whose full name starts with this text.
+            after: only agents whose name sorts after this one; the last name of a page.
+            limit: at most this many agents.
+        """
+        records = await asyncio.to_thread(
+            self._store.list_agents, status, namespace, prefix=prefix, after=after, limit=limit
+        )
         return [AgentInfo.from_record(record) for record in records]
 
     async def checkpoints(self, name: str) -> list[CheckpointInfo]:

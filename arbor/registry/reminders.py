@@ -134,10 +134,15 @@ class ReminderService:
         logger.debug("agent %s set reminder %s due at %d ms", agent, request.name, reminder.due_ms)
         return ReminderInfo.from_record(reminder)
 
-    async def list_reminders(self, agent: str | None, by: str | None) -> list[ReminderInfo]:
-        """Return the reminders of ``agent`` (every agent's when None), soonest first."""
+    async def list_reminders(
+        self, agent: str | None, by: str | None, namespace: str | None = None
+    ) -> list[ReminderInfo]:
+        """Return the reminders of ``agent`` (every agent's when None), soonest first.
+
+        ``namespace`` keeps the reminders of that namespace's agents; None keeps all.
+        """
         check_owner(agent, by)
-        records = await asyncio.to_thread(self._store.list_reminders, agent)
+        records = await asyncio.to_thread(self._store.list_reminders, agent, namespace)
         return [ReminderInfo.from_record(record) for record in records]
 
     async def cancel_reminder(self, agent: str, name: str, by: str | None) -> bool:

@@ -257,10 +257,13 @@ class CapabilityService:
         return revoked
 
     def list(
-        self, principal: str | None = None, include_revoked: bool = False
+        self,
+        principal: str | None = None,
+        include_revoked: bool = False,
+        namespace: str | None = None,
     ) -> list[CapabilityInfo]:
-        """Return the capabilities of ``principal`` (or all), oldest first."""
-        records = self.store.list_capabilities(principal, include_revoked=include_revoked)
+        """Return the capabilities of ``principal`` (or all, or ``namespace``'s), oldest first."""
+        records = self.store.list_capabilities(principal, include_revoked, namespace)
         return [CapabilityInfo.from_record(record) for record in records]
 
     def audit(self, actor: str, action: str, resource: str, decision: str, **detail: Any) -> None:

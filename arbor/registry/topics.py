@@ -198,9 +198,16 @@ class TopicService:
             logger.info("agent %s unsubscribed from topic %s", subscriber, topic)
         return deleted
 
-    async def list(self, topic: str | None, subscriber: str | None) -> list[SubscriptionInfo]:
-        """Return the subscriptions to ``topic`` and of ``subscriber`` (None: any)."""
-        records = await asyncio.to_thread(self._store.list_subscriptions, topic, subscriber)
+    async def list(
+        self, topic: str | None, subscriber: str | None, namespace: str | None = None
+    ) -> list[SubscriptionInfo]:
+        """Return the subscriptions to ``topic`` and of ``subscriber`` (None: any).
+
+        ``namespace`` keeps the subscriptions to that namespace's topics; None keeps all.
+        """
+        records = await asyncio.to_thread(
+            self._store.list_subscriptions, topic, subscriber, namespace
+        )
         return [SubscriptionInfo.from_record(record) for record in records]
 
     async def published(self, topic: str, seq: int) -> None:
