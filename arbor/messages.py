@@ -69,6 +69,7 @@ class ErrorInfo:
         "store",
         "stopped",
         "denied",
+        "moved",
     ]
     error_type: str
     message: str
