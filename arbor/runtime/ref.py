@@ -82,12 +82,14 @@ class _SequencedDelivery:
         self._method = method
         self._name = name
 
-    def remote(self, wire: Any) -> Any:
+    def remote(self, wire: Any, reroute: bool = False) -> Any:
         # The lock spans the submission, so numbers follow this process's submission order.
         with _sequence_lock:
             stream, number = _next_sequence.get(self._name, (_stream, 0))
             _next_sequence[self._name] = (stream, number + 1)
             headers = {**wire[7], SEQUENCE_HEADER: f"{stream}:{number}"}
+            if reroute:
+                headers[REROUTE_HEADER] = "1"
             return self._method.remote(self._name, (*wire[:7], headers, *wire[8:]))
 
 
@@ -311,6 +313,9 @@ class AgentRef:
         within its ``ARBOR_DEDUP_WINDOW``.
         """
         envelope = self._envelope("send", handler, args, kwargs, message_id)
+        # NOTE: a send through a route cached before a hosted agent moved goes to the old
+        # host, which forwards it (one extra hop) until an ask of this reference or a lost
+        # actor makes it look the agent up again.
         origin = self._sending_origin()
         if origin is not None and origin.stage_send(self._name, envelope):
             return envelope.message_id
@@ -338,13 +343,13 @@ class AgentRef:
         With ``reroute``, a host that no longer runs the agent replies "moved" rather than
         forwarding the message, and the caller resends it to the agent's current host.
         """
-        wire = envelope.to_wire()
-        if reroute and isinstance(actor, HostedRoute):
-            wire = (*wire[:7], {**wire[7], REROUTE_HEADER: "1"}, *wire[8:])
         limit = _pending.admit(self._name)
         object_ref = None
         try:
-            object_ref = actor.handle.remote(wire)
+            if reroute and isinstance(actor, HostedRoute):
+                object_ref = actor.handle.remote(envelope.to_wire(), True)
+            else:
+                object_ref = actor.handle.remote(envelope.to_wire())
         finally:
             if limit is not None:
                 _pending.track(self._name, object_ref)
