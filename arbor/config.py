@@ -279,9 +279,10 @@ class Settings(BaseSettings):
     mailbox_sample_interval_s: float = Field(
         default=10.0,
         ge=0,
-        description="Seconds between the registry's reads of queued messages from Ray's state "
-        "API, for the arbor_mailbox_depth gauge; 0 turns the reads off. Each read asks the "
-        "Ray dashboard for every unfinished actor task, which took about 0.2 s on two cores.",
+        description="Seconds between the registry's reads of queued messages, from Ray's state "
+        "API for dedicated agents and from the hosts for hosted ones, for the "
+        "arbor_mailbox_depth gauge; 0 turns the reads off. Each read asks the Ray dashboard "
+        "for every unfinished actor task, which took about 0.2 s on two cores.",
     )
     log_format: Literal["json", "text"] = Field(
         default="json",

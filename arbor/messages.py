@@ -87,6 +87,7 @@ class ErrorInfo:
         "store",
         "stopped",
         "denied",
+        "moved",
     ]
     error_type: str
     message: str

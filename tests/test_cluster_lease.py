@@ -4,7 +4,8 @@ A RayService upgrade runs the old and the new cluster side by side until the new
 ready. The old ("blue") cluster runs in a child process driven over stdin and stdout; this
 process starts the new ("green") one. Green takes the lease when its registry first starts,
 blue stops its agents and recreates none, so the agents' epochs stay put while both
-clusters are up. Then blue claims the lease back, as a rollback would.
+clusters are up. Then blue claims the lease back, as a rollback would. The test runs once
+per placement: both clusters spawn with it by default.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 import arbor
 from arbor.persistence import open_store
 from tests.agents import Counter
+from tests.conftest import PLACEMENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = {"num_cpus": 2, "object_store_memory": 100 * 1024**2}
@@ -137,17 +139,20 @@ def wait_until(check: Any, timeout: float, what: str) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_only_the_lease_holder_runs_agents(
-    module_pg_url: str, monkeypatch: pytest.MonkeyPatch
+    placement: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = Blue(module_pg_url)
+    # The blue process inherits the variable, so both clusters spawn with the placement.
+    monkeypatch.setenv("ARBOR_DEFAULT_PLACEMENT", placement)
+    old = Blue(pg_url)
     try:
         blue_id = old.started["lease"]["cluster_id"]
         assert old.started["lease"]["holder"] == blue_id
         assert old.started["lease"]["held"] is True
 
         monkeypatch.setenv("ARBOR_RECONCILE_INTERVAL_S", RECONCILE_INTERVAL_S)
-        arbor.init(database_url=module_pg_url, **CLUSTER)
+        arbor.init(database_url=pg_url, **CLUSTER)
         try:
             green = arbor.cluster_lease()
             assert green["cluster_id"] != blue_id
@@ -157,6 +162,8 @@ def test_only_the_lease_holder_runs_agents(
             # Green's reconciler brings the agents over with their state.
             for name in NAMES:
                 assert arbor.get(name).ask("append", "green-1", timeout=90) == 2
+            placements = {info.name: info.placement for info in arbor.list_agents()}
+            assert placements == {name: placement for name in NAMES}
             seen_by_blue = old.run("lease")["lease"]
             assert seen_by_blue["held"] is False
             assert seen_by_blue["holder"] == green["cluster_id"]
@@ -166,14 +173,14 @@ def test_only_the_lease_holder_runs_agents(
             assert "arbor lease --claim" in refused["message"]
 
             # Both clusters stay up and receive requests, yet no blue incarnation starts again.
-            settled = epochs(module_pg_url)
+            settled = epochs(pg_url)
             for round_number in range(10):
                 for name in NAMES:
                     arbor.get(name).ask("append", f"green-more-{round_number}", timeout=30)
                 if round_number % 5 == 0:
                     poked = old.run("poke")
                     assert set(poked.values()) == {"ClusterLeaseLost"}, poked
-            assert epochs(module_pg_url) == settled
+            assert epochs(pg_url) == settled
 
             # Rollback: blue claims the lease back, and green stops its agents.
             claimed = old.run("claim")["lease"]

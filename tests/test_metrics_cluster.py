@@ -1,4 +1,7 @@
-"""A real Prometheus scrapes an Arbor cluster's metrics, which count the workload that ran."""
+"""A real Prometheus scrapes an Arbor cluster's metrics, which count the workload that ran.
+
+The module runs once per placement, each time on a new cluster and database.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import ray
 
 import arbor
 from tests.agents import Counter, Delegator, Sleeper
+from tests.conftest import PLACEMENTS, create_pg_database, drop_pg_database
 from tests.test_cli import run_arbor
 from tests.test_prometheus_export import (
     PROMETHEUS,
@@ -29,10 +33,14 @@ COUNTERS = 3
 ASKS_EACH = 10
 
 
-@pytest.fixture(scope="module")
-def export_port(module_pg_url: str) -> Iterator[int]:
-    """A local cluster with Arbor whose metrics agent serves Prometheus text on the port."""
+@pytest.fixture(scope="module", params=PLACEMENTS)
+def cluster(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
+    """A local cluster with Arbor whose metrics agent serves Prometheus text on the port.
+
+    Spawns get the placement of the run by default.
+    """
     port = free_port()
+    database_url = create_pg_database()
     ray.init(
         # A new cluster even when another one runs on this machine.
         address="local",
@@ -44,17 +52,25 @@ def export_port(module_pg_url: str) -> Iterator[int]:
         _metrics_export_port=port,
         _system_config={"metrics_report_interval_ms": 1000},
     )
-    previous = os.environ.get("ARBOR_MAILBOX_SAMPLE_INTERVAL_S")
-    os.environ["ARBOR_MAILBOX_SAMPLE_INTERVAL_S"] = "1"
+    settings = {"ARBOR_MAILBOX_SAMPLE_INTERVAL_S": "1", "ARBOR_DEFAULT_PLACEMENT": request.param}
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     try:
-        arbor.init(database_url=module_pg_url)
-        yield port
+        arbor.init(database_url=database_url)
+        yield {"port": port, "database_url": database_url, "placement": request.param}
     finally:
         arbor.shutdown()
-        if previous is None:
-            os.environ.pop("ARBOR_MAILBOX_SAMPLE_INTERVAL_S", None)
-        else:
-            os.environ["ARBOR_MAILBOX_SAMPLE_INTERVAL_S"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        drop_pg_database(database_url)
+
+
+@pytest.fixture(scope="module")
+def export_port(cluster: dict[str, object]) -> int:
+    return int(cluster["port"])  # type: ignore[call-overload]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +148,7 @@ def test_spawns_messages_checkpoints_and_denials_reach_prometheus(
 def test_arbor_metrics_prints_the_workload(
     workload: dict[str, int],
     prometheus_url: str,  # noqa: F811 - waits until the exports hold the workload
-    module_pg_url: str,
+    cluster: dict[str, object],
 ) -> None:
     wait_for(
         prometheus_url,
@@ -141,7 +157,7 @@ def test_arbor_metrics_prints_the_workload(
     )
     env = {
         "ARBOR_RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "ARBOR_DATABASE_URL": module_pg_url,
+        "ARBOR_DATABASE_URL": str(cluster["database_url"]),
     }
     result = run_arbor("metrics", "--interval", "0.5", env=env, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -161,13 +177,16 @@ def _rows(text: str) -> list[str]:
 
 
 def test_queued_messages_show_as_mailbox_depth(
-    export_port: int,
+    cluster: dict[str, object],
     prometheus_url: str,  # noqa: F811
 ) -> None:
     sleeper = arbor.spawn(Sleeper, "metrics/sleeper")
+    placement = next(info.placement for info in arbor.list_agents() if info.name == sleeper.name)
+    assert placement == cluster["placement"]
+    node = sleeper.info()["node_id"]
     for _ in range(20):
         sleeper.send("nap", 0.5)
-    query = 'sum(ray_arbor_mailbox_depth{agent_type="Sleeper"})'
+    query = f'sum(ray_arbor_mailbox_depth{{agent_type="Sleeper",node="{node}"}})'
 
     queued = wait_for(prometheus_url, query, lambda value: value >= 5)
     assert queued is not None

@@ -1,7 +1,8 @@
 """One trace follows an ask chain of three agents on two nodes, and their logs carry it.
 
 The agents export spans over OTLP/HTTP to a small collector this test runs on 127.0.0.1;
-it decodes the protobuf requests with the OpenTelemetry proto package.
+it decodes the protobuf requests with the OpenTelemetry proto package. The module runs
+once per placement, each time on a new cluster and database.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 import arbor
 from arbor.persistence import open_store
 from tests.agents import Chain
+from tests.conftest import PLACEMENTS, create_pg_database, drop_pg_database, hosted
 
 # Seconds to wait for the batch span processors of the agent processes to export.
 EXPORT_TIMEOUT_S = 60.0
@@ -71,15 +73,39 @@ def collector() -> Iterator[str]:
     server.server_close()
 
 
+@pytest.fixture(scope="module", params=PLACEMENTS)
+def placement(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def nodes(collector: str, module_pg_url: str) -> Iterator[list[str]]:
-    """A head without CPUs and two worker nodes whose processes export spans to the collector."""
-    variables = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_BSP_SCHEDULE_DELAY", "ARBOR_LOG_LEVEL")
+def database_url(placement: str) -> Iterator[str]:
+    url = create_pg_database()
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture(scope="module")
+def nodes(collector: str, database_url: str, placement: str) -> Iterator[list[str]]:
+    """A head without CPUs and two worker nodes whose processes export spans to the collector.
+
+    Spawns get the placement of the run by default. Hosted agents run in one host per
+    worker node, because the head offers no CPU for a host.
+    """
+    variables = (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_BSP_SCHEDULE_DELAY",
+        "ARBOR_LOG_LEVEL",
+        "ARBOR_DEFAULT_PLACEMENT",
+    )
     saved = {key: os.environ.get(key) for key in variables}
     # Agent processes inherit these; the handler's INFO line must reach the log files.
     os.environ["ARBOR_LOG_LEVEL"] = "INFO"
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+    os.environ["ARBOR_DEFAULT_PLACEMENT"] = placement
+    with Collector.lock:
+        Collector.spans.clear()
     cluster = ray.cluster_utils.Cluster(
         initialize_head=True,
         head_node_args={
@@ -95,7 +121,7 @@ def nodes(collector: str, module_pg_url: str) -> Iterator[list[str]]:
     ]
     cluster.wait_for_nodes()
     try:
-        arbor.init(address=cluster.address, database_url=module_pg_url)
+        arbor.init(address=cluster.address, database_url=database_url)
         yield [worker.node_id for worker in workers]
     finally:
         arbor.shutdown()
@@ -108,17 +134,21 @@ def nodes(collector: str, module_pg_url: str) -> Iterator[list[str]]:
 
 
 def spawn_chain(node_ids: list[str]) -> list[str]:
+    """Spawn three agents that ask each other in turn, the middle one on the other node.
+
+    A dedicated agent is pinned to its node. A hosted agent goes to the host with the
+    fewest agents, so with one host per node the three alternate between the two nodes.
+    """
     names = ["trace/a", "trace/b", "trace/c"]
     placements = [node_ids[0], node_ids[1], node_ids[0]]
     for index, (name, node_id) in enumerate(zip(names, placements, strict=True)):
         following = names[index + 1 : index + 2]
-        arbor.spawn(
-            Chain,
-            name,
-            node_id=node_id,
-            node_affinity="hard",
-            capabilities=[f"arbor://agent/ask/{target}" for target in following],
-        )
+        capabilities = [f"arbor://agent/ask/{target}" for target in following]
+        if hosted():
+            arbor.spawn(Chain, name, capabilities=capabilities)
+        else:
+            pinned = {"node_id": node_id, "node_affinity": "hard"}
+            arbor.spawn(Chain, name, capabilities=capabilities, **pinned)
     return names
 
 
@@ -130,8 +160,10 @@ def test_one_trace_spans_an_ask_chain_across_nodes(nodes: list[str]) -> None:
     assert len(trace_ids) == 1
     assert None not in trace_ids
     (trace_id,) = trace_ids
-    nodes_of = {arbor.get(name).info()["node_id"] for name in names}
-    assert nodes_of == set(nodes)
+    nodes_of = [arbor.get(name).info()["node_id"] for name in names]
+    assert set(nodes_of) == set(nodes)
+    assert nodes_of[0] != nodes_of[1]
+    assert nodes_of[1] != nodes_of[2]
 
     deadline = time.monotonic() + EXPORT_TIMEOUT_S
     spans: dict[str, tuple[str, str, str, str, dict[str, Any]]] = {}
@@ -181,14 +213,14 @@ def test_one_trace_spans_an_ask_chain_across_nodes(nodes: list[str]) -> None:
     assert all(line["agent_type"] == "Chain" for line in lines)
 
 
-def test_denial_audit_row_carries_the_trace_id(nodes: list[str], module_pg_url: str) -> None:
+def test_denial_audit_row_carries_the_trace_id(nodes: list[str], database_url: str) -> None:
     names = ["trace/a", "trace/b", "trace/c"]
     if not arbor.list_agents():
         spawn_chain(nodes)
     # trace/c holds no capability to ask trace/a, so the third hop is denied.
     with pytest.raises(arbor.HandlerError, match="CapabilityDenied"):
         arbor.get(names[0]).ask("relay", [names[1], names[2], names[0]])
-    store = open_store(module_pg_url)
+    store = open_store(database_url)
     try:
         (row,) = store.list_audit(principal="trace/c", decision="denied", limit=10)
     finally:

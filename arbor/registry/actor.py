@@ -872,7 +872,7 @@ class Registry:
             await asyncio.sleep(self._settings.reconcile_interval_s)
 
     async def _sample_mailboxes_forever(self) -> None:
-        """Set the mailbox depth gauges from Ray's task state at a fixed interval."""
+        """Set the mailbox depth gauges from Ray's task state and the hosts at an interval."""
         interval = self._settings.mailbox_sample_interval_s
         if interval == 0 or not self._settings.metrics:
             return
@@ -887,8 +887,7 @@ class Registry:
                 # Logged once per outage: the dashboard may be restarting or overloaded.
                 if not failing:
                     logger.warning(
-                        "could not read mailbox depths from Ray's state API: %s; retrying "
-                        "every %.0f s",
+                        "could not read mailbox depths: %s; retrying every %.0f s",
                         _one_line(error),
                         interval,
                     )
@@ -898,13 +897,22 @@ class Registry:
         """Set the gauge for each agent type and node; returns the keys that were non-zero.
 
         Keys that were non-zero at the last sample and have nothing queued now are set to 0.
+        Dedicated agents count only with the Ray dashboard, which serves the state API.
         """
-        api_url = mailbox.state_api_url()
-        if api_url is None:
-            return reported
         records = self._store.list_agents(RUNNING)
-        agent_types = {_type_name(record.type_path) for record in records}
-        depths = mailbox.sample_depths(api_url, agent_types)
+        depths: collections.Counter[tuple[str, str]] = collections.Counter()
+        api_url = mailbox.state_api_url()
+        if api_url is not None:
+            agent_types = {_type_name(record.type_path) for record in records}
+            depths.update(mailbox.sample_depths(api_url, agent_types))
+        hosted = {
+            record.name: _type_name(record.type_path)
+            for record in records
+            if placement_of(record) == "hosted"
+        }
+        hosts = self._hosts.handles()
+        if hosted and hosts:
+            depths.update(mailbox.sample_hosted_depths(hosts, hosted))
         for agent_type, node in reported | set(depths):
             telemetry.record(
                 metrics.set_mailbox_depth, agent_type, node, depths.get((agent_type, node), 0)

@@ -46,6 +46,10 @@ class HostPool:
         """The Ray names of the hosts this registry has started or found."""
         return list(self._hosts)
 
+    def handles(self) -> list[Any]:
+        """Return the handles of the hosts this registry has started or found."""
+        return list(self._hosts.values())
+
     def handle(self, name: str) -> Any:
         """Return the handle of host ``name``.
 
@@ -166,7 +170,12 @@ class HostPool:
             except ValueError:
                 gone.add(name)
                 del self._hosts[name]
-        self._load = collections.Counter(record.options.get("host") for record in hosted)
+        # A spawn may have chosen a host after the records were read, so a count below the
+        # one kept since is not lowered; stops and moves lower it when they happen.
+        recorded = collections.Counter(record.options.get("host") for record in hosted)
+        self._load = collections.Counter(
+            {host: max(recorded[host], self._load[host]) for host in self._hosts}
+        )
         orphans = [
             record
             for record in hosted
@@ -229,8 +238,10 @@ class HostPool:
     async def _move(self, record: AgentRecord, source: str, target: str) -> None:
         """Move one agent: record the new host, let the old one commit and drop it, start it.
 
-        Messages that still reach the old host are forwarded, and the new incarnation's
-        epoch fences the old one, so no order of these steps loses a committed update.
+        The old host answers an `AgentRef.ask` that still reaches it with a "moved" reply,
+        so the sender looks the agent up and resends, and forwards other messages. The new
+        incarnation's epoch fences the old one, so no order of these steps loses a
+        committed update.
         """
         options = {**record.options, "host": target}
         await asyncio.to_thread(self._store.update_options, record.name, options)

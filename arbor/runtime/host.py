@@ -44,7 +44,13 @@ from arbor.runtime.actor import start_cell
 from arbor.runtime.cell import AgentCell
 from arbor.runtime.host_local import HostLocalRoute, log_failure
 from arbor.runtime.host_order import StreamOrder
-from arbor.runtime.ref import SEQUENCE_HEADER, HostedRoute, route_to, set_local_router
+from arbor.runtime.ref import (
+    REROUTE_HEADER,
+    SEQUENCE_HEADER,
+    HostedRoute,
+    route_to,
+    set_local_router,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +178,8 @@ class HostActor:
         self._limits: dict[str, int | None] = {}
         # Messages delivered between agents of this host without Ray.
         self.local_deliveries = 0
+        # The number of "moved" replies sent for agents that moved to another host.
+        self._moved_replies = 0
         self._order = StreamOrder(self._name, self._loop, self._post)
         set_local_router(self._local_route)
         self._recovery = self._loop.create_task(
@@ -240,6 +248,7 @@ class HostActor:
         async def stop(slot: _Slot) -> None:
             cell = slot.cell
             self._owned.discard(name)
+            self._order.forget_agent(name)
             if cell is None:
                 return
             work = self._loop.run_in_executor(self._pool, cell.stop_now)
@@ -313,7 +322,23 @@ class HostActor:
             "group_commits": self._committer.batches,
             "group_commit_writes": self._committer.writes,
             "local_deliveries": self.local_deliveries,
+            "moved_replies": self._moved_replies,
+            "order_streams": len(self._order),
         }
+
+    async def mailbox_depths(self) -> dict[str, Any]:
+        """Return this host's node and, per agent with waiting messages, how many wait.
+
+        A waiting message is one in the agent's mailbox that has not started, or one held
+        back for an earlier message of its sender. The running message does not count, as
+        for dedicated agents.
+        """
+        depths = self._order.held_by_agent()
+        for name, slot in self._slots.items():
+            waiting = sum(1 for item, _ in slot.queue if isinstance(item, Envelope))
+            if waiting:
+                depths[name] += waiting
+        return {"node_id": self._node_id, "depths": dict(depths)}
 
     # The mailbox.
 
@@ -404,6 +429,10 @@ class HostActor:
             try:
                 cell = await self._activate(slot)
             except _Elsewhere as moved:
+                if envelope.headers.pop(REROUTE_HEADER, None) is not None:
+                    # The sender looks the agent up again and resends; see `AgentRef`.
+                    self._moved_replies += 1
+                    return _moved_reply(envelope, moved.record)
                 return await self._forward(moved.record, envelope)
             except AgentNotFound as error:
                 return _stopped_reply(envelope, error)
@@ -674,6 +703,7 @@ class HostActor:
 
     def _sweep(self) -> None:
         now = time.monotonic()
+        self._order.prune(now)
         for slot in list(self._slots.values()):
             cell = slot.cell
             if cell is None or slot.draining or slot.queue:
@@ -712,6 +742,15 @@ class HostActor:
 
 def _stopped_reply(envelope: Envelope, error: AgentNotFound) -> Reply:
     info = ErrorInfo(kind="stopped", error_type="arbor.errors.AgentNotFound", message=str(error))
+    return Reply(envelope.message_id, error=info)
+
+
+def _moved_reply(envelope: Envelope, record: AgentRecord) -> Reply:
+    info = ErrorInfo(
+        kind="moved",
+        error_type="arbor.errors.AgentNotFound",
+        message=f"agent {record.name!r} moved to {record.options.get('host')}",
+    )
     return Reply(envelope.message_id, error=info)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -59,10 +60,17 @@ class _BoundMethod:
 # order, so the host puts each agent's messages from one stream back in order by it.
 SEQUENCE_HEADER = "arbor-seq"
 
-# This process's stream id, and the next number per hosted agent it sends to.
+# The envelope header that marks a message `AgentRef.ask` resends itself. A host that no
+# longer runs the agent replies "moved" to such a message instead of forwarding it.
+REROUTE_HEADER = "arbor-reroute"
+
+# This process's stream id and, per hosted agent it sends to, the stream its messages are
+# numbered in and the next number. A route change starts a new stream at 0, because the
+# new host keeps back a message numbered above what it expects for up to SEQUENCE_GAP_S.
 _stream = uuid.uuid4().hex[:16]
 _sequence_lock = threading.Lock()
-_next_sequence: dict[str, int] = {}
+_next_sequence: dict[str, tuple[str, int]] = {}
+_stream_restarts = itertools.count(1)
 
 
 class _SequencedDelivery:
@@ -74,12 +82,14 @@ class _SequencedDelivery:
         self._method = method
         self._name = name
 
-    def remote(self, wire: Any) -> Any:
+    def remote(self, wire: Any, reroute: bool = False) -> Any:
         # The lock spans the submission, so numbers follow this process's submission order.
         with _sequence_lock:
-            number = _next_sequence.get(self._name, 0)
-            _next_sequence[self._name] = number + 1
-            headers = {**wire[7], SEQUENCE_HEADER: f"{_stream}:{number}"}
+            stream, number = _next_sequence.get(self._name, (_stream, 0))
+            _next_sequence[self._name] = (stream, number + 1)
+            headers = {**wire[7], SEQUENCE_HEADER: f"{stream}:{number}"}
+            if reroute:
+                headers[REROUTE_HEADER] = "1"
             return self._method.remote(self._name, (*wire[:7], headers, *wire[8:]))
 
 
@@ -98,6 +108,13 @@ class HostedRoute:
         self.handle = _SequencedDelivery(host.deliver, name)
         self.info = _BoundMethod(host.agent_info, name)
         self.stop = _BoundMethod(host.stop_agent, name)
+
+
+def restart_sequence(name: str) -> None:
+    """Number this process's next messages to agent ``name`` in a new stream from 0."""
+    with _sequence_lock:
+        if name in _next_sequence:
+            _next_sequence[name] = (f"{_stream}.{next(_stream_restarts)}", 0)
 
 
 # Handles of host actors by Ray name. Hosts live long and serve many agents, so the
@@ -230,9 +247,10 @@ class AgentRef:
         if local is not None:
             return self._unwrap(handler, local.ask(envelope, seconds))
         deadline = time.monotonic() + seconds
+        rerouted = False
         while True:
             actor = self._resolve(deadline)
-            object_ref = self._submit(actor, envelope)
+            object_ref = self._submit(actor, envelope, reroute=not rerouted)
             try:
                 reply = ray.get(object_ref, timeout=max(deadline - time.monotonic(), 0.0))
             except GetTimeoutError:
@@ -241,6 +259,10 @@ class AgentRef:
                 ) from None
             except _ACTOR_LOST as error:
                 self._lost_actor(error)
+                continue
+            if _moved(reply) and not rerouted:
+                self._moved_agent(reply)
+                rerouted = True
                 continue
             return self._unwrap(handler, reply)
 
@@ -261,13 +283,14 @@ class AgentRef:
         if local is not None:
             return self._unwrap(handler, await local.ask_async(envelope, seconds))
         deadline = time.monotonic() + seconds
+        rerouted = False
         while True:
             actor = self._handle
             if actor is None:
                 # A lookup waits for the GCS and the registry. A thread keeps the caller's
                 # event loop free meanwhile, which matters in a host shared by many agents.
                 actor = await asyncio.to_thread(self._resolve_for_submit, deadline)
-            object_ref = self._submit(actor, envelope)
+            object_ref = self._submit(actor, envelope, reroute=not rerouted)
             try:
                 reply = await asyncio.wait_for(
                     object_ref, timeout=max(deadline - time.monotonic(), 0.0)
@@ -280,6 +303,10 @@ class AgentRef:
                 self._lost_actor(error)
                 await asyncio.sleep(_RESOLVE_POLL_S)
                 continue
+            if _moved(reply) and not rerouted:
+                self._moved_agent(reply)
+                rerouted = True
+                continue
             return self._unwrap(handler, reply)
 
     def send(self, handler: str, *args: Any, message_id: str | None = None, **kwargs: Any) -> str:
@@ -290,6 +317,9 @@ class AgentRef:
         within its ``ARBOR_DEDUP_WINDOW``.
         """
         envelope = self._envelope("send", handler, args, kwargs, message_id)
+        # NOTE: a send through a route cached before a hosted agent moved goes to the old
+        # host, which forwards it (one extra hop) until an ask of this reference or a lost
+        # actor makes it look the agent up again.
         origin = self._sending_origin()
         if origin is not None and origin.stage_send(self._name, envelope):
             return envelope.message_id
@@ -315,12 +345,19 @@ class AgentRef:
             return None
         return local_route(self._name)
 
-    def _submit(self, actor: Any, envelope: Envelope) -> Any:
-        """Submit the message, or raise `AgentOverloaded` when the agent's limit is reached."""
+    def _submit(self, actor: Any, envelope: Envelope, reroute: bool = False) -> Any:
+        """Submit the message, or raise `AgentOverloaded` when the agent's limit is reached.
+
+        With ``reroute``, a host that no longer runs the agent replies "moved" rather than
+        forwarding the message, and the caller resends it to the agent's current host.
+        """
         limit = _pending.admit(self._name)
         object_ref = None
         try:
-            object_ref = actor.handle.remote(envelope.to_wire())
+            if reroute and isinstance(actor, HostedRoute):
+                object_ref = actor.handle.remote(envelope.to_wire(), True)
+            else:
+                object_ref = actor.handle.remote(envelope.to_wire())
         finally:
             if limit is not None:
                 _pending.track(self._name, object_ref)
@@ -445,6 +482,19 @@ class AgentRef:
         )
         if isinstance(self._handle, HostedRoute):
             forget_host(self._handle.host_name)
+            restart_sequence(self._name)
+        self._handle = None
+        self._relocating = True
+
+    def _moved_agent(self, reply: Reply) -> None:
+        """Drop the cached route of an agent whose old host replied that it moved.
+
+        The caller resends the same envelope once, to the host the registry names now; the
+        message id makes the agent apply it at most once. The old host did not run it.
+        """
+        reason = reply.error.message if reply.error is not None else "moved"
+        logger.info("agent %s: %s; looking it up again", self._name, reason)
+        restart_sequence(self._name)
         self._handle = None
         self._relocating = True
 
@@ -540,6 +590,10 @@ def reset_process_state() -> None:
     with _sequence_lock:
         _stream = uuid.uuid4().hex[:16]
         _next_sequence.clear()
+
+
+def _moved(reply: Any) -> bool:
+    return isinstance(reply, Reply) and reply.error is not None and reply.error.kind == "moved"
 
 
 def _check_timeout(timeout: float | None) -> None:
