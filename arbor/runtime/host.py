@@ -335,7 +335,7 @@ class HostActor:
         """
         depths = self._order.held_by_agent()
         for name, slot in self._slots.items():
-            waiting = sum(1 for item, _ in slot.queue if isinstance(item, Envelope))
+            waiting = sum(1 for item, _, _ in slot.queue if isinstance(item, Envelope))
             if waiting:
                 depths[name] += waiting
         return {"node_id": self._node_id, "depths": dict(depths)}
