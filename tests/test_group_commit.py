@@ -18,6 +18,7 @@ import arbor
 from arbor.config import NAMESPACE, REGISTRY_NAME, Settings
 from arbor.errors import CheckpointConflict, StoreUnavailable
 from arbor.persistence import AgentRecord, CheckpointStore, CheckpointWrite, open_store
+from arbor.persistence.base import EncodedCheckpoint
 from arbor.persistence.group import GroupCommitter
 from tests.agents import Counter
 from tests.conftest import arbor_cluster
@@ -140,7 +141,7 @@ def test_committer_raises_conflict_for_stale_writer_only(store: CheckpointStore)
 class _BrokenStore:
     """A store whose batches fail, as after the retries of a database outage ran out."""
 
-    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int]:
+    def write_encoded_checkpoints(self, writes: list[EncodedCheckpoint]) -> list[int]:
         raise StoreUnavailable("the database is unreachable")
 
 

@@ -2,10 +2,14 @@
 
 Agents with ``durability="batched"`` hand their checkpoint to the process's
 `GroupCommitter` and wait. A committer thread takes the writes that arrived, waits up to
-the window for more, and commits them together with `CheckpointStore.write_checkpoints`.
+the window for more, and commits them together with `CheckpointStore.write_encoded_checkpoints`.
 A batch costs one commit (one flush of the write-ahead log) however many agents it holds,
 and no agent's message is acknowledged before the batch with its checkpoint commits. Two
 committer threads take turns, so one batch collects while the other commits.
+
+The committer threads are the serial part, so each writer encodes its own checkpoint
+before it queues it, and waits on a plain lock that the committer releases once the
+outcome is set: one release wakes one writer, with no Event or Condition in between.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ import time
 from typing import Any
 
 from arbor.errors import CheckpointConflict, StoreUnavailable
-from arbor.persistence.base import CheckpointStore, CheckpointWrite
+from arbor.persistence.base import (
+    CheckpointStore,
+    CheckpointWrite,
+    EncodedCheckpoint,
+    encode_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +35,12 @@ class _Pending:
 
     __slots__ = ("write", "done", "version", "error")
 
-    def __init__(self, write: CheckpointWrite) -> None:
+    def __init__(self, write: EncodedCheckpoint) -> None:
         self.write = write
-        self.done = threading.Event()
+        # Held from the start; the committer releases it after setting the outcome, and
+        # the writer's acquire returns then.
+        self.done = threading.Lock()
+        self.done.acquire()
         self.version = 0
         self.error: BaseException | None = None
 
@@ -84,7 +96,8 @@ class GroupCommitter:
             CheckpointConflict: a newer incarnation of the agent exists.
             StoreUnavailable: the batch could not be committed, or the committer is closed.
         """
-        pending = _Pending(CheckpointWrite(name, epoch, state_json, processed, keep, outbox))
+        write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
+        pending = _Pending(encode_checkpoint(write))
         with self._ready:
             if self._closed:
                 raise StoreUnavailable(
@@ -92,7 +105,7 @@ class GroupCommitter:
                 )
             self._queue.append(pending)
             self._ready.notify()
-        pending.done.wait()
+        pending.done.acquire()
         if pending.error is not None:
             raise pending.error
         return pending.version
@@ -136,7 +149,7 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            results = self.store.write_checkpoints([pending.write for pending in batch])
+            results = self.store.write_encoded_checkpoints([pending.write for pending in batch])
         except Exception as error:
             # The store retried already; every write of the batch fails with the same cause.
             logger.error(
@@ -147,7 +160,7 @@ class GroupCommitter:
             failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(str(error))
             for pending in batch:
                 pending.error = failure
-                pending.done.set()
+                pending.done.release()
             return
         with self._counts:
             self.batches += 1
@@ -157,4 +170,4 @@ class GroupCommitter:
                 pending.error = result
             else:
                 pending.version = result
-            pending.done.set()
+            pending.done.release()
