@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -26,6 +27,8 @@ from arbor.config import Settings
 from arbor.persistence import RUNNING, AgentRecord, open_store
 from arbor.persistence.group import GroupCommitter
 from benchmarks import common
+
+MODES = ("durable", "batched")
 
 
 def main() -> None:
@@ -47,7 +50,16 @@ def main() -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--writers", type=int, default=64, help="writer threads (default: 64)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per mode (default: 5)")
+    parser.add_argument(
+        "--seconds", type=float, default=6.0, help="per mode, over all rounds (default: 6)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds that alternate the modes, so that a change in the machine's load "
+        "between them falls on both (default: 3)",
+    )
     parser.add_argument(
         "--state-bytes", type=int, default=200, help="checkpoint state size (default: 200)"
     )
@@ -55,33 +67,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench_commits(args: argparse.Namespace) -> None:
     writers = getattr(args, "writers", 64)
-    seconds = getattr(args, "seconds", 5.0)
+    seconds = getattr(args, "seconds", 6.0)
+    rounds = max(1, getattr(args, "rounds", 3))
     state_bytes = getattr(args, "state_bytes", 200)
     settings = Settings()
-    rows: list[list[object]] = []
-    rates: dict[str, float] = {}
-    for mode in ("durable", "batched"):
-        with common.temporary_database("postgresql", args.pg_admin_url) as url:
-            pool = settings.model_copy(update={"db_pool_max": settings.host_db_pool_max})
+    pool = settings.model_copy(update={"db_pool_max": settings.host_db_pool_max})
+    counts = {mode: 0 for mode in MODES}
+    elapsed = {mode: 0.0 for mode in MODES}
+    ratios: list[float] = []
+    with contextlib.ExitStack() as stack:
+        targets: dict[str, Any] = {}
+        epochs: dict[str, dict[str, int]] = {}
+        committers: dict[str, GroupCommitter] = {}
+        for mode in MODES:
+            url = stack.enter_context(common.temporary_database("postgresql", args.pg_admin_url))
             store = open_store(url, pool)
-            try:
-                epochs = start_agents(store, writers)
-                committer = GroupCommitter(store, settings.batch_window_s)
-                writer: Any = store if mode == "durable" else committer
-                count, elapsed = run_writers(writer, epochs, seconds, state_bytes)
-                committer.close()
-            finally:
-                store.close()
-        rates[mode] = count / elapsed
-        groups = committer.batches if mode == "batched" else count
-        rows.append(
-            [mode, writers, count, count / elapsed, groups / elapsed, count / max(groups, 1)]
-        )
+            stack.callback(store.close)
+            epochs[mode] = start_agents(store, writers)
+            if mode == "batched":
+                committers[mode] = GroupCommitter(store, settings.batch_window_s)
+                stack.callback(committers[mode].close)
+            targets[mode] = committers.get(mode, store)
+        for index in range(rounds):
+            # ABBA order: each mode runs first in every other round.
+            order = MODES if index % 2 == 0 else MODES[::-1]
+            rates = {}
+            for mode in order:
+                count, took = run_writers(
+                    targets[mode], epochs[mode], seconds / rounds, state_bytes
+                )
+                counts[mode] += count
+                elapsed[mode] += took
+                rates[mode] = count / took
+            ratios.append(rates["batched"] / rates["durable"])
+
+    rates = {mode: counts[mode] / elapsed[mode] for mode in MODES}
+    transactions = {"durable": counts["durable"], "batched": committers["batched"].batches}
+    rows = [
+        [
+            mode,
+            writers,
+            counts[mode],
+            rates[mode],
+            transactions[mode] / elapsed[mode],
+            counts[mode] / max(transactions[mode], 1),
+        ]
+        for mode in MODES
+    ]
     print("\n## Checkpoint commits per second (PostgreSQL)\n")
     print(
-        f"{writers} writers, one agent each, {state_bytes}-byte states, {seconds:g} s per mode; "
-        f"pool of {settings.host_db_pool_max} connections; batch window "
-        f"{settings.batch_window_s * 1000:g} ms"
+        f"{writers} writers, one agent each, {state_bytes}-byte states, {seconds:g} s per mode "
+        f"in {rounds} alternating rounds; pool of {settings.host_db_pool_max} connections; "
+        f"batch window {settings.batch_window_s * 1000:g} ms"
     )
     print(
         common.format_table(
@@ -89,8 +126,11 @@ def bench_commits(args: argparse.Namespace) -> None:
             rows,
         )
     )
-    print(f"batched / durable: {rates['batched'] / rates['durable']:.1f}x")
-    plot(args, rates)
+    print(
+        f"batched / durable: {rates['batched'] / rates['durable']:.1f}x overall; per round "
+        + ", ".join(f"{ratio:.1f}x" for ratio in ratios)
+    )
+    plot(args, rates, "hosted-commits.png", "checkpoints committed per second")
 
 
 def start_agents(store: Any, count: int) -> dict[str, int]:
@@ -128,7 +168,7 @@ def run_writers(
     return sum(counts), elapsed
 
 
-def plot(args: argparse.Namespace, rates: dict[str, float]) -> None:
+def plot(args: argparse.Namespace, rates: dict[str, float], file_name: str, label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,11 +177,11 @@ def plot(args: argparse.Namespace, rates: dict[str, float]) -> None:
     figure, axes = plt.subplots(figsize=(6, 3))
     axes.barh(list(rates), list(rates.values()))
     axes.invert_yaxis()
-    axes.set_xlabel("checkpoints committed per second")
+    axes.set_xlabel(label)
     axes.set_title("Checkpoint commits, PostgreSQL")
     figure.tight_layout()
     os.makedirs(args.plot_dir, exist_ok=True)
-    path = os.path.join(args.plot_dir, "hosted-commits.png")
+    path = os.path.join(args.plot_dir, file_name)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     print(f"\nplot: {path}")

@@ -54,14 +54,18 @@ class EncodedCheckpoint(NamedTuple):
     keep: int
 
 
+# json.dumps with separators builds an encoder on every call; this one is built once.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_checkpoint(write: CheckpointWrite) -> EncodedCheckpoint:
     """Return ``write`` with its processed-message list and outbox encoded as JSON text."""
     return EncodedCheckpoint(
         write.name,
         write.epoch,
         write.state_json,
-        json.dumps(write.processed, separators=(",", ":")),
-        json.dumps(write.outbox or [], separators=(",", ":")),
+        _COMPACT_JSON.encode(write.processed),
+        _COMPACT_JSON.encode(write.outbox or []),
         write.keep,
     )
 
