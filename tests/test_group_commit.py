@@ -262,6 +262,38 @@ def test_committer_failure_fails_every_writer_of_the_batch() -> None:
     assert all("unreachable" in str(error) for error in errors)
 
 
+class _SlowStore:
+    """A store whose batches take a few milliseconds and always commit."""
+
+    def write_encoded_checkpoints(self, writes: list[EncodedCheckpoint]) -> list[int]:
+        time.sleep(0.003)
+        return [1] * len(writes)
+
+
+def test_committer_threads_survive_racing_for_one_batch() -> None:
+    # With a window, both committer threads can wait for the same queued writes; the one
+    # that finds them taken must go on waiting instead of ending as if closed.
+    committer = GroupCommitter(_SlowStore(), window_s=0.02)  # type: ignore[arg-type]
+
+    def write(name: str) -> None:
+        committer.write_checkpoint(name, 1, STATE, [], 10)
+
+    for round_index in range(30):
+        threads = [
+            threading.Thread(target=write, args=(f"g/{round_index}-{index}",))
+            for index in range(1 + round_index % 6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    alive = [thread.is_alive() for thread in committer._threads]
+    committer.close()
+
+    assert alive == [True, True]
+    assert committer.writes == sum(1 + index % 6 for index in range(30))
+
+
 def test_closed_committer_rejects_writes(store: CheckpointStore) -> None:
     committer = GroupCommitter(store, window_s=0.0)
     committer.close()

@@ -69,6 +69,8 @@ class GroupCommitter:
         self.writes = 0
         self._queue: list[_Pending] = []
         self._last_size = 0
+        # Queued writes at which a committer waiting out the window takes its batch.
+        self._wanted = 1
         self._ready = threading.Condition()
         self._closed = False
         self._counts = threading.Lock()
@@ -104,7 +106,11 @@ class GroupCommitter:
                     f"checkpoint of agent {name!r} not written: the group committer is closed"
                 )
             self._queue.append(pending)
-            self._ready.notify()
+            # Wake a committer only for a first write or a full batch, not at every
+            # arrival while one waits out the window.
+            queued = len(self._queue)
+            if queued == 1 or queued >= self._wanted:
+                self._ready.notify()
         pending.done.acquire()
         if pending.error is not None:
             raise pending.error
@@ -126,26 +132,34 @@ class GroupCommitter:
             self._commit(batch)
 
     def _next_batch(self) -> list[_Pending]:
-        """Wait for a first write, then for more; empty once closed.
+        """Wait for a first write, then for more; empty once closed and drained.
 
         The wait ends after the window, or as soon as as many writes queued as the last
         batch held: the writers that took part then have all come back, and waiting
         longer would only add latency.
         """
         with self._ready:
-            while not self._queue and not self._closed:
-                self._ready.wait()
-            enough = min(self.max_batch, max(1, self._last_size))
-            deadline = time.monotonic() + self.window_s
-            while len(self._queue) < enough and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._ready.wait(remaining)
-            batch = self._queue[: self.max_batch]
-            del self._queue[: self.max_batch]
-            self._last_size = len(batch)
-            return batch
+            while True:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if not self._queue:
+                    return []
+                enough = min(self.max_batch, max(1, self._last_size))
+                deadline = time.monotonic() + self.window_s
+                self._wanted = enough
+                while len(self._queue) < enough and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._ready.wait(remaining)
+                self._wanted = 1
+                if self._queue:
+                    batch = self._queue[: self.max_batch]
+                    del self._queue[: self.max_batch]
+                    self._last_size = len(batch)
+                    return batch
+                # The other committer thread took these writes during the window; an
+                # empty batch here would end this thread as if the committer had closed.
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
