@@ -8,14 +8,23 @@ checkpoint to a `GroupCommitter`, which commits the ones that arrive within its 
 one transaction. A writer waits for its commit either way, as a handler waits before its
 reply. Ray plays no part here; raw Ray keeps no durable state to compare with.
 
+``--hosted`` measures the same through real hosted agents on a local Ray cluster with one
+host process: a driver agent on that host keeps one ``add`` ask in flight to each of
+``--writers`` counter agents, host-mates spawned with ``durability="durable"`` or
+``"batched"``, and counts the replies. Each reply follows the commit of the checkpoint
+its message changed, so replies per second are commits per second. The host's handler
+threads (``ARBOR_HOST_THREADS``) run the commits, so they bound a batch's size.
+
 Run from the repository root (PostgreSQL on 127.0.0.1:5432):
 
     .venv/bin/python -m benchmarks.bench_group_commit
+    .venv/bin/python -m benchmarks.bench_group_commit --hosted
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import os
@@ -23,10 +32,15 @@ import threading
 import time
 from typing import Any
 
-from arbor.config import Settings
+import ray
+
+import arbor
+from arbor.config import Settings, reset_settings
 from arbor.persistence import RUNNING, AgentRecord, open_store
 from arbor.persistence.group import GroupCommitter
+from arbor.runtime.ref import registry_handle
 from benchmarks import common
+from benchmarks.bench_agents import BenchCounter
 
 MODES = ("durable", "batched")
 
@@ -35,8 +49,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     add_arguments(parser)
     parser.add_argument(
-        "--pg-admin-url", default=common.DEFAULT_PG_ADMIN_URL, help="PostgreSQL server"
+        "--hosted",
+        action="store_true",
+        help="drive real hosted agents on a local Ray cluster instead of writer threads",
     )
+    common.add_cluster_arguments(parser)
     parser.add_argument(
         "--plot-dir",
         default=os.path.join(common.ROOT, "docs", "benchmarks"),
@@ -44,7 +61,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     common.print_header("Checkpoint commits per second, durable against batched")
-    bench_commits(args)
+    if args.hosted:
+        bench_hosted_commits(args)
+    else:
+        bench_commits(args)
     common.print_footer()
 
 
@@ -130,7 +150,124 @@ def bench_commits(args: argparse.Namespace) -> None:
         f"batched / durable: {rates['batched'] / rates['durable']:.1f}x overall; per round "
         + ", ".join(f"{ratio:.1f}x" for ratio in ratios)
     )
-    plot(args, rates, "hosted-commits.png", "checkpoints committed per second")
+    plot(
+        args,
+        rates,
+        "hosted-commits.png",
+        "Checkpoint commits, PostgreSQL",
+        "checkpoints committed per second",
+    )
+
+
+class CommitDriver(arbor.Agent):
+    """Keeps one ``add`` ask in flight to each target, a host-mate, and counts the replies."""
+
+    async def drive(self, targets: list[str], seconds: float) -> tuple[int, float]:
+        """Ask for ``seconds``; returns the replies and the seconds taken."""
+        refs = [self.context.get(target) for target in targets]
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def ask_until_deadline(ref: arbor.AgentRef) -> int:
+            replies = 0
+            while time.perf_counter() < deadline:
+                await ref.ask_async("add", 1)
+                replies += 1
+            return replies
+
+        counts = await asyncio.gather(*(ask_until_deadline(ref) for ref in refs))
+        return sum(counts), time.perf_counter() - started
+
+
+def bench_hosted_commits(args: argparse.Namespace) -> None:
+    """Drive hosted counters of both modes on one host in alternating rounds."""
+    writers, seconds, rounds = args.writers, args.seconds, max(1, args.rounds)
+    os.environ.update({"ARBOR_HOSTS_PER_NODE": "1", "ARBOR_WARM_POOL_SIZE": "0"})
+    reset_settings()
+    settings = Settings()
+    counts = {mode: 0 for mode in MODES}
+    elapsed = {mode: 0.0 for mode in MODES}
+    ratios: list[float] = []
+    with common.temporary_database("postgresql", args.pg_admin_url) as url:
+        common.start_arbor(url, args)
+        try:
+            # Run as a script, this module is __main__, a name the host cannot import.
+            from benchmarks.bench_group_commit import CommitDriver
+
+            driver = arbor.spawn(CommitDriver, "hc/driver", placement="hosted")
+            arbor.grant(driver.name, "arbor://agent/ask/hc/*")
+            targets = {
+                mode: [
+                    arbor.spawn(
+                        BenchCounter,
+                        f"hc/{mode}-{index}",
+                        args.state_bytes,
+                        placement="hosted",
+                        durability=mode,
+                    ).name
+                    for index in range(writers)
+                ]
+                for mode in MODES
+            }
+            batches_before = host_report()["group_commits"]
+            for index in range(rounds):
+                order = MODES if index % 2 == 0 else MODES[::-1]
+                rates = {}
+                for mode in order:
+                    count, took = driver.ask(
+                        "drive", targets[mode], seconds / rounds, timeout=seconds + 120
+                    )
+                    counts[mode] += count
+                    elapsed[mode] += took
+                    rates[mode] = count / took
+                ratios.append(rates["batched"] / rates["durable"])
+            batches = host_report()["group_commits"] - batches_before
+        finally:
+            arbor.shutdown()
+
+    rates = {mode: counts[mode] / elapsed[mode] for mode in MODES}
+    transactions = {"durable": counts["durable"], "batched": batches}
+    rows = [
+        [
+            mode,
+            writers,
+            counts[mode],
+            rates[mode],
+            transactions[mode] / elapsed[mode],
+            counts[mode] / max(transactions[mode], 1),
+        ]
+        for mode in MODES
+    ]
+    print("\n## Asks that change state, per second, through hosted agents (PostgreSQL)\n")
+    print(
+        f"{writers} counters per mode on one host, one ask in flight each, "
+        f"{args.state_bytes}-byte states, {seconds:g} s per mode in {rounds} alternating "
+        f"rounds; {settings.host_threads} host threads, pool of {settings.host_db_pool_max} "
+        f"connections; batch window {settings.batch_window_s * 1000:g} ms"
+    )
+    print(
+        common.format_table(
+            ["mode", "agents", "asks", "per s", "transactions per s", "per transaction"], rows
+        )
+    )
+    print(
+        f"batched / durable: {rates['batched'] / rates['durable']:.1f}x overall; per round "
+        + ", ".join(f"{ratio:.1f}x" for ratio in ratios)
+    )
+    plot(
+        args,
+        rates,
+        "hosted-commits-agents.png",
+        "Asks that change state, hosted agents, PostgreSQL",
+        "asks answered per second",
+    )
+
+
+def host_report() -> dict[str, Any]:
+    """Return the only host's report, with its group commit counters."""
+    registry = registry_handle()
+    (report,) = ray.get(registry.hosts.remote(), timeout=60)
+    return report  # type: ignore[no-any-return]
 
 
 def start_agents(store: Any, count: int) -> dict[str, int]:
@@ -168,7 +305,9 @@ def run_writers(
     return sum(counts), elapsed
 
 
-def plot(args: argparse.Namespace, rates: dict[str, float], file_name: str, label: str) -> None:
+def plot(
+    args: argparse.Namespace, rates: dict[str, float], file_name: str, title: str, label: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +317,7 @@ def plot(args: argparse.Namespace, rates: dict[str, float], file_name: str, labe
     axes.barh(list(rates), list(rates.values()))
     axes.invert_yaxis()
     axes.set_xlabel(label)
-    axes.set_title("Checkpoint commits, PostgreSQL")
+    axes.set_title(title)
     figure.tight_layout()
     os.makedirs(args.plot_dir, exist_ok=True)
     path = os.path.join(args.plot_dir, file_name)

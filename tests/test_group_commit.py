@@ -271,7 +271,7 @@ class _SlowStore:
 
 
 def test_committer_threads_survive_racing_for_one_batch() -> None:
-    # With a window, both committer threads can wait for the same queued writes; the one
+    # With a window, both committer threads can wait for the same queued writes. The one
     # that finds them taken must go on waiting instead of ending as if closed.
     committer = GroupCommitter(_SlowStore(), window_s=0.02)  # type: ignore[arg-type]
 

@@ -8,8 +8,8 @@ and no agent's message is acknowledged before the batch with its checkpoint comm
 committer threads take turns, so one batch collects while the other commits.
 
 The committer threads are the serial part, so each writer encodes its own checkpoint
-before it queues it, and waits on a plain lock that the committer releases once the
-outcome is set: one release wakes one writer, with no Event or Condition in between.
+before it queues it. A writer then waits on a plain lock, which the committer releases
+once the outcome is set, so one release wakes one writer with no Event in between.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class GroupCommitter:
         self.writes = 0
         self._queue: list[_Pending] = []
         self._last_size = 0
-        # Queued writes at which a committer waiting out the window takes its batch.
-        self._wanted = 1
+        # Queued writes at which a committer that waits out the window takes its batch.
+        self._batch_target = 1
         self._ready = threading.Condition()
         self._closed = False
         self._counts = threading.Lock()
@@ -109,7 +109,7 @@ class GroupCommitter:
             # Wake a committer only for a first write or a full batch, not at every
             # arrival while one waits out the window.
             queued = len(self._queue)
-            if queued == 1 or queued >= self._wanted:
+            if queued == 1 or queued >= self._batch_target:
                 self._ready.notify()
         pending.done.acquire()
         if pending.error is not None:
@@ -132,7 +132,7 @@ class GroupCommitter:
             self._commit(batch)
 
     def _next_batch(self) -> list[_Pending]:
-        """Wait for a first write, then for more; empty once closed and drained.
+        """Wait for a first write, then for more. Returns an empty batch once closed and drained.
 
         The wait ends after the window, or as soon as as many writes queued as the last
         batch held: the writers that took part then have all come back, and waiting
@@ -146,13 +146,13 @@ class GroupCommitter:
                     return []
                 enough = min(self.max_batch, max(1, self._last_size))
                 deadline = time.monotonic() + self.window_s
-                self._wanted = enough
+                self._batch_target = enough
                 while len(self._queue) < enough and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._ready.wait(remaining)
-                self._wanted = 1
+                self._batch_target = 1
                 if self._queue:
                     batch = self._queue[: self.max_batch]
                     del self._queue[: self.max_batch]

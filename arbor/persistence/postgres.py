@@ -46,8 +46,8 @@ from arbor.persistence.topics import TopicTables
 # retried. It is short because the retry loop, not the pool, sets the total wait.
 POOL_TIMEOUT_S = 3.0
 
-# Connections kept for group commit batches, besides the pool: the group committer's
-# two threads use one each, and the others leave room for direct write_checkpoints calls.
+# Connections at most for group commit batches, opened on first use besides the pool. A
+# host's group committer has two threads and so uses two of them.
 BATCH_CONNECTIONS = 4
 
 # Any fixed key serialises concurrent migrations across processes; this one spells "arbor".
