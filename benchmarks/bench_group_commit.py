@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import statistics
 import threading
 import time
 from typing import Any
@@ -76,9 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=10,
         help="rounds that alternate the modes, so that a change in the machine's load "
-        "between them falls on both (default: 3)",
+        "falls on both (default: 10)",
     )
     parser.add_argument(
         "--state-bytes", type=int, default=200, help="checkpoint state size (default: 200)"
@@ -88,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def bench_commits(args: argparse.Namespace) -> None:
     writers = getattr(args, "writers", 64)
     seconds = getattr(args, "seconds", 6.0)
-    rounds = max(1, getattr(args, "rounds", 3))
+    rounds = max(1, getattr(args, "rounds", 10))
     state_bytes = getattr(args, "state_bytes", 200)
     settings = Settings()
     pool = settings.model_copy(update={"db_pool_max": settings.host_db_pool_max})
@@ -146,10 +147,7 @@ def bench_commits(args: argparse.Namespace) -> None:
             rows,
         )
     )
-    print(
-        f"batched / durable: {rates['batched'] / rates['durable']:.1f}x overall; per round "
-        + ", ".join(f"{ratio:.1f}x" for ratio in ratios)
-    )
+    print_ratios(rates, ratios)
     plot(
         args,
         rates,
@@ -250,16 +248,22 @@ def bench_hosted_commits(args: argparse.Namespace) -> None:
             ["mode", "agents", "asks", "per s", "transactions per s", "per transaction"], rows
         )
     )
-    print(
-        f"batched / durable: {rates['batched'] / rates['durable']:.1f}x overall; per round "
-        + ", ".join(f"{ratio:.1f}x" for ratio in ratios)
-    )
+    print_ratios(rates, ratios)
     plot(
         args,
         rates,
         "hosted-commits-agents.png",
         "Asks that change state, hosted agents, PostgreSQL",
         "asks answered per second",
+    )
+
+
+def print_ratios(rates: dict[str, float], ratios: list[float]) -> None:
+    """Print batched / durable over the whole run and the spread of the per-round ratios."""
+    print(
+        f"batched / durable: {rates['batched'] / rates['durable']:.1f}x overall; per round "
+        f"min {min(ratios):.1f}x, median {statistics.median(ratios):.1f}x, "
+        f"max {max(ratios):.1f}x"
     )
 
 
