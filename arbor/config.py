@@ -180,7 +180,8 @@ class Settings(BaseSettings):
     host_db_pool_max: int = Field(
         default=8,
         ge=1,
-        description="PostgreSQL connections per host process, shared by its agents.",
+        description="PostgreSQL connections per host process, shared by its agents. A host "
+        "with batched agents opens two more, one per group committer thread.",
     )
     passivate_idle_s: float = Field(
         default=0.0,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import ray
 
@@ -18,7 +19,9 @@ import arbor
 from arbor.config import NAMESPACE, REGISTRY_NAME, Settings
 from arbor.errors import CheckpointConflict, StoreUnavailable
 from arbor.persistence import AgentRecord, CheckpointStore, CheckpointWrite, open_store
+from arbor.persistence.base import EncodedCheckpoint
 from arbor.persistence.group import GroupCommitter
+from arbor.persistence.pgbatch import BatchConnections
 from tests.agents import Counter
 from tests.conftest import arbor_cluster
 
@@ -137,10 +140,104 @@ def test_committer_raises_conflict_for_stale_writer_only(store: CheckpointStore)
     assert outcomes["g/new"] == 1
 
 
+def test_batch_state_round_trips_exactly(store: CheckpointStore) -> None:
+    name = "g/odd 'name' \\ \"quoted\" é"
+    epochs = started(store, name, "g/plain")
+    state = json.dumps({"text": 'tab\there, nul-free \u0001 \\ "q" 日本 🙂', "n": [1, 2.5]})
+    processed = [["m\\1", {"reply": "line\nbreak"}]]
+
+    results = store.write_checkpoints(
+        [
+            CheckpointWrite(name, epochs[name], state, processed, 10, [["to", "é"]]),
+            CheckpointWrite("g/plain", epochs["g/plain"], STATE, [], 10),
+        ]
+    )
+
+    assert results == [1, 1]
+    checkpoint = store.load_checkpoint(name)
+    assert checkpoint is not None
+    assert checkpoint.state == json.loads(state)
+    assert checkpoint.processed == processed
+    assert checkpoint.outbox == [["to", "é"]]
+
+
+def test_failed_batch_statement_commits_nothing(pg_url: str) -> None:
+    store = open_store(pg_url, Settings(database_url=pg_url, db_pool_max=2))
+    try:
+        epochs = started(store, "g/good", "g/bad")
+        writes = [
+            CheckpointWrite("g/good", epochs["g/good"], STATE, [], 10),
+            CheckpointWrite("g/bad", epochs["g/bad"], '{"truncated": ', [], 10),
+        ]
+
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            store.write_checkpoints(writes)
+
+        assert store.load_checkpoint("g/good") is None
+        assert store.get_agent("g/good").checkpoint_version == 0  # type: ignore[union-attr]
+        # The connection is usable again after the failed statement.
+        assert store.write_checkpoints(writes[:1]) == [1]
+    finally:
+        store.close()
+
+
+def test_dropped_batch_connection_is_replaced(pg_url: str) -> None:
+    store = open_store(pg_url, Settings(database_url=pg_url, db_pool_max=2))
+    try:
+        epochs = started(store, "g/drop")
+        write = CheckpointWrite("g/drop", epochs["g/drop"], STATE, [], 10)
+        assert store.write_checkpoints([write]) == [1]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            (terminated,) = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND query LIKE %s",
+                ("%unnest%",),
+            ).fetchone()  # type: ignore[misc]
+        assert terminated == 1
+
+        # The first attempt fails on the dropped connection and the retry opens another.
+        assert store.write_checkpoints([write]) == [2]
+    finally:
+        store.close()
+
+
+def test_unreachable_batch_server_raises_store_unavailable(pg_url: str) -> None:
+    settings = Settings(
+        database_url=pg_url, db_pool_max=2, db_retry_attempts=2, db_retry_backoff_s=0.01
+    )
+    store = open_store(pg_url, settings)
+    try:
+        epochs = started(store, "g/away")
+        # Port 1 on loopback refuses connections, as a stopped database server does.
+        unreachable = BatchConnections("postgresql://postgres@127.0.0.1:1/arbor", 1)
+        store._batches.close()  # type: ignore[attr-defined]
+        store._batches = unreachable  # type: ignore[attr-defined]
+        write = CheckpointWrite("g/away", epochs["g/away"], STATE, [], 10)
+
+        with pytest.raises(StoreUnavailable, match="write_checkpoints failed .* after 2 attempts"):
+            store.write_checkpoints([write])
+    finally:
+        store.close()
+
+
+def test_unencodable_checkpoint_fails_only_its_writer(store: CheckpointStore) -> None:
+    epochs = started(store, "g/fine")
+    committer = GroupCommitter(store, window_s=0.0)
+    try:
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            committer.write_checkpoint("g/fine", epochs["g/fine"], STATE, [["m", object()]], 10)
+
+        assert committer.write_checkpoint("g/fine", epochs["g/fine"], STATE, [], 10) == 1
+    finally:
+        committer.close()
+    assert committer.writes == 1
+
+
 class _BrokenStore:
     """A store whose batches fail, as after the retries of a database outage ran out."""
 
-    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int]:
+    def write_encoded_checkpoints(self, writes: list[EncodedCheckpoint]) -> list[int]:
         raise StoreUnavailable("the database is unreachable")
 
 
@@ -163,6 +260,38 @@ def test_committer_failure_fails_every_writer_of_the_batch() -> None:
 
     assert len(errors) == 3
     assert all("unreachable" in str(error) for error in errors)
+
+
+class _SlowStore:
+    """A store whose batches take a few milliseconds and always commit."""
+
+    def write_encoded_checkpoints(self, writes: list[EncodedCheckpoint]) -> list[int]:
+        time.sleep(0.003)
+        return [1] * len(writes)
+
+
+def test_committer_threads_survive_racing_for_one_batch() -> None:
+    # With a window, both committer threads can wait for the same queued writes. The one
+    # that finds them taken must go on waiting instead of ending as if closed.
+    committer = GroupCommitter(_SlowStore(), window_s=0.02)  # type: ignore[arg-type]
+
+    def write(name: str) -> None:
+        committer.write_checkpoint(name, 1, STATE, [], 10)
+
+    for round_index in range(30):
+        threads = [
+            threading.Thread(target=write, args=(f"g/{round_index}-{index}",))
+            for index in range(1 + round_index % 6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    alive = [thread.is_alive() for thread in committer._threads]
+    committer.close()
+
+    assert alive == [True, True]
+    assert committer.writes == sum(1 + index % 6 for index in range(30))
 
 
 def test_closed_committer_rejects_writes(store: CheckpointStore) -> None:

@@ -2,10 +2,14 @@
 
 Agents with ``durability="batched"`` hand their checkpoint to the process's
 `GroupCommitter` and wait. A committer thread takes the writes that arrived, waits up to
-the window for more, and commits them together with `CheckpointStore.write_checkpoints`.
+the window for more, and commits them together with `CheckpointStore.write_encoded_checkpoints`.
 A batch costs one commit (one flush of the write-ahead log) however many agents it holds,
 and no agent's message is acknowledged before the batch with its checkpoint commits. Two
 committer threads take turns, so one batch collects while the other commits.
+
+The committer threads are the serial part, so each writer encodes its own checkpoint
+before it queues it. A writer then waits on a plain lock, which the committer releases
+once the outcome is set, so one release wakes one writer with no Event in between.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ import time
 from typing import Any
 
 from arbor.errors import CheckpointConflict, StoreUnavailable
-from arbor.persistence.base import CheckpointStore, CheckpointWrite
+from arbor.persistence.base import (
+    CheckpointStore,
+    CheckpointWrite,
+    EncodedCheckpoint,
+    encode_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +35,12 @@ class _Pending:
 
     __slots__ = ("write", "done", "version", "error")
 
-    def __init__(self, write: CheckpointWrite) -> None:
+    def __init__(self, write: EncodedCheckpoint) -> None:
         self.write = write
-        self.done = threading.Event()
+        # Held from the start; the committer releases it after setting the outcome, and
+        # the writer's acquire returns then.
+        self.done = threading.Lock()
+        self.done.acquire()
         self.version = 0
         self.error: BaseException | None = None
 
@@ -57,6 +69,8 @@ class GroupCommitter:
         self.writes = 0
         self._queue: list[_Pending] = []
         self._last_size = 0
+        # Queued writes at which a committer that waits out the window takes its batch.
+        self._batch_target = 1
         self._ready = threading.Condition()
         self._closed = False
         self._counts = threading.Lock()
@@ -84,15 +98,20 @@ class GroupCommitter:
             CheckpointConflict: a newer incarnation of the agent exists.
             StoreUnavailable: the batch could not be committed, or the committer is closed.
         """
-        pending = _Pending(CheckpointWrite(name, epoch, state_json, processed, keep, outbox))
+        write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
+        pending = _Pending(encode_checkpoint(write))
         with self._ready:
             if self._closed:
                 raise StoreUnavailable(
                     f"checkpoint of agent {name!r} not written: the group committer is closed"
                 )
             self._queue.append(pending)
-            self._ready.notify()
-        pending.done.wait()
+            # Wake a committer only for a first write or a full batch, not at every
+            # arrival while one waits out the window.
+            queued = len(self._queue)
+            if queued == 1 or queued >= self._batch_target:
+                self._ready.notify()
+        pending.done.acquire()
         if pending.error is not None:
             raise pending.error
         return pending.version
@@ -113,30 +132,38 @@ class GroupCommitter:
             self._commit(batch)
 
     def _next_batch(self) -> list[_Pending]:
-        """Wait for a first write, then for more; empty once closed.
+        """Wait for a first write, then for more. Returns an empty batch once closed and drained.
 
         The wait ends after the window, or as soon as as many writes queued as the last
         batch held: the writers that took part then have all come back, and waiting
         longer would only add latency.
         """
         with self._ready:
-            while not self._queue and not self._closed:
-                self._ready.wait()
-            enough = min(self.max_batch, max(1, self._last_size))
-            deadline = time.monotonic() + self.window_s
-            while len(self._queue) < enough and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._ready.wait(remaining)
-            batch = self._queue[: self.max_batch]
-            del self._queue[: self.max_batch]
-            self._last_size = len(batch)
-            return batch
+            while True:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if not self._queue:
+                    return []
+                enough = min(self.max_batch, max(1, self._last_size))
+                deadline = time.monotonic() + self.window_s
+                self._batch_target = enough
+                while len(self._queue) < enough and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._ready.wait(remaining)
+                self._batch_target = 1
+                if self._queue:
+                    batch = self._queue[: self.max_batch]
+                    del self._queue[: self.max_batch]
+                    self._last_size = len(batch)
+                    return batch
+                # The other committer thread took these writes during the window; an
+                # empty batch here would end this thread as if the committer had closed.
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            results = self.store.write_checkpoints([pending.write for pending in batch])
+            results = self.store.write_encoded_checkpoints([pending.write for pending in batch])
         except Exception as error:
             # The store retried already; every write of the batch fails with the same cause.
             logger.error(
@@ -147,7 +174,7 @@ class GroupCommitter:
             failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(str(error))
             for pending in batch:
                 pending.error = failure
-                pending.done.set()
+                pending.done.release()
             return
         with self._counts:
             self.batches += 1
@@ -157,4 +184,4 @@ class GroupCommitter:
                 pending.error = result
             else:
                 pending.version = result
-            pending.done.set()
+            pending.done.release()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -31,19 +30,26 @@ from arbor.persistence.base import (
     CheckpointInfo,
     CheckpointStore,
     CheckpointWrite,
+    EncodedCheckpoint,
     agent_listing,
+    encode_checkpoint,
     migration_scripts,
     split_statements,
 )
 from arbor.persistence.capabilities import CapabilityTables
 from arbor.persistence.gateway import GatewayTables
 from arbor.persistence.lease import LeaseTables
+from arbor.persistence.pgbatch import BatchConnections
 from arbor.persistence.reminders import ReminderTables
 from arbor.persistence.topics import TopicTables
 
 # Seconds to wait for a pooled connection before the attempt counts as failed and is
 # retried. It is short because the retry loop, not the pool, sets the total wait.
 POOL_TIMEOUT_S = 3.0
+
+# Connections at most for group commit batches, opened on first use besides the pool. A
+# host's group committer has two threads and so uses two of them.
+BATCH_CONNECTIONS = 4
 
 # Any fixed key serialises concurrent migrations across processes; this one spells "arbor".
 MIGRATION_LOCK_KEY = 0x6172626F72
@@ -89,6 +95,9 @@ class PostgresStore(
             name="arbor",
         )
         self._pool.open(wait=False)
+        # Batches of the group committer run on connections of their own, one per
+        # committer thread; see `BatchConnections` for why they skip the pool.
+        self._batches = BatchConnections(url, BATCH_CONNECTIONS)
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[TupleRow]]:
@@ -245,17 +254,18 @@ class PostgresStore(
         keep: int,
         outbox: list[list[Any]] | None = None,
     ) -> int:
-        write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
-        encoded = _encoded(write)
+        write = encode_checkpoint(CheckpointWrite(name, epoch, state_json, processed, keep, outbox))
 
         def step() -> int:
             with self._transaction() as connection:
-                return self._insert_checkpoint(connection, write, *encoded)
+                return self._insert_checkpoint(connection, write)
 
         return self._retry("write_checkpoint", step)
 
-    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int | CheckpointConflict]:
-        """Write many agents' checkpoints in one transaction with one statement.
+    def write_encoded_checkpoints(
+        self, writes: list[EncodedCheckpoint]
+    ) -> list[int | CheckpointConflict]:
+        """Write many agents' checkpoints with one statement, which is its own transaction.
 
         The statement locks the agents' rows in name order, so two batches cannot deadlock,
         and leaves out each write whose epoch is not the agent's current one.
@@ -263,44 +273,20 @@ class PostgresStore(
         if len({write.name for write in writes}) < len(writes):
             # Each agent at most once per statement; a batch with repeats goes one by one.
             return [self._write_or_conflict(write) for write in writes]
-        encoded = [_encoded(write) for write in writes]
-        columns = (
-            [write.name for write in writes],
-            [write.epoch for write in writes],
-            [write.state_json for write in writes],
-            [processed for processed, _ in encoded],
-            [outbox for _, outbox in encoded],
-            [write.keep for write in writes],
-        )
+        return self._retry("write_checkpoints", lambda: self._batches.write(writes))
 
-        def step() -> list[int | CheckpointConflict]:
+    def _write_or_conflict(self, write: EncodedCheckpoint) -> int | CheckpointConflict:
+        def step() -> int:
             with self._transaction() as connection:
-                rows = connection.execute(_BATCH_CHECKPOINT_SQL, columns).fetchall()
-            outcome = {name: (current, version) for name, current, version in rows}
-            results: list[int | CheckpointConflict] = []
-            for write in writes:
-                current, version = outcome.get(write.name, (None, None))
-                if version is None:
-                    epoch = None if current is None else int(current)
-                    results.append(CheckpointConflict(write.name, write.epoch, epoch))
-                else:
-                    results.append(int(version))
-            return results
+                return self._insert_checkpoint(connection, write)
 
-        return self._retry("write_checkpoints", step)
-
-    def _write_or_conflict(self, write: CheckpointWrite) -> int | CheckpointConflict:
         try:
-            return self.write_checkpoint(*write)
+            return self._retry("write_checkpoint", step)
         except CheckpointConflict as conflict:
             return conflict
 
     def _insert_checkpoint(
-        self,
-        connection: psycopg.Connection[TupleRow],
-        write: CheckpointWrite,
-        processed_json: str,
-        outbox_json: str,
+        self, connection: psycopg.Connection[TupleRow], write: EncodedCheckpoint
     ) -> int:
         # The row lock orders this write after any concurrent begin_incarnation, so the
         # epoch compared here is the newest one.
@@ -316,7 +302,7 @@ class PostgresStore(
             "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
             "outbox, created_at) "
             "VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, now())",
-            (name, version, epoch, write.state_json, processed_json, outbox_json),
+            (name, version, epoch, write.state_json, write.processed_json, write.outbox_json),
         )
         connection.execute(
             "UPDATE arbor_agents SET checkpoint_version = %s, checkpointed_at = now(), "
@@ -456,6 +442,7 @@ class PostgresStore(
         return verify_chain(read_batch)
 
     def close(self) -> None:
+        self._batches.close()
         self._pool.close()
 
 
@@ -474,48 +461,4 @@ def _record(row: tuple[Any, ...]) -> AgentRecord:
         updated_at=row[10],
         started_at=row[11],
         checkpointed_at=row[12],
-    )
-
-
-# One batch of checkpoint writes: lock the agents' rows in name order, keep the writes
-# whose epoch is current, insert their checkpoints, move the agents' versions on and prune.
-# The sub-statements share one snapshot, so the DELETE finds only older versions.
-_BATCH_CHECKPOINT_SQL = """
-WITH input AS (
-    SELECT * FROM unnest(
-        %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[]
-    ) AS t(name, epoch, state, processed, outbox, keep)
-),
-locked AS (
-    SELECT a.name, a.epoch, a.checkpoint_version FROM arbor_agents a
-    WHERE a.name IN (SELECT name FROM input) ORDER BY a.name FOR UPDATE
-),
-ok AS (
-    SELECT i.*, l.checkpoint_version + 1 AS version FROM input i
-    JOIN locked l ON l.name = i.name AND l.epoch = i.epoch
-),
-inserted AS (
-    INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, outbox, created_at)
-    SELECT name, version, epoch, state::jsonb, processed::jsonb, outbox::jsonb, now() FROM ok
-),
-updated AS (
-    UPDATE arbor_agents a SET checkpoint_version = ok.version, checkpointed_at = now(),
-        updated_at = now()
-    FROM ok WHERE a.name = ok.name
-),
-pruned AS (
-    DELETE FROM arbor_checkpoints c USING ok
-    WHERE c.agent = ok.name AND c.version <= ok.version - ok.keep
-)
-SELECT i.name, l.epoch, ok.version FROM input i
-LEFT JOIN locked l ON l.name = i.name
-LEFT JOIN ok ON ok.name = i.name
-"""
-
-
-def _encoded(write: CheckpointWrite) -> tuple[str, str]:
-    """Return the processed-message list and the outbox of ``write`` as JSON text."""
-    return (
-        json.dumps(write.processed, separators=(",", ":")),
-        json.dumps(write.outbox or [], separators=(",", ":")),
     )

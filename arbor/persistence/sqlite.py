@@ -32,7 +32,9 @@ from arbor.persistence.base import (
     CheckpointInfo,
     CheckpointStore,
     CheckpointWrite,
+    EncodedCheckpoint,
     agent_listing,
+    encode_checkpoint,
     migration_scripts,
     split_statements,
 )
@@ -248,7 +250,7 @@ class SQLiteStore(
         keep: int,
         outbox: list[list[Any]] | None = None,
     ) -> int:
-        write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
+        write = encode_checkpoint(CheckpointWrite(name, epoch, state_json, processed, keep, outbox))
 
         def step() -> int:
             with self._transaction() as connection:
@@ -256,7 +258,9 @@ class SQLiteStore(
 
         return self._retry("write_checkpoint", step)
 
-    def write_checkpoints(self, writes: list[CheckpointWrite]) -> list[int | CheckpointConflict]:
+    def write_encoded_checkpoints(
+        self, writes: list[EncodedCheckpoint]
+    ) -> list[int | CheckpointConflict]:
         """Write many agents' checkpoints in one transaction.
 
         A conflict is found before the agent's first statement, so it leaves nothing to
@@ -275,7 +279,7 @@ class SQLiteStore(
 
         return self._retry("write_checkpoints", step)
 
-    def _insert_checkpoint(self, connection: sqlite3.Connection, write: CheckpointWrite) -> int:
+    def _insert_checkpoint(self, connection: sqlite3.Connection, write: EncodedCheckpoint) -> int:
         name, epoch, now = write.name, write.epoch, time.time()
         row = connection.execute(
             "SELECT epoch, checkpoint_version FROM arbor_agents WHERE name = ?", (name,)
@@ -291,9 +295,9 @@ class SQLiteStore(
                 version,
                 epoch,
                 write.state_json,
-                json.dumps(write.processed, separators=(",", ":")),
+                write.processed_json,
                 now,
-                json.dumps(write.outbox or [], separators=(",", ":")),
+                write.outbox_json,
             ),
         )
         connection.execute(
