@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -239,6 +240,55 @@ class _BrokenStore:
 
     def write_encoded_checkpoints(self, writes: list[EncodedCheckpoint]) -> list[int]:
         raise StoreUnavailable("the database is unreachable")
+
+
+def test_async_writes_share_batches_and_keep_order(store: CheckpointStore) -> None:
+    names = [f"g/async{index}" for index in range(8)]
+    epochs = started(store, *names)
+    committer = GroupCommitter(store, window_s=0.01)
+
+    async def write_many(name: str) -> list[int]:
+        return [
+            await committer.write_checkpoint_async(name, epochs[name], STATE, [], 10)
+            for _ in range(10)
+        ]
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(write_many(name) for name in names))
+
+    versions = asyncio.run(main())
+    committer.close()
+
+    assert versions == [list(range(1, 11))] * len(names)
+    assert committer.writes == 80
+    assert committer.batches < 80
+    assert store.load_checkpoint("g/async3").version == 10
+
+
+def test_async_write_raises_conflict_and_outage() -> None:
+    async def write(committer: GroupCommitter) -> BaseException | int:
+        try:
+            return await committer.write_checkpoint_async("g/x", 1, STATE, [], 10)
+        except (CheckpointConflict, StoreUnavailable) as error:
+            return error
+
+    broken = GroupCommitter(_BrokenStore(), window_s=0.0)  # type: ignore[arg-type]
+    outage = asyncio.run(write(broken))
+    broken.close()
+    stale = GroupCommitter(_StaleStore(), window_s=0.0)  # type: ignore[arg-type]
+    conflict = asyncio.run(write(stale))
+    stale.close()
+
+    assert isinstance(outage, StoreUnavailable)
+    assert "unreachable" in str(outage)
+    assert isinstance(conflict, CheckpointConflict)
+
+
+class _StaleStore:
+    """A store that finds every write's epoch superseded."""
+
+    def write_encoded_checkpoints(self, writes: list[EncodedCheckpoint]) -> list[Any]:
+        return [CheckpointConflict(write.name, 1, 2) for write in writes]
 
 
 def test_committer_failure_fails_every_writer_of_the_batch() -> None:

@@ -14,6 +14,7 @@ once the outcome is set, so one release wakes one writer with no Event in betwee
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -31,16 +32,23 @@ logger = logging.getLogger(__name__)
 
 
 class _Pending:
-    """One write waiting in the queue, and its outcome once the batch committed."""
+    """One write waiting in the queue, and its outcome once the batch committed.
 
-    __slots__ = ("write", "done", "version", "error")
+    A thread waits on ``done``. A coroutine waits on ``future`` instead, which the
+    committer completes on the coroutine's loop, one call per batch and loop.
+    """
 
-    def __init__(self, write: EncodedCheckpoint) -> None:
+    __slots__ = ("write", "done", "future", "version", "error")
+
+    def __init__(self, write: EncodedCheckpoint, future: asyncio.Future[int] | None = None) -> None:
         self.write = write
-        # Held from the start; the committer releases it after setting the outcome, and
-        # the writer's acquire returns then.
-        self.done = threading.Lock()
-        self.done.acquire()
+        self.future = future
+        self.done: threading.Lock | None = None
+        if future is None:
+            # Held from the start; the committer releases it after setting the outcome,
+            # and the writer's acquire returns then.
+            self.done = threading.Lock()
+            self.done.acquire()
         self.version = 0
         self.error: BaseException | None = None
 
@@ -100,10 +108,38 @@ class GroupCommitter:
         """
         write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
         pending = _Pending(encode_checkpoint(write))
+        self._enqueue(pending)
+        assert pending.done is not None
+        pending.done.acquire()
+        if pending.error is not None:
+            raise pending.error
+        return pending.version
+
+    async def write_checkpoint_async(
+        self,
+        name: str,
+        epoch: int,
+        state_json: str,
+        processed: list[list[Any]],
+        keep: int,
+        outbox: list[list[Any]] | None = None,
+    ) -> int:
+        """Queue a checkpoint and await its batch's commit, holding no thread meanwhile.
+
+        It takes the arguments and raises the errors of `write_checkpoint`. The batch is
+        written whether or not the caller still awaits it.
+        """
+        write = CheckpointWrite(name, epoch, state_json, processed, keep, outbox)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Pending(encode_checkpoint(write), future))
+        return await future
+
+    def _enqueue(self, pending: _Pending) -> None:
         with self._ready:
             if self._closed:
                 raise StoreUnavailable(
-                    f"checkpoint of agent {name!r} not written: the group committer is closed"
+                    f"checkpoint of agent {pending.write.name!r} not written: the group "
+                    "committer is closed"
                 )
             self._queue.append(pending)
             # Wake a committer only for a first write or a full batch, not at every
@@ -111,10 +147,6 @@ class GroupCommitter:
             queued = len(self._queue)
             if queued == 1 or queued >= self._batch_target:
                 self._ready.notify()
-        pending.done.acquire()
-        if pending.error is not None:
-            raise pending.error
-        return pending.version
 
     def close(self) -> None:
         """Commit what is queued, then stop the committer thread."""
@@ -174,7 +206,7 @@ class GroupCommitter:
             failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(str(error))
             for pending in batch:
                 pending.error = failure
-                pending.done.release()
+            _report(batch)
             return
         with self._counts:
             self.batches += 1
@@ -184,4 +216,33 @@ class GroupCommitter:
                 pending.error = result
             else:
                 pending.version = result
+        _report(batch)
+
+
+def _report(batch: list[_Pending]) -> None:
+    """Wake each waiting thread, and complete the futures with one call per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+    for pending in batch:
+        if pending.future is None:
+            assert pending.done is not None
             pending.done.release()
+        else:
+            by_loop.setdefault(pending.future.get_loop(), []).append(pending)
+    for loop, waiting in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_complete, waiting)
+        except RuntimeError:
+            # The loop is closed, so no coroutine awaits these futures any more.
+            logger.debug("group commit: %d outcomes for a closed event loop", len(waiting))
+
+
+def _complete(waiting: list[_Pending]) -> None:
+    for pending in waiting:
+        future = pending.future
+        assert future is not None
+        if future.done():
+            continue
+        if pending.error is not None:
+            future.set_exception(pending.error)
+        else:
+            future.set_result(pending.version)

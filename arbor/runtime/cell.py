@@ -225,6 +225,10 @@ class AgentCell:
                 settled = self._settle_state(envelope, value, error)
                 if isinstance(settled, Reply):
                     reply = settled
+                elif settled is not None and isinstance(self._writer, GroupCommitter):
+                    # A batched commit is awaited on the loop, so a host's batches can hold
+                    # more agents than it has threads.
+                    reply = await self._settle_commit_async(envelope, value, error, settled)
                 elif self.offload_io and settled is not None:
                     # Only a commit touches the database; a read-only message settles here.
                     reply = await asyncio.to_thread(
@@ -528,51 +532,92 @@ class AgentCell:
         state_json: str | None,
     ) -> Reply:
         """Commit ``state_json`` unless it is None, then dispatch the outbox and reply."""
-        outbox = self.outbox
         if state_json is not None:
             try:
                 self._commit(state_json)
-            except CheckpointConflict as error:
-                return self._error_reply(envelope, "conflict", error)
-            except StoreUnavailable as error:
-                # Not committed, so not acknowledged: undo the change so that a retry of
-                # this message applies it again instead of replaying an uncommitted reply.
-                self._forget(envelope.message_id)
-                self._roll_back()
-                return self._error_reply(envelope, "store", error)
-            if outbox is not None:
-                outbox.commit_staged()
-        if outbox is not None and outbox.busy():
-            outbox.flush()
+            except (CheckpointConflict, StoreUnavailable) as error:
+                return self._uncommitted_reply(envelope, error)
+        return self._acknowledge(envelope, value, error_info, state_json is not None)
 
+    async def _settle_commit_async(
+        self, envelope: Envelope, value: Any, error_info: ErrorInfo | None, state_json: str
+    ) -> Reply:
+        """Commit ``state_json`` through the group committer, then dispatch and reply."""
+        processed, outbox = self._checkpoint_parts()
+        started = time.perf_counter()
+        assert isinstance(self._writer, GroupCommitter)
+        try:
+            with telemetry.span(
+                "arbor.checkpoint", self.telemetry.checkpoint_attributes, child_only=True
+            ):
+                version = await self._writer.write_checkpoint_async(
+                    self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
+                )
+        except (CheckpointConflict, StoreUnavailable) as error:
+            self._commit_failed(error, started)
+            return self._uncommitted_reply(envelope, error)
+        self._committed(state_json, version, started)
+        return self._acknowledge(envelope, value, error_info, True)
+
+    def _acknowledge(
+        self, envelope: Envelope, value: Any, error_info: ErrorInfo | None, committed: bool
+    ) -> Reply:
+        """Release the messages the handler sent, once committed, and reply."""
+        outbox = self.outbox
+        if outbox is not None:
+            if committed:
+                outbox.commit_staged()
+            if outbox.busy():
+                outbox.flush()
         self.messages_processed += 1
         return Reply(envelope.message_id, value=value, error=error_info)
 
-    def _commit(self, state_json: str) -> None:
+    def _uncommitted_reply(self, envelope: Envelope, error: Exception) -> Reply:
+        if isinstance(error, CheckpointConflict):
+            return self._error_reply(envelope, "conflict", error)
+        # Not committed, so not acknowledged: undo the change so that a retry of this
+        # message applies it again instead of replaying an uncommitted reply.
+        self._forget(envelope.message_id)
+        self._roll_back()
+        return self._error_reply(envelope, "store", error)
+
+    def _checkpoint_parts(self) -> tuple[list[list[Any]], list[list[Any]]]:
+        """Return the deduplication record and the outbox, as a checkpoint stores them."""
         processed = [[message_id, outcome] for message_id, outcome in self._processed.items()]
         outbox = self.outbox.records() if self.outbox is not None else []
+        return processed, outbox
+
+    def _commit(self, state_json: str) -> None:
+        processed, outbox = self._checkpoint_parts()
         started = time.perf_counter()
         try:
             with telemetry.span(
                 "arbor.checkpoint", self.telemetry.checkpoint_attributes, child_only=True
             ):
-                self.checkpoint_version = self._writer.write_checkpoint(
+                version = self._writer.write_checkpoint(
                     self.name, self.epoch, state_json, processed, self.checkpoint_keep, outbox
                 )
-        except CheckpointConflict:
-            self.telemetry.record_checkpoint(0, time.perf_counter() - started, "conflict")
-            self.fenced = True
-            logger.error(
-                "agent %s incarnation %d was fenced off by a newer epoch; it stops taking messages",
-                self.name,
-                self.epoch,
-            )
+        except (CheckpointConflict, StoreUnavailable) as error:
+            self._commit_failed(error, started)
             raise
-        except StoreUnavailable:
-            self.telemetry.record_checkpoint(0, time.perf_counter() - started, "error")
-            raise
+        self._committed(state_json, version, started)
+
+    def _committed(self, state_json: str, version: int, started: float) -> None:
+        self.checkpoint_version = version
         self.telemetry.record_checkpoint(len(state_json), time.perf_counter() - started)
         self._committed_json = state_json
+
+    def _commit_failed(self, error: Exception, started: float) -> None:
+        if isinstance(error, StoreUnavailable):
+            self.telemetry.record_checkpoint(0, time.perf_counter() - started, "error")
+            return
+        self.telemetry.record_checkpoint(0, time.perf_counter() - started, "conflict")
+        self.fenced = True
+        logger.error(
+            "agent %s incarnation %d was fenced off by a newer epoch; it stops taking messages",
+            self.name,
+            self.epoch,
+        )
 
     def _encode_changed(self, state: Any) -> str:
         """Return ``state`` as JSON text, validated unless it equals the committed text.
