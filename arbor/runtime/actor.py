@@ -335,6 +335,7 @@ def start_cell(
     offload_io: bool,
     self_route: Callable[[], Any] | None = None,
     committer: GroupCommitter | None = None,
+    deferred_metrics: bool = False,
 ) -> AgentCell:
     """Build the cell of one agent incarnation, as every placement does.
 
@@ -369,6 +370,7 @@ def start_cell(
             handler_timeout_s=settings.handler_timeout_s,
             run=run,
             committer=committer,
+            deferred_metrics=deferred_metrics,
         )
     context.attach(cell)
     if cell.outbox is not None:

@@ -99,6 +99,7 @@ class AgentCell:
         handler_timeout_s: float = 0.0,
         run: Callable[[Awaitable[Any]], Any] | None = None,
         committer: GroupCommitter | None = None,
+        deferred_metrics: bool = False,
     ) -> None:
         self.name = name
         # Batched agents commit through the committer their process shares; without one
@@ -141,7 +142,7 @@ class AgentCell:
         self._current_id: str | None = None
         self._child_count = 0
 
-        self.telemetry = CellTelemetry(name, agent_class.__name__, node_id)
+        self.telemetry = CellTelemetry(name, agent_class.__name__, node_id, deferred_metrics)
         restore_started = time.perf_counter()
         self.epoch = store.begin_incarnation(name, node_id, cluster_id)
         checkpoint = store.load_checkpoint(name)

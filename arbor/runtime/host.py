@@ -601,6 +601,7 @@ class HostActor:
                 offload_io=True,
                 self_route=lambda: HostedRoute(handle, name),
                 committer=self._committer,
+                deferred_metrics=True,
             ),
         )
         slot.cell = cell

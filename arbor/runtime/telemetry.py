@@ -94,8 +94,15 @@ def current_trace_id() -> str | None:
 class CellTelemetry:
     """The metrics, spans and log fields of one agent cell."""
 
-    def __init__(self, name: str, agent_type: str, node_id: str | None) -> None:
+    def __init__(
+        self, name: str, agent_type: str, node_id: str | None, deferred: bool = False
+    ) -> None:
         self.name = name
+        # Whether handling times go through `metrics.message_times`, as in a host, where
+        # they are a large part of a message's cost and the process outlives its agents.
+        # A dedicated agent's process can be killed right after its last message, so it
+        # observes each time at once.
+        self.deferred = deferred
         self.agent_type = agent_type
         self.node = node_id or "unknown"
         self._log_fields = logs.AgentLogFields(name, agent_type, None, self.node)
@@ -135,7 +142,10 @@ class CellTelemetry:
         else:
             status = "error"
         handler = UNKNOWN_HANDLER if status == "rejected" else envelope.handler
-        metrics.message_times.add(self.agent_type, handler, status, seconds)
+        if self.deferred:
+            metrics.message_times.add(self.agent_type, handler, status, seconds)
+        else:
+            record(metrics.record_message, self.agent_type, handler, status, seconds)
 
     def record_checkpoint(self, nbytes: int, seconds: float, status: str = "ok") -> None:
         """Count one checkpoint write."""
