@@ -525,6 +525,7 @@ class HostActor:
                 offload_io=True,
                 self_route=lambda: HostedRoute(handle, name),
                 committer=self._committer,
+                record=record,
             ),
         )
         slot.cell = cell
