@@ -172,8 +172,16 @@ class PostgresStore(
                 ).fetchone()
                 if row is not None:
                     return _record(row), self._append_audit(connection, entry)
-            # The name is taken, by this spawn's first attempt or by another spawn.
-            return self.create_agent(record), None
+                row = connection.execute(
+                    f"SELECT {_AGENT_COLUMNS} FROM arbor_agents WHERE name = %s", (record.name,)
+                ).fetchone()
+            if row is None:
+                # Deleted between the two statements; the next attempt inserts it.
+                raise psycopg.OperationalError("agent row vanished during create; retrying")
+            existing = _record(row)
+            if existing.spawn_id == record.spawn_id:
+                return existing, None
+            raise NameTaken(record.name, existing.status)
 
         return self._retry("create_agent_audited", step)
 

@@ -177,8 +177,15 @@ class SQLiteStore(
                 ).fetchone()
                 if row is not None:
                     return _record(row), self._append_audit(connection, entry)
-            # The name is taken, by this spawn's first attempt or by another spawn.
-            return self.create_agent(record), None
+                # BEGIN IMMEDIATE holds the write lock, so the row that blocked the insert
+                # is still there.
+                row = connection.execute(
+                    f"SELECT {_AGENT_COLUMNS} FROM arbor_agents WHERE name = ?", (record.name,)
+                ).fetchone()
+            existing = _record(row)
+            if existing.spawn_id == record.spawn_id:
+                return existing, None
+            raise NameTaken(record.name, existing.status)
 
         return self._retry("create_agent_audited", step)
 
