@@ -986,11 +986,12 @@ def test_audited_create_with_invalid_entry_writes_nothing(store: CheckpointStore
 def test_first_incarnation_commits_epoch_and_checkpoint(store: CheckpointStore) -> None:
     store.create_agent(make_record())
 
-    epoch = store.begin_first_incarnation("alpha", 0, "node-a", None, '{"count": 5}')
+    started = store.begin_first_incarnation("alpha", 0, "node-a", None, '{"count": 5}')
 
     record = store.get_agent("alpha")
     checkpoint = store.load_checkpoint("alpha")
-    assert epoch == 1
+    assert started is not None
+    assert started == record
     assert record is not None
     assert (record.epoch, record.status, record.node_id) == (1, RUNNING, "node-a")
     assert record.checkpoint_version == 1

@@ -186,7 +186,7 @@ class CheckpointStore(ABC):
         node_id: str | None,
         cluster_id: str | None,
         state_json: str,
-    ) -> int | None:
+    ) -> AgentRecord | None:
         """Take the next epoch and commit checkpoint version 1 in one transaction.
 
         A spawn uses this in place of `begin_incarnation` followed by `write_checkpoint`,
@@ -195,8 +195,9 @@ class CheckpointStore(ABC):
         incarnation began since the caller read it.
 
         Returns:
-            The new epoch, or None when those conditions no longer hold and nothing was
-            written; the caller then starts the agent with `begin_incarnation`.
+            The record as the transaction left it, or None when those conditions no longer
+            hold and nothing was written; the caller then starts the agent with
+            `begin_incarnation`.
 
         Raises:
             ClusterLeaseLost: another cluster holds the cluster lease.

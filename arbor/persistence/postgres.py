@@ -258,15 +258,16 @@ class PostgresStore(
         node_id: str | None,
         cluster_id: str | None,
         state_json: str,
-    ) -> int | None:
-        def step() -> int | None:
+    ) -> AgentRecord | None:
+        def step() -> AgentRecord | None:
             with self._transaction() as connection:
                 self.check_cluster_lease(connection, cluster_id)
                 row = connection.execute(
                     "UPDATE arbor_agents SET epoch = epoch + 1, status = %s, node_id = %s, "
                     "checkpoint_version = 1, started_at = now(), checkpointed_at = now(), "
                     "updated_at = now() WHERE name = %s AND epoch = %s "
-                    "AND checkpoint_version = 0 AND status <> 'stopped' RETURNING epoch",
+                    "AND checkpoint_version = 0 AND status <> 'stopped' "
+                    f"RETURNING {_AGENT_COLUMNS}",
                     (RUNNING, node_id, name, epoch),
                 ).fetchone()
                 if row is None:
@@ -275,9 +276,9 @@ class PostgresStore(
                     "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
                     "outbox, created_at) "
                     "VALUES (%s, 1, %s, %s::jsonb, '[]'::jsonb, '[]'::jsonb, now())",
-                    (name, row[0], state_json),
+                    (name, row[6], state_json),
                 )
-            return int(row[0])
+            return _record(row)
 
         return self._retry("begin_first_incarnation", step)
 

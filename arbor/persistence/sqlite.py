@@ -259,8 +259,8 @@ class SQLiteStore(
         node_id: str | None,
         cluster_id: str | None,
         state_json: str,
-    ) -> int | None:
-        def step() -> int | None:
+    ) -> AgentRecord | None:
+        def step() -> AgentRecord | None:
             now = time.time()
             with self._transaction() as connection:
                 self.check_cluster_lease(connection, cluster_id)
@@ -268,7 +268,8 @@ class SQLiteStore(
                     "UPDATE arbor_agents SET epoch = epoch + 1, status = ?, node_id = ?, "
                     "checkpoint_version = 1, started_at = ?, checkpointed_at = ?, "
                     "updated_at = ? WHERE name = ? AND epoch = ? "
-                    "AND checkpoint_version = 0 AND status <> 'stopped' RETURNING epoch",
+                    "AND checkpoint_version = 0 AND status <> 'stopped' "
+                    f"RETURNING {_AGENT_COLUMNS}",
                     (RUNNING, node_id, now, now, now, name, epoch),
                 ).fetchone()
                 if row is None:
@@ -276,9 +277,9 @@ class SQLiteStore(
                 connection.execute(
                     "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
                     "created_at, outbox) VALUES (?, 1, ?, ?, '[]', ?, '[]')",
-                    (name, row[0], state_json, now),
+                    (name, row[6], state_json, now),
                 )
-            return int(row[0])
+            return _record(row)
 
         return self._retry("begin_first_incarnation", step)
 

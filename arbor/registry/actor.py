@@ -233,11 +233,11 @@ class Registry:
                     self._warm[spec.type_path].appendleft(slot)
                 raise
             if stored.options.get("host"):
-                await self._activate_hosted(spec, stored)
-                return await self._spawned(spec), None
+                report = await self._activate_hosted(spec, stored)
+                return await self._spawned(spec, report), None
             if slot is not None or stored.options.get("actor"):
-                claimed = await self._claim(spec, stored, slot)
-                return await self._spawned(spec), claimed
+                claimed, report = await self._claim(spec, stored, slot)
+                return await self._spawned(spec, report), claimed
             try:
                 handle = self._create_or_get(spec)
             except Exception as error:
@@ -324,9 +324,12 @@ class Registry:
             telemetry.record(metrics.record_audit_row, "spawn", "allow")
         return stored
 
-    async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
+    async def _spawned(self, spec: SpawnSpec, report: dict[str, Any] | None = None) -> AgentInfo:
+        """Finish a spawn; ``report`` is the reply of the host or warm actor that started it."""
         logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
-        info = await self.info(spec.name)
+        # A spawn's first commit returns the record, which saves reading it back.
+        started = report.get("record") if report is not None else None
+        info = AgentInfo.from_record(started) if started is not None else await self.info(spec.name)
         telemetry.record(
             metrics.record_spawn, _type_name(spec.type_path), info.node_id or "unknown"
         )
@@ -380,13 +383,17 @@ class Registry:
 
     async def _claim(
         self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
-    ) -> Any:
-        """Start the agent inside the warm actor its record names; returns that actor."""
+    ) -> tuple[Any, dict[str, Any]]:
+        """Start the agent inside the warm actor its record names.
+
+        Returns:
+            The warm actor's handle and the reply of its `claim`.
+        """
         name = actor_name(record)
         handle = slot[1] if slot is not None else ray.get_actor(name, namespace=NAMESPACE)
         durability = spec.options.get("durability", self._settings.durability)
         try:
-            await asyncio.wait_for(
+            report = await asyncio.wait_for(
                 handle.claim.remote(
                     spec.name, spec.init_args, spec.init_kwargs, durability, record
                 ),
@@ -397,14 +404,14 @@ class Registry:
             ray.kill(handle, no_restart=True)
             await asyncio.to_thread(self._store.delete_agent, spec.name)
             raise _start_error(spec.name, error, f"warm actor {name}", self._settings) from None
-        return handle
+        return handle, report
 
-    async def _activate_hosted(self, spec: SpawnSpec, record: AgentRecord) -> None:
-        """Start the agent in the host its record names."""
+    async def _activate_hosted(self, spec: SpawnSpec, record: AgentRecord) -> dict[str, Any]:
+        """Start the agent in the host its record names; returns the host's reply."""
         host = record.options["host"]
         try:
             handle = self._hosts.handle(host)
-            await asyncio.wait_for(
+            report: dict[str, Any] = await asyncio.wait_for(
                 handle.activate.remote(record, spec.init_args, spec.init_kwargs),
                 self._settings.spawn_timeout_s,
             )
@@ -413,6 +420,7 @@ class Registry:
             self._hosts.forget_agent(host)
             await asyncio.to_thread(self._store.delete_agent, spec.name)
             raise _start_error(spec.name, error, f"host {host}", self._settings) from None
+        return report
 
     def _take_warm(self, spec: SpawnSpec) -> tuple[str, Any] | None:
         """Return a ready warm actor for ``spec``, or None when it needs a cold start."""

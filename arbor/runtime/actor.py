@@ -177,7 +177,7 @@ class AgentActor:
 
         ``record`` is the agent's record as the registry stored it. Ray may run a claim
         again after a crash, when the restarted actor has already resumed the agent; the
-        repeat then only reports.
+        repeat then only reports. The result is `info` with the cell's ``spawn_record``.
         """
         if self._cell is None:
             self._start(name, init_args, init_kwargs, durability, record)
@@ -186,7 +186,8 @@ class AgentActor:
                 f"warm actor {self._actor_name()} already runs agent {self._cell.name!r}, "
                 f"so it cannot become {name!r}"
             )
-        return self.info()
+        assert self._cell is not None
+        return {**self.info(), "record": self._cell.spawn_record}
 
     def _start(
         self,

@@ -123,6 +123,8 @@ class AgentCell:
         self.stopped = False
         self.checkpoint_version = 0
         self.messages_processed = 0
+        # The agent's record as the spawn's first commit left it; None after a restore.
+        self.spawn_record: AgentRecord | None = None
         self._lock = asyncio.Lock()
         self._processed: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._signatures: dict[str, inspect.Signature] = {}
@@ -204,16 +206,17 @@ class AgentCell:
         """
         state_json = encode_state(self.name, instance.snapshot())
         started = time.perf_counter()
-        epoch = self.store.begin_first_incarnation(
+        record = self.store.begin_first_incarnation(
             self.name, read_epoch, node_id, cluster_id, state_json
         )
-        if epoch is None:
+        if record is None:
             return
         self.telemetry.record_checkpoint(len(state_json), time.perf_counter() - started)
-        self.epoch = epoch
+        self.spawn_record = record
+        self.epoch = record.epoch
         self.checkpoint_version = 1
         self._committed_json = state_json
-        logger.info("agent %s incarnation %d started fresh", self.name, epoch)
+        logger.info("agent %s incarnation %d started fresh", self.name, record.epoch)
 
     async def handle(self, envelope: Envelope) -> Reply:
         """Apply one message and return its reply; a handler's error becomes part of the reply.
