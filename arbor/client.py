@@ -213,7 +213,8 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
     registry = _registry()
     timeout = get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S
     try:
-        info: AgentInfo = _call(registry.spawn.remote(spec), timeout=timeout)
+        info: AgentInfo
+        info, handle = _call(registry.spawn.remote(spec, with_handle=True), timeout=timeout)
     except RayTaskError as error:
         # The registry could not unpickle the request, almost always because the agent's
         # module is importable here but not in the cluster's worker processes.
@@ -229,7 +230,9 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
     if info.placement == "hosted":
         return AgentRef(name, handle=route_to(name, host_handle(info.actor), info.placement))
     if info.actor != name:
-        return AgentRef(name, handle=ray.get_actor(info.actor, namespace=NAMESPACE))
+        if handle is None:
+            handle = ray.get_actor(info.actor, namespace=NAMESPACE)
+        return AgentRef(name, handle=handle)
     return AgentRef(name)
 
 

@@ -35,6 +35,59 @@ def start_cell(store: CheckpointStore) -> AgentCell:
     return AgentCell("zombie", Counter, store, RuntimeContext("zombie"), init_kwargs={"start": 0})
 
 
+def test_spawn_commits_epoch_with_first_checkpoint(store: CheckpointStore) -> None:
+    cell = AgentCell("zombie", Counter, store, RuntimeContext("zombie"), init_kwargs={"start": 3})
+
+    record = store.get_agent("zombie")
+    checkpoint = store.load_checkpoint("zombie")
+    assert (cell.epoch, cell.checkpoint_version) == (1, 1)
+    assert record is not None
+    assert (record.epoch, record.checkpoint_version, record.status) == (1, 1, "running")
+    assert checkpoint is not None
+    assert (checkpoint.epoch, checkpoint.state["count"]) == (1, 3)
+
+
+def test_spawn_with_stale_record_restores_checkpoint(store: CheckpointStore) -> None:
+    stale = store.get_agent("zombie")
+    first = start_cell(store)
+    asyncio.run(first.handle(Envelope("add", (5,))))
+
+    second = AgentCell(
+        "zombie",
+        Counter,
+        store,
+        RuntimeContext("zombie"),
+        init_kwargs={"start": 100},
+        record=stale,
+    )
+
+    assert (second.epoch, second.checkpoint_version) == (2, 2)
+    assert second.agent.count == 5
+    reply = asyncio.run(first.handle(Envelope("add", (1,))))
+    assert reply.error is not None
+    assert reply.error.kind == "conflict"
+
+
+def test_spawn_after_incarnation_without_checkpoint_starts_fresh(store: CheckpointStore) -> None:
+    stale = store.get_agent("zombie")
+    store.begin_incarnation("zombie", None)
+
+    cell = AgentCell(
+        "zombie",
+        Counter,
+        store,
+        RuntimeContext("zombie"),
+        init_kwargs={"start": 7},
+        record=stale,
+    )
+
+    checkpoint = store.load_checkpoint("zombie")
+    assert (cell.epoch, cell.checkpoint_version) == (2, 1)
+    assert cell.agent.count == 7
+    assert checkpoint is not None
+    assert (checkpoint.epoch, checkpoint.state["count"]) == (2, 7)
+
+
 def test_stale_incarnation_write_is_rejected(store: CheckpointStore) -> None:
     old = start_cell(store)
     new = start_cell(store)

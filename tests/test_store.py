@@ -20,6 +20,7 @@ from arbor.errors import (
     ArborError,
     CheckpointConflict,
     ClusterLeaseLost,
+    InvalidAuditEntry,
     NameTaken,
     StateNotSerializable,
     StoreUnavailable,
@@ -30,6 +31,7 @@ from arbor.persistence import (
     STARTING,
     STOPPED,
     AgentRecord,
+    AuditEntry,
     CheckpointStore,
     encode_state,
     open_store,
@@ -935,6 +937,124 @@ def test_stopped_agent_cannot_begin_incarnation(store: CheckpointStore) -> None:
     store.set_status("halted", STOPPED)
     with pytest.raises(AgentNotFound, match="stopped"):
         store.begin_incarnation("halted", None)
+
+
+def spawn_entry(name: str = "alpha") -> AuditEntry:
+    return AuditEntry("operator", "spawn", f"arbor://agent/spawn/{name}", "allowed", {"t": 1})
+
+
+def test_audited_create_appends_entry(store: CheckpointStore) -> None:
+    stored, entry = store.create_agent_audited(make_record(), spawn_entry())
+
+    assert stored.name == "alpha"
+    assert store.get_agent("alpha") == stored
+    assert entry is not None
+    assert store.list_audit() == [entry]
+    assert (entry.seq, entry.action, entry.resource) == (1, "spawn", "arbor://agent/spawn/alpha")
+    assert store.verify_audit().ok
+
+
+def test_audited_create_retry_appends_nothing(store: CheckpointStore) -> None:
+    first, _ = store.create_agent_audited(make_record(), spawn_entry())
+
+    again, entry = store.create_agent_audited(make_record(), spawn_entry())
+
+    assert again == first
+    assert entry is None
+    assert len(store.list_audit()) == 1
+
+
+def test_audited_create_of_taken_name_appends_nothing(store: CheckpointStore) -> None:
+    store.create_agent_audited(make_record(), spawn_entry())
+
+    with pytest.raises(NameTaken):
+        store.create_agent_audited(make_record(spawn_id="spawn-2"), spawn_entry())
+
+    assert len(store.list_audit()) == 1
+
+
+def test_audited_create_with_invalid_entry_writes_nothing(store: CheckpointStore) -> None:
+    invalid = AuditEntry("operator", "spawn", "arbor://agent/spawn/alpha", "maybe")
+
+    with pytest.raises(InvalidAuditEntry):
+        store.create_agent_audited(make_record(), invalid)
+
+    assert store.get_agent("alpha") is None
+    assert store.list_audit() == []
+
+
+def test_first_incarnation_commits_epoch_and_checkpoint(store: CheckpointStore) -> None:
+    store.create_agent(make_record())
+
+    started = store.begin_first_incarnation("alpha", 0, "node-a", None, '{"count": 5}')
+
+    record = store.get_agent("alpha")
+    checkpoint = store.load_checkpoint("alpha")
+    assert started is not None
+    assert started == record
+    assert record is not None
+    assert (record.epoch, record.status, record.node_id) == (1, RUNNING, "node-a")
+    assert record.checkpoint_version == 1
+    assert record.started_at is not None
+    assert record.checkpointed_at is not None
+    assert checkpoint is not None
+    assert (checkpoint.version, checkpoint.epoch, checkpoint.state) == (1, 1, {"count": 5})
+    assert checkpoint.processed == []
+    assert checkpoint.outbox == []
+
+
+def test_first_incarnation_after_another_began_writes_nothing(store: CheckpointStore) -> None:
+    store.create_agent(make_record())
+    store.begin_incarnation("alpha", "node-a")
+
+    assert store.begin_first_incarnation("alpha", 0, "node-b", None, "{}") is None
+
+    record = store.get_agent("alpha")
+    assert record is not None
+    assert (record.epoch, record.node_id, record.checkpoint_version) == (1, "node-a", 0)
+    assert store.load_checkpoint("alpha") is None
+
+
+def test_first_incarnation_of_checkpointed_agent_writes_nothing(store: CheckpointStore) -> None:
+    epoch = running_agent(store)
+    write(store, epoch, {"count": 1})
+
+    assert store.begin_first_incarnation("alpha", epoch, "node-b", None, "{}") is None
+
+    record = store.get_agent("alpha")
+    assert record is not None
+    assert (record.epoch, record.checkpoint_version) == (epoch, 1)
+
+
+def test_first_incarnation_of_stopped_agent_writes_nothing(store: CheckpointStore) -> None:
+    store.create_agent(make_record())
+    store.set_status("alpha", STOPPED)
+
+    assert store.begin_first_incarnation("alpha", 0, "node-a", None, "{}") is None
+
+    record = store.get_agent("alpha")
+    assert record is not None
+    assert (record.epoch, record.status) == (0, STOPPED)
+
+
+def test_first_incarnation_fences_older_epoch(store: CheckpointStore) -> None:
+    store.create_agent(make_record())
+    store.begin_first_incarnation("alpha", 0, "node-a", None, "{}")
+
+    with pytest.raises(CheckpointConflict):
+        write(store, 0, {"count": 2})
+
+
+def test_first_incarnation_of_cluster_without_lease_is_refused(store: CheckpointStore) -> None:
+    store.create_agent(make_record())
+    store.claim_cluster_lease("green")
+
+    with pytest.raises(ClusterLeaseLost):
+        store.begin_first_incarnation("alpha", 0, "node-a", "blue", "{}")
+
+    record = store.get_agent("alpha")
+    assert record is not None
+    assert (record.epoch, record.checkpoint_version) == (0, 0)
 
 
 # The cluster lease

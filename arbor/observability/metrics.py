@@ -335,6 +335,12 @@ def enabled() -> bool:
     return get_settings().metrics and ray.is_initialized()
 
 
+def prepare() -> None:
+    """Create this process's Ray metric objects now rather than at the first recording."""
+    if enabled():
+        _get_registry()
+
+
 # --- agents -------------------------------------------------------------------------------
 
 

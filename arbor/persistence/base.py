@@ -137,6 +137,22 @@ class CheckpointStore(ABC):
         """
 
     @abstractmethod
+    def create_agent_audited(
+        self, record: AgentRecord, entry: AuditEntry
+    ) -> tuple[AgentRecord, AuditEntry | None]:
+        """Insert ``record`` and append ``entry`` to the audit log in one transaction.
+
+        A retry with the same ``spawn_id`` returns the stored row and appends nothing.
+
+        Returns:
+            The stored record, and the appended entry (None for a retry).
+
+        Raises:
+            NameTaken: another spawn already has the name.
+            InvalidAuditEntry: a field of ``entry`` is invalid; nothing is written.
+        """
+
+    @abstractmethod
     def get_agent(self, name: str) -> AgentRecord | None:
         """Return the agent's record, or None."""
 
@@ -199,6 +215,31 @@ class CheckpointStore(ABC):
         Raises:
             AgentNotFound: no record has this name, or the agent is stopped. The check keeps
                 an actor recreated during a stop from bringing the agent back.
+            ClusterLeaseLost: another cluster holds the cluster lease.
+        """
+
+    @abstractmethod
+    def begin_first_incarnation(
+        self,
+        name: str,
+        epoch: int,
+        node_id: str | None,
+        cluster_id: str | None,
+        state_json: str,
+    ) -> AgentRecord | None:
+        """Take the next epoch and commit checkpoint version 1 in one transaction.
+
+        A spawn uses this in place of `begin_incarnation` followed by `write_checkpoint`,
+        which commit twice. It applies only while the agent still has epoch ``epoch``, no
+        checkpoint and a status other than stopped; a matching epoch means that no other
+        incarnation began since the caller read it.
+
+        Returns:
+            The record as the transaction left it, or None when those conditions no longer
+            hold and nothing was written; the caller then starts the agent with
+            `begin_incarnation`.
+
+        Raises:
             ClusterLeaseLost: another cluster holds the cluster lease.
         """
 

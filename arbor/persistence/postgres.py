@@ -163,6 +163,38 @@ class PostgresStore(
 
         return self._retry("create_agent", step)
 
+    def create_agent_audited(
+        self, record: AgentRecord, entry: AuditEntry
+    ) -> tuple[AgentRecord, AuditEntry | None]:
+        def step() -> tuple[AgentRecord, AuditEntry | None]:
+            with self._transaction() as connection:
+                row = connection.execute(
+                    "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, "
+                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, now(), now()) "
+                    f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
+                    (
+                        record.name,
+                        record.type_path,
+                        record.status,
+                        record.spawn_id,
+                        Jsonb(record.options),
+                    ),
+                ).fetchone()
+                if row is not None:
+                    return _record(row), self._append_audit(connection, entry)
+                row = connection.execute(
+                    f"SELECT {_AGENT_COLUMNS} FROM arbor_agents WHERE name = %s", (record.name,)
+                ).fetchone()
+            if row is None:
+                # Deleted between the two statements; the next attempt inserts it.
+                raise psycopg.OperationalError("agent row vanished during create; retrying")
+            existing = _record(row)
+            if existing.spawn_id == record.spawn_id:
+                return existing, None
+            raise NameTaken(record.name, existing.status)
+
+        return self._retry("create_agent_audited", step)
+
     def get_agent(self, name: str) -> AgentRecord | None:
         def step() -> AgentRecord | None:
             with self._pool.connection() as connection:
@@ -230,6 +262,37 @@ class PostgresStore(
             return int(row[0])
 
         return self._retry("begin_incarnation", step)
+
+    def begin_first_incarnation(
+        self,
+        name: str,
+        epoch: int,
+        node_id: str | None,
+        cluster_id: str | None,
+        state_json: str,
+    ) -> AgentRecord | None:
+        def step() -> AgentRecord | None:
+            with self._transaction() as connection:
+                self.check_cluster_lease(connection, cluster_id)
+                row = connection.execute(
+                    "UPDATE arbor_agents SET epoch = epoch + 1, status = %s, node_id = %s, "
+                    "checkpoint_version = 1, started_at = now(), checkpointed_at = now(), "
+                    "updated_at = now() WHERE name = %s AND epoch = %s "
+                    "AND checkpoint_version = 0 AND status <> 'stopped' "
+                    f"RETURNING {_AGENT_COLUMNS}",
+                    (RUNNING, node_id, name, epoch),
+                ).fetchone()
+                if row is None:
+                    return None
+                connection.execute(
+                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
+                    "outbox, created_at) "
+                    "VALUES (%s, 1, %s, %s::jsonb, '[]'::jsonb, '[]'::jsonb, now())",
+                    (name, row[6], state_json),
+                )
+            return _record(row)
+
+        return self._retry("begin_first_incarnation", step)
 
     def fence(self, name: str) -> int:
         def step() -> int:
@@ -369,26 +432,31 @@ class PostgresStore(
     def append_audit(self, entry: AuditEntry) -> AuditEntry:
         def step() -> AuditEntry:
             with self._transaction() as connection:
-                # The lock is held until commit, and each statement after it reads the
-                # newest committed head, so no two appends link to the same predecessor.
-                connection.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK_KEY,))
-                head = connection.execute(
-                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-                ).fetchone()
-                seq, prev_hash = (int(head[0]) + 1, head[1]) if head else (1, GENESIS_HASH)
-                row = seal_row(entry, seq, prev_hash)
-                connection.execute(
-                    "INSERT INTO audit_log (seq, at, principal, action, resource, decision, "
-                    "detail, trace_id, prev_hash, hash) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s::json, %s, %s, %s)",
-                    tuple(row),
-                )
-            return row.to_entry()
+                return self._append_audit(connection, entry)
 
         # NOTE: when the connection drops after the server committed but before the client
         # saw the commit, the retry appends the entry a second time, as the next row. The
         # chain stays valid, but the entry appears twice.
         return self._retry("append_audit", step)
+
+    def _append_audit(
+        self, connection: psycopg.Connection[TupleRow], entry: AuditEntry
+    ) -> AuditEntry:
+        # The lock is held until commit, and each statement after it reads the newest
+        # committed head, so no two appends link to the same predecessor.
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK_KEY,))
+        head = connection.execute(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        seq, prev_hash = (int(head[0]) + 1, head[1]) if head else (1, GENESIS_HASH)
+        row = seal_row(entry, seq, prev_hash)
+        connection.execute(
+            "INSERT INTO audit_log (seq, at, principal, action, resource, decision, "
+            "detail, trace_id, prev_hash, hash) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s::json, %s, %s, %s)",
+            tuple(row),
+        )
+        return row.to_entry()
 
     def list_audit(
         self,

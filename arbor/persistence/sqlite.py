@@ -158,6 +158,40 @@ class SQLiteStore(
 
         return self._retry("create_agent", step)
 
+    def create_agent_audited(
+        self, record: AgentRecord, entry: AuditEntry
+    ) -> tuple[AgentRecord, AuditEntry | None]:
+        def step() -> tuple[AgentRecord, AuditEntry | None]:
+            now = time.time()
+            with self._transaction() as connection:
+                row = connection.execute(
+                    "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
+                    (
+                        record.name,
+                        record.type_path,
+                        record.status,
+                        record.spawn_id,
+                        json.dumps(record.options),
+                        now,
+                        now,
+                    ),
+                ).fetchone()
+                if row is not None:
+                    return _record(row), self._append_audit(connection, entry)
+                # BEGIN IMMEDIATE holds the write lock, so the row that blocked the insert
+                # is still there.
+                row = connection.execute(
+                    f"SELECT {_AGENT_COLUMNS} FROM arbor_agents WHERE name = ?", (record.name,)
+                ).fetchone()
+            existing = _record(row)
+            if existing.spawn_id == record.spawn_id:
+                return existing, None
+            raise NameTaken(record.name, existing.status)
+
+        return self._retry("create_agent_audited", step)
+
     def get_agent(self, name: str) -> AgentRecord | None:
         def step() -> AgentRecord | None:
             with self._lock:
@@ -226,6 +260,37 @@ class SQLiteStore(
             return int(row[0])
 
         return self._retry("begin_incarnation", step)
+
+    def begin_first_incarnation(
+        self,
+        name: str,
+        epoch: int,
+        node_id: str | None,
+        cluster_id: str | None,
+        state_json: str,
+    ) -> AgentRecord | None:
+        def step() -> AgentRecord | None:
+            now = time.time()
+            with self._transaction() as connection:
+                self.check_cluster_lease(connection, cluster_id)
+                row = connection.execute(
+                    "UPDATE arbor_agents SET epoch = epoch + 1, status = ?, node_id = ?, "
+                    "checkpoint_version = 1, started_at = ?, checkpointed_at = ?, "
+                    "updated_at = ? WHERE name = ? AND epoch = ? "
+                    "AND checkpoint_version = 0 AND status <> 'stopped' "
+                    f"RETURNING {_AGENT_COLUMNS}",
+                    (RUNNING, node_id, now, now, now, name, epoch),
+                ).fetchone()
+                if row is None:
+                    return None
+                connection.execute(
+                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
+                    "created_at, outbox) VALUES (?, 1, ?, ?, '[]', ?, '[]')",
+                    (name, row[6], state_json, now),
+                )
+            return _record(row)
+
+        return self._retry("begin_first_incarnation", step)
 
     def fence(self, name: str) -> int:
         def step() -> int:
@@ -362,22 +427,24 @@ class SQLiteStore(
 
     def append_audit(self, entry: AuditEntry) -> AuditEntry:
         def step() -> AuditEntry:
-            # BEGIN IMMEDIATE holds the file's write lock from reading the chain head to the
-            # commit, so two processes never link a row to the same predecessor.
             with self._transaction() as connection:
-                head = connection.execute(
-                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-                ).fetchone()
-                seq, prev_hash = (int(head[0]) + 1, head[1]) if head else (1, GENESIS_HASH)
-                row = seal_row(entry, seq, prev_hash)
-                connection.execute(
-                    f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (row.seq, to_microseconds(row.at), *row[2:]),
-                )
-            return row.to_entry()
+                return self._append_audit(connection, entry)
 
         return self._retry("append_audit", step)
+
+    def _append_audit(self, connection: sqlite3.Connection, entry: AuditEntry) -> AuditEntry:
+        # BEGIN IMMEDIATE holds the file's write lock from reading the chain head to the
+        # commit, so two processes never link a row to the same predecessor.
+        head = connection.execute(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        seq, prev_hash = (int(head[0]) + 1, head[1]) if head else (1, GENESIS_HASH)
+        row = seal_row(entry, seq, prev_hash)
+        connection.execute(
+            f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.seq, to_microseconds(row.at), *row[2:]),
+        )
+        return row.to_entry()
 
     def list_audit(
         self,

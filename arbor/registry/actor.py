@@ -36,6 +36,7 @@ from arbor.persistence import (
     STARTING,
     STOPPED,
     AgentRecord,
+    AuditEntry,
     CheckpointInfo,
     open_store,
 )
@@ -68,6 +69,11 @@ logger = logging.getLogger(__name__)
 # the actor is pinned to a node that is gone.
 _MISSING = "missing"
 _MOVE = "move"
+
+# Seconds a warm pool refill waits after the spawn that started it, so that the spawn's
+# reply leaves first. Creating a named actor blocks this event loop until the GCS has
+# registered the name, and the actor's new worker process then keeps a CPU core busy.
+_REFILL_DELAY_S = 0.05
 
 
 class Registry:
@@ -156,19 +162,24 @@ class Registry:
         await self.reconcile()
         return _lease_info(self._cluster_id, self._lease)
 
-    async def spawn(self, spec: SpawnSpec) -> AgentInfo:
+    async def spawn(
+        self, spec: SpawnSpec, with_handle: bool = False
+    ) -> AgentInfo | tuple[AgentInfo, Any]:
         """Reserve the name, create the agent's actor and wait until it has restored.
 
         A retried request with the same ``spawn_id`` finishes the first one instead of
-        failing with `NameTaken`.
+        failing with `NameTaken`. With ``with_handle`` the result is ``(info, handle)``.
+        ``handle`` is the warm actor that now runs the agent, or None, and saves the caller
+        a lookup of that actor by its Ray name.
         """
         self._require_lease()
         with telemetry.span(
             "arbor.spawn", {"arbor.agent": spec.name, "arbor.type": spec.type_path}
         ):
-            return await self._spawn(spec)
+            info, handle = await self._spawn(spec)
+        return (info, handle) if with_handle else info
 
-    async def _spawn(self, spec: SpawnSpec) -> AgentInfo:
+    async def _spawn(self, spec: SpawnSpec) -> tuple[AgentInfo, Any]:
         if (
             self._settings.default_placement == "hosted"
             and "placement" not in spec.options
@@ -201,7 +212,7 @@ class Registry:
                 # racing for the last places neither pass the cap nor fail each other.
                 async with self._quota_locks[namespace_of(spec.name)]:
                     await self._check_quota(spec)
-                    stored = await asyncio.to_thread(self._store.create_agent, record)
+                    stored = await asyncio.to_thread(self._create_agent, spec, record)
             except BaseException:
                 if slot is not None:
                     self._warm[spec.type_path].appendleft(slot)
@@ -212,7 +223,8 @@ class Registry:
                 slot = None
             _publish_mailbox_limit(spec.name, spec.options)
             try:
-                granted = await asyncio.to_thread(self._grant_at_birth, spec)
+                if spec.capabilities:
+                    granted = await asyncio.to_thread(self._grant_at_birth, spec)
             except BaseException:
                 # No actor runs yet: free the name and keep the warm actor for later.
                 await asyncio.to_thread(self._security.revoke_principal, spec.name)
@@ -221,11 +233,11 @@ class Registry:
                     self._warm[spec.type_path].appendleft(slot)
                 raise
             if stored.options.get("host"):
-                await self._activate_hosted(spec, stored)
-                return await self._spawned(spec)
+                report = await self._activate_hosted(spec, stored)
+                return await self._spawned(spec, report), None
             if slot is not None or stored.options.get("actor"):
-                await self._claim(spec, stored, slot)
-                return await self._spawned(spec)
+                claimed, report = await self._claim(spec, stored, slot)
+                return await self._spawned(spec, report), claimed
             try:
                 handle = self._create_or_get(spec)
             except Exception as error:
@@ -269,7 +281,7 @@ class Registry:
             raise
         finally:
             self._inflight.discard(spec.name)
-        return await self._spawned(spec)
+        return await self._spawned(spec), None
 
     async def _check_quota(self, spec: SpawnSpec) -> None:
         """Raise `QuotaExceeded` when the new agent's namespace has no room left.
@@ -293,20 +305,31 @@ class Registry:
             )
             raise QuotaExceeded(spec.name, limit, namespace, count, setting)
 
-    async def _spawned(self, spec: SpawnSpec) -> AgentInfo:
-        logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
-        # The audit row and the record read are independent, so they share the wait.
-        info, _ = await asyncio.gather(
-            self.info(spec.name),
-            asyncio.to_thread(
-                self._security.audit,
-                spec.spawner or OPERATOR,
-                "spawn",
-                f"arbor://agent/spawn/{spec.name}",
-                ALLOWED,
-                type=spec.type_path,
-            ),
+    def _create_agent(self, spec: SpawnSpec, record: AgentRecord) -> AgentRecord:
+        """Store the new agent's record together with the audit row of its spawn.
+
+        The row records the allowed request when the name is reserved, so it stays when
+        the agent then fails to start. A retried spawn whose record exists adds no row.
+        """
+        entry = AuditEntry(
+            principal=spec.spawner or OPERATOR,
+            action="spawn",
+            resource=f"arbor://agent/spawn/{spec.name}",
+            decision=ALLOWED,
+            detail={"type": spec.type_path},
+            trace_id=telemetry.current_trace_id(),
         )
+        stored, audited = self._store.create_agent_audited(record, entry)
+        if audited is not None:
+            telemetry.record(metrics.record_audit_row, "spawn", "allow")
+        return stored
+
+    async def _spawned(self, spec: SpawnSpec, report: dict[str, Any] | None = None) -> AgentInfo:
+        """Finish a spawn; ``report`` is the reply of the host or warm actor that started it."""
+        logger.info("spawned agent %s of type %s", spec.name, spec.type_path)
+        # A spawn's first commit returns the record, which saves reading it back.
+        started = report.get("record") if report is not None else None
+        info = AgentInfo.from_record(started) if started is not None else await self.info(spec.name)
         telemetry.record(
             metrics.record_spawn, _type_name(spec.type_path), info.node_id or "unknown"
         )
@@ -367,14 +390,20 @@ class Registry:
 
     async def _claim(
         self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
-    ) -> None:
-        """Start the agent inside the warm actor its record names."""
+    ) -> tuple[Any, dict[str, Any]]:
+        """Start the agent inside the warm actor its record names.
+
+        Returns:
+            The warm actor's handle and the reply of its `claim`.
+        """
         name = actor_name(record)
         handle = slot[1] if slot is not None else ray.get_actor(name, namespace=NAMESPACE)
         durability = spec.options.get("durability", self._settings.durability)
         try:
-            await asyncio.wait_for(
-                handle.claim.remote(spec.name, spec.init_args, spec.init_kwargs, durability),
+            report = await asyncio.wait_for(
+                handle.claim.remote(
+                    spec.name, spec.init_args, spec.init_kwargs, durability, record
+                ),
                 self._settings.spawn_timeout_s,
             )
         except Exception as error:
@@ -382,13 +411,14 @@ class Registry:
             ray.kill(handle, no_restart=True)
             await asyncio.to_thread(self._store.delete_agent, spec.name)
             raise _start_error(spec.name, error, f"warm actor {name}", self._settings) from None
+        return handle, report
 
-    async def _activate_hosted(self, spec: SpawnSpec, record: AgentRecord) -> None:
-        """Start the agent in the host its record names."""
+    async def _activate_hosted(self, spec: SpawnSpec, record: AgentRecord) -> dict[str, Any]:
+        """Start the agent in the host its record names; returns the host's reply."""
         host = record.options["host"]
         try:
             handle = self._hosts.handle(host)
-            await asyncio.wait_for(
+            report: dict[str, Any] = await asyncio.wait_for(
                 handle.activate.remote(record, spec.init_args, spec.init_kwargs),
                 self._settings.spawn_timeout_s,
             )
@@ -397,6 +427,7 @@ class Registry:
             self._hosts.forget_agent(host)
             await asyncio.to_thread(self._store.delete_agent, spec.name)
             raise _start_error(spec.name, error, f"host {host}", self._settings) from None
+        return report
 
     def _take_warm(self, spec: SpawnSpec) -> tuple[str, Any] | None:
         """Return a ready warm actor for ``spec``, or None when it needs a cold start."""
@@ -420,6 +451,7 @@ class Registry:
         """Start warm actors one at a time until ``warm_pool_size`` of them are ready."""
         ready = self._warm.setdefault(type_path, deque())
         try:
+            await asyncio.sleep(_REFILL_DELAY_S)
             while len(ready) < self._settings.warm_pool_size:
                 name = f"{WARM_PREFIX}{uuid.uuid4().hex[:16]}"
                 handle = create_warm_actor(name, agent_class, self._settings)

@@ -21,6 +21,7 @@ from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
 from arbor.errors import AgentNotFound, ClusterLeaseLost
 from arbor.messages import Envelope, ErrorInfo, Reply
+from arbor.observability import metrics
 from arbor.persistence import FAILED, RUNNING, STARTING, AgentRecord, open_store
 from arbor.persistence.group import GroupCommitter
 from arbor.runtime import kv, telemetry
@@ -90,6 +91,25 @@ class AgentActor:
         bound = self._bound_record()
         if bound is not None and bound.checkpoint_version > 0:
             self._resume(bound.name, bound.options.get("durability", self._settings.durability))
+            return
+        self._prepare_for_claim()
+
+    def _prepare_for_claim(self) -> None:
+        """Do the per-process set-up of an agent start now, so that a claim skips it.
+
+        The capability guard reads the public key and the revocations from the store, and
+        the metric objects are made once per process.
+        """
+        metrics.prepare()
+        if not self._settings.enforce_capabilities:
+            return
+        try:
+            process_guard(self._store, self._settings)
+        except Exception as error:
+            # The claim tries again and reports the error to the spawn's caller.
+            logger.warning(
+                "warm actor %s could not set up its guard: %s", self._actor_name(), error
+            )
 
     def _resume(
         self,
@@ -151,20 +171,23 @@ class AgentActor:
         init_args: tuple[Any, ...] | None,
         init_kwargs: dict[str, Any] | None,
         durability: str,
+        record: AgentRecord | None = None,
     ) -> dict[str, Any]:
         """Turn this warm actor into agent ``name``; the registry has already bound the two.
 
-        Ray may run a claim again after a crash, when the restarted actor has already
-        resumed the agent; the repeat then only reports.
+        ``record`` is the agent's record as the registry stored it. Ray may run a claim
+        again after a crash, when the restarted actor has already resumed the agent; the
+        repeat then only reports. The result is `info` with the cell's ``spawn_record``.
         """
         if self._cell is None:
-            self._start(name, init_args, init_kwargs, durability)
+            self._start(name, init_args, init_kwargs, durability, record)
         elif self._cell.name != name:
             raise RuntimeError(
                 f"warm actor {self._actor_name()} already runs agent {self._cell.name!r}, "
                 f"so it cannot become {name!r}"
             )
-        return self.info()
+        assert self._cell is not None
+        return {**self.info(), "record": self._cell.spawn_record}
 
     def _start(
         self,
@@ -172,6 +195,7 @@ class AgentActor:
         init_args: tuple[Any, ...] | None,
         init_kwargs: dict[str, Any] | None,
         durability: str,
+        record: AgentRecord | None = None,
     ) -> None:
         self._name = name
         cell = start_cell(
@@ -186,6 +210,7 @@ class AgentActor:
             recovery=functools.partial(_recovery_reason, name),
             run=self._loop.run_until_complete,
             offload_io=False,
+            record=record,
         )
         self._cell = cell
         if durability == "periodic":
@@ -336,11 +361,13 @@ def start_cell(
     self_route: Callable[[], Any] | None = None,
     committer: GroupCommitter | None = None,
     deferred_metrics: bool = False,
+    record: AgentRecord | None = None,
 ) -> AgentCell:
     """Build the cell of one agent incarnation, as every placement does.
 
     It restores the agent (or runs ``__init__``), binds its context, and dispatches the
-    outbox messages the last incarnation committed but may not have delivered.
+    outbox messages the last incarnation committed but may not have delivered. A spawn
+    passes the ``record`` the registry just stored, which saves the cell a read.
     """
     guard = wallet = None
     if settings.enforce_capabilities:
@@ -371,6 +398,7 @@ def start_cell(
             run=run,
             committer=committer,
             deferred_metrics=deferred_metrics,
+            record=record,
         )
     context.attach(cell)
     if cell.outbox is not None:

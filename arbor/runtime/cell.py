@@ -28,7 +28,7 @@ from arbor.errors import (
 )
 from arbor.messages import Envelope, ErrorInfo, Reply, new_message_id
 from arbor.observability import logs
-from arbor.persistence import CheckpointStore
+from arbor.persistence import STOPPED, AgentRecord, CheckpointStore
 from arbor.persistence.group import GroupCommitter
 from arbor.persistence.jsonstate import encode_reply, encode_state
 from arbor.runtime import telemetry
@@ -74,7 +74,8 @@ class AgentCell:
     """Runs one agent incarnation: restores it, then applies messages one at a time.
 
     Construction takes a new epoch from the store before reading the checkpoint, so any
-    older incarnation still running can no longer commit.
+    older incarnation still running can no longer commit. A spawn of an agent that has no
+    checkpoint takes its epoch in the transaction that commits the first checkpoint.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class AgentCell:
         run: Callable[[Awaitable[Any]], Any] | None = None,
         committer: GroupCommitter | None = None,
         deferred_metrics: bool = False,
+        record: AgentRecord | None = None,
     ) -> None:
         self.name = name
         # Batched agents commit through the committer their process shares; without one
@@ -128,6 +130,8 @@ class AgentCell:
         self.stopped = False
         self.checkpoint_version = 0
         self.messages_processed = 0
+        # The agent's record as the spawn's first commit left it; None after a restore.
+        self.spawn_record: AgentRecord | None = None
         self._lock = asyncio.Lock()
         self._processed: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._signatures: dict[str, inspect.Signature] = {}
@@ -144,43 +148,55 @@ class AgentCell:
 
         self.telemetry = CellTelemetry(name, agent_class.__name__, node_id, deferred_metrics)
         restore_started = time.perf_counter()
-        self.epoch = store.begin_incarnation(name, node_id, cluster_id)
-        checkpoint = store.load_checkpoint(name)
-
-        instance = agent_class.__new__(agent_class)
-        instance._arbor_context = context
-        if checkpoint is not None:
-            instance.restore(checkpoint.state)
-            self.checkpoint_version = checkpoint.version
-            for message_id, outcome in checkpoint.processed:
-                self._processed[message_id] = outcome
-            if outbox is not None:
-                outbox.load(checkpoint.outbox)
-            self._committed_json = encode_state(name, instance.snapshot())
-            logger.info(
-                "agent %s incarnation %d restored checkpoint version %d",
-                name,
-                self.epoch,
-                checkpoint.version,
-            )
-        elif init_args is None and init_kwargs is None:
-            raise StoreUnavailable(
-                f"agent {name!r} has no checkpoint and no spawn arguments to rebuild it from; "
-                f"stop it with arbor.stop({name!r}, purge=True) and spawn it again"
-            )
-        else:
-            instance.__init__(*(init_args or ()), **(init_kwargs or {}))  # type: ignore[misc]
-            # The first checkpoint makes every later incarnation independent of the spawn
-            # arguments, so the reconciler can rebuild the agent from the store alone.
-            self._committed_json = encode_state(name, instance.snapshot())
-            started = time.perf_counter()
-            self.checkpoint_version = store.write_checkpoint(
-                name, self.epoch, self._committed_json, [], checkpoint_keep
-            )
-            self.telemetry.record_checkpoint(
-                len(self._committed_json), time.perf_counter() - started
-            )
-            logger.info("agent %s incarnation %d started fresh", name, self.epoch)
+        spawning = init_args is not None or init_kwargs is not None
+        if spawning and record is None:
+            record = store.get_agent(name)
+        instance: Agent | None = None
+        checkpoint = None
+        fresh = record is not None and record.checkpoint_version == 0 and record.status != STOPPED
+        if spawning and fresh:
+            # A spawn: the epoch and the first checkpoint commit in one transaction.
+            instance = _initialised(agent_class, context, init_args, init_kwargs)
+            self._commit_first(instance, record.epoch, node_id, cluster_id)
+        if self.checkpoint_version == 0:
+            # Not a spawn, or another incarnation began since ``record`` was read.
+            self.epoch = store.begin_incarnation(name, node_id, cluster_id)
+            checkpoint = store.load_checkpoint(name)
+            if checkpoint is not None:
+                instance = agent_class.__new__(agent_class)
+                instance._arbor_context = context
+                instance.restore(checkpoint.state)
+                self.checkpoint_version = checkpoint.version
+                for message_id, outcome in checkpoint.processed:
+                    self._processed[message_id] = outcome
+                if outbox is not None:
+                    outbox.load(checkpoint.outbox)
+                self._committed_json = encode_state(name, instance.snapshot())
+                logger.info(
+                    "agent %s incarnation %d restored checkpoint version %d",
+                    name,
+                    self.epoch,
+                    checkpoint.version,
+                )
+            elif not spawning:
+                raise StoreUnavailable(
+                    f"agent {name!r} has no checkpoint and no spawn arguments to rebuild it "
+                    f"from; stop it with arbor.stop({name!r}, purge=True) and spawn it again"
+                )
+            else:
+                if instance is None:
+                    instance = _initialised(agent_class, context, init_args, init_kwargs)
+                # The first checkpoint makes every later incarnation independent of the spawn
+                # arguments, so the reconciler can rebuild the agent from the store alone.
+                self._committed_json = encode_state(name, instance.snapshot())
+                started = time.perf_counter()
+                self.checkpoint_version = store.write_checkpoint(
+                    name, self.epoch, self._committed_json, [], checkpoint_keep
+                )
+                self.telemetry.record_checkpoint(
+                    len(self._committed_json), time.perf_counter() - started
+                )
+                logger.info("agent %s incarnation %d started fresh", name, self.epoch)
         self.agent = instance
         # Bound before on_start, so that on_start can use the context (to schedule timers).
         if hasattr(context, "attach"):
@@ -191,6 +207,28 @@ class AgentCell:
             self._call_hook("on_recover", recovery())
         if checkpoint is not None:
             self.telemetry.record_restore(self.epoch, time.perf_counter() - restore_started)
+
+    def _commit_first(
+        self, instance: Agent, read_epoch: int, node_id: str | None, cluster_id: str | None
+    ) -> None:
+        """Take the next epoch and commit ``instance`` as checkpoint version 1, together.
+
+        The store writes nothing when the agent's epoch is no longer ``read_epoch`` or it
+        has a checkpoint; ``checkpoint_version`` then stays 0.
+        """
+        state_json = encode_state(self.name, instance.snapshot())
+        started = time.perf_counter()
+        record = self.store.begin_first_incarnation(
+            self.name, read_epoch, node_id, cluster_id, state_json
+        )
+        if record is None:
+            return
+        self.telemetry.record_checkpoint(len(state_json), time.perf_counter() - started)
+        self.spawn_record = record
+        self.epoch = record.epoch
+        self.checkpoint_version = 1
+        self._committed_json = state_json
+        logger.info("agent %s incarnation %d started fresh", self.name, record.epoch)
 
     async def handle(self, envelope: Envelope) -> Reply:
         """Apply one message and return its reply; a handler's error becomes part of the reply.
@@ -725,3 +763,16 @@ class AgentCell:
             message=f"agent {self.name!r} incarnation {self.epoch} {reason}",
         )
         return Reply(envelope.message_id, error=info)
+
+
+def _initialised(
+    agent_class: type[Agent],
+    context: Any,
+    init_args: tuple[Any, ...] | None,
+    init_kwargs: dict[str, Any] | None,
+) -> Agent:
+    """Return a new ``agent_class`` instance bound to ``context`` and built by ``__init__``."""
+    instance = agent_class.__new__(agent_class)
+    instance._arbor_context = context
+    instance.__init__(*(init_args or ()), **(init_kwargs or {}))  # type: ignore[misc]
+    return instance

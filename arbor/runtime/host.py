@@ -210,7 +210,8 @@ class HostActor:
     ) -> dict[str, Any]:
         """Start the agent of ``record``, which the registry has just stored in this host.
 
-        A repeated call (Ray resends it after a host restart) only reports.
+        A repeated call (Ray resends it after a host restart) only reports. The result is
+        `agent_info` with the cell's ``spawn_record``.
         """
         name = record.name
 
@@ -224,7 +225,8 @@ class HostActor:
                         f"agent {name!r} is recorded in {moved.record.options.get('host')}, "
                         f"not in host {self._name}"
                     ) from None
-            return self._info(slot)
+            assert slot.cell is not None
+            return {**self._info(slot), "record": slot.cell.spawn_record}
 
         return await self._post(name, start)  # type: ignore[no-any-return]
 
@@ -602,6 +604,7 @@ class HostActor:
                 self_route=lambda: HostedRoute(handle, name),
                 committer=self._committer,
                 deferred_metrics=True,
+                record=record,
             ),
         )
         slot.cell = cell
