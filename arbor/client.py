@@ -33,7 +33,13 @@ from arbor.registry.info import AgentInfo
 from arbor.registry.reminder_spec import ReminderInfo
 from arbor.registry.security import CapabilityInfo
 from arbor.registry.spec import build_spawn_spec, validate_name
-from arbor.runtime.ref import AgentRef, host_handle, reset_process_state, route_to
+from arbor.runtime.ref import (
+    AgentRef,
+    host_handle,
+    reset_process_state,
+    restart_sequence,
+    route_to,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +233,9 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             f"({missing.strip()}); install its module on every node, or add its folder "
             "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
         ) from None
+    # A name spawned again starts a new message stream from this process, so the new
+    # incarnation's host does not wait for the numbers sent to the old one.
+    restart_sequence(name)
     if info.placement == "hosted":
         return AgentRef(name, handle=route_to(name, host_handle(info.actor), info.placement))
     if info.actor != name:

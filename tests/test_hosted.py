@@ -16,6 +16,7 @@ import ray
 
 import arbor
 from arbor.config import NAMESPACE
+from arbor.persistence import open_store
 from tests.agents import Counter, Lifecycle, Peer, Poison, Sleeper
 from tests.conftest import arbor_cluster
 
@@ -163,6 +164,45 @@ def test_passivated_agent_keeps_state_and_comes_back() -> None:
     assert ref.ask("state") == {"count": 2, "recoveries": []}
     assert "h/idle" in ray.get(host.active_agents.remote())
     assert ref.info()["incarnation"] == 2
+
+
+def test_outbox_sends_pass_hosted_mailbox_limit() -> None:
+    target = arbor.spawn(Peer, "h/limit-target", max_pending=1, **HOSTED)
+    sender = arbor.spawn(Peer, "h/limit-sender", **HOSTED)
+    arbor.grant("h/limit-sender", "arbor://agent/send/h/limit-target")
+
+    sender.ask("fan_out", "h/limit-target", 5)
+
+    def received() -> list[Any]:
+        try:
+            items: list[Any] = target.ask("items")
+        except arbor.AgentOverloaded:
+            # An ask is refused while the queued sends fill the mailbox.
+            return []
+        return items
+
+    # Outbox sends are not refused at the limit, so none of the five is lost.
+    assert wait_for(lambda: received() == [0, 1, 2, 3, 4], 30, "the five sends")
+
+
+def test_outbox_drops_send_to_stopped_agent(cluster: str) -> None:
+    arbor.spawn(Peer, "h/gone", **HOSTED)
+    arbor.stop("h/gone")
+    sender = arbor.spawn(Peer, "h/to-gone", **HOSTED)
+    arbor.grant("h/to-gone", "arbor://agent/send/h/gone")
+    sender.ask("fan_out", "h/gone", 1)
+
+    def outbox_is_empty() -> bool:
+        sender.ask("append", "tick")
+        store = open_store(cluster, migrate=False)
+        try:
+            checkpoint = store.load_checkpoint("h/to-gone")
+        finally:
+            store.close()
+        return checkpoint is not None and checkpoint.outbox == []
+
+    # The dispatch learns that the target is stopped and drops the message for good.
+    wait_for(outbox_is_empty, 30, "the outbox to drop the send")
 
 
 def test_agent_with_timer_is_not_passivated() -> None:

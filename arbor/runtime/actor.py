@@ -423,8 +423,44 @@ def _dispatch(wallet: Wallet | None, target: str, wire: list[Any]) -> Any:
         return local.send(Envelope.from_wire(tuple(wire)))
     handle = find_actor(target)
     if handle is None:
-        return None
+        reason = _ended(target)
+        if reason is None:
+            return None
+        # The target is stopped or gone for good, so a retry cannot deliver the message.
+        logger.error(
+            "agent %s: message %s to agent %s is dropped because that agent %s",
+            wire[5],
+            wire[4],
+            target,
+            reason,
+        )
+        dropped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        dropped.set_result(None)
+        return dropped
     return handle.handle.remote(tuple(wire))
+
+
+def _ended(target: str) -> str | None:
+    """Return why agent ``target`` takes no more messages, or None if it may again.
+
+    Only the registry's answer counts: while the registry cannot be reached, the target
+    may still run.
+    """
+    from arbor.runtime.ref import registry_handle
+
+    try:
+        located = ray.get(registry_handle().locate.remote(target), timeout=_LOCATE_TIMEOUT_S)
+    except Exception as error:
+        logger.debug("agent %s could not be located: %s", target, error)
+        return None
+    if located is None:
+        return "has no record"
+    status = located.get("status")
+    return f"is {status}" if status in ("stopped", "failed") else None
+
+
+# Seconds an outbox dispatch waits for the registry to say where its target is.
+_LOCATE_TIMEOUT_S = 10.0
 
 
 def _recovery_reason(name: str) -> str:

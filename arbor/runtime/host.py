@@ -252,6 +252,7 @@ class HostActor:
             self._owned.discard(name)
             self._order.forget_agent(name)
             if cell is None:
+                # NOTE: a passivated agent is not started again, so its on_stop does not run.
                 return
             work = self._loop.run_in_executor(self._pool, cell.stop_now)
             try:
@@ -363,7 +364,11 @@ class HostActor:
             slot = self._slots[name] = _Slot(name)
         if future is None:
             future = self._loop.create_future()
-        limit = self._mailbox_limit(name) if isinstance(item, Envelope) else None
+        # Only an ask is refused at the limit, because its caller reads the refusal. A
+        # send has no reader, so it is queued: the sending process counts its own sends
+        # against the limit, as for a dedicated agent, and outbox sends are not counted.
+        is_ask = type(item) is Envelope and item.kind == "ask"
+        limit = self._mailbox_limit(name) if is_ask else None
         if limit is not None and len(slot.queue) + slot.running >= limit:
             # Every sender's messages reach the host, so the limit covers them all together.
             future.set_result(_error_reply(item, AgentOverloaded(name, limit, False)))
