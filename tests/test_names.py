@@ -234,3 +234,24 @@ def test_namespace_caps_fall_back_to_max_agents() -> None:
     assert settings.agent_cap("team-a") == 2
     assert settings.agent_cap("team-b") == 0
     assert settings.agent_cap("team-c") == 5
+
+
+def test_passivation_follows_default_placement(monkeypatch: pytest.MonkeyPatch) -> None:
+    from arbor.config import reset_settings
+    from arbor.registry.spec import build_spawn_spec
+    from tests.agents import Counter
+
+    monkeypatch.setenv("ARBOR_DEFAULT_PLACEMENT", "hosted")
+    reset_settings()
+    try:
+        spec = build_spawn_spec(Counter, "c1", (), {"passivate_idle_s": 5})
+        assert spec.options["passivate_idle_s"] == 5
+        with pytest.raises(InvalidArguments, match="hosted agents only"):
+            build_spawn_spec(Counter, "c2", (), {"passivate_idle_s": 5, "num_cpus": 1})
+        monkeypatch.setenv("ARBOR_DEFAULT_PLACEMENT", "dedicated")
+        reset_settings()
+        with pytest.raises(InvalidArguments, match="hosted agents only"):
+            build_spawn_spec(Counter, "c3", (), {"passivate_idle_s": 5})
+    finally:
+        monkeypatch.undo()
+        reset_settings()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arbor.agent import Agent, type_path
+from arbor.config import get_settings
 from arbor.errors import InvalidAgentName, InvalidArguments
 from arbor.names import local_name, namespace_problem
 from arbor.registry.security import GrantRequest, grant_requests
@@ -227,7 +228,11 @@ def _check_hosted_options(options: dict[str, Any]) -> None:
             raise InvalidArguments(
                 f"passivate_idle_s={idle!r} is invalid; pass seconds >= 0 (0 never passivates)"
             )
-        if placement != "hosted":
+        effective = placement
+        if effective is None and not any(key in RAY_ACTOR_KEYS for key in options):
+            # The registry gives such a spawn ARBOR_DEFAULT_PLACEMENT.
+            effective = get_settings().default_placement
+        if effective != "hosted":
             raise InvalidArguments(
                 "passivate_idle_s applies to hosted agents only; add placement='hosted'"
             )
