@@ -275,10 +275,13 @@ class AgentRef:
         **kwargs: Any,
     ) -> Any:
         """Awaitable `ask`, for async handlers and other asyncio code."""
-        _check_timeout(timeout)
+        if timeout is None:
+            seconds = _default_timeout()
+        else:
+            _check_timeout(timeout)
+            seconds = timeout
         origin = self._sending_origin()
         envelope = self._envelope("ask", handler, args, kwargs, message_id, origin)
-        seconds = timeout if timeout is not None else _default_timeout()
         local = self._local(origin)
         if local is not None:
             return self._unwrap(handler, await local.ask_async(envelope, seconds))

@@ -106,6 +106,7 @@ class CellTelemetry:
         self.agent_type = agent_type
         self.node = node_id or "unknown"
         self._log_fields = logs.AgentLogFields(name, agent_type, None, self.node)
+        self._log_scope = logs.AgentLogScope(self._log_fields)
         # The attributes of this agent's checkpoint spans, made once: a span copies them.
         self.checkpoint_attributes = {"arbor.agent": name}
 
@@ -115,9 +116,11 @@ class CellTelemetry:
         if fields.incarnation != epoch:
             fields = logs.AgentLogFields(self.name, self.agent_type, epoch, self.node)
             self._log_fields = fields
-        log_scope = logs.AgentLogScope(fields)
+            self._log_scope = logs.AgentLogScope(fields)
         if not _tracing:
-            return log_scope
+            # One scope serves every message, because a cell runs one message at a time.
+            return self._log_scope
+        log_scope = logs.AgentLogScope(fields)
         unsampled = _unsampled_span(envelope.headers)
         if unsampled is not None:
             return _MessageScope(log_scope, unsampled)

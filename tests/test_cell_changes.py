@@ -1,0 +1,96 @@
+"""How a cell tells a changed state from an unchanged one, without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import arbor
+from arbor.config import Settings
+from arbor.messages import Envelope
+from arbor.persistence import AgentRecord, CheckpointStore, open_store
+from arbor.runtime.cell import AgentCell
+from arbor.runtime.context import RuntimeContext
+
+
+class Shapes(arbor.Agent):
+    """Holds values whose JSON text can stay the same while the objects change."""
+
+    def __init__(self) -> None:
+        self.items: Any = [1, 2]
+        self.table: dict[Any, Any] = {}
+
+    def read(self) -> Any:
+        return self.items
+
+    def push(self, value: Any) -> int:
+        self.items.append(value)
+        return len(self.items)
+
+    def as_tuple(self) -> None:
+        self.items = tuple(self.items)
+
+    def as_list(self) -> None:
+        self.items = list(self.items)
+
+    def put(self, key: Any, value: Any) -> None:
+        self.table[key] = value
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CheckpointStore]:
+    url = f"sqlite:///{tmp_path}/changes.db"
+    opened = open_store(url, Settings(database_url=url))
+    opened.create_agent(
+        AgentRecord(name="shapes", type_path="tests:Shapes", status="starting", spawn_id="s1")
+    )
+    yield opened
+    opened.close()
+
+
+def send(cell: AgentCell, handler: str, *args: Any) -> Any:
+    reply = asyncio.run(cell.handle(Envelope(handler, args)))
+    return reply
+
+
+def test_reads_commit_nothing(store: CheckpointStore) -> None:
+    cell = AgentCell("shapes", Shapes, store, RuntimeContext("shapes"), init_kwargs={})
+    for _ in range(3):
+        assert send(cell, "read").value == [1, 2]
+    assert cell.checkpoint_version == 1
+
+
+def test_change_in_place_commits_after_reads(store: CheckpointStore) -> None:
+    cell = AgentCell("shapes", Shapes, store, RuntimeContext("shapes"), init_kwargs={})
+    send(cell, "read")
+    send(cell, "read")
+    assert send(cell, "push", 3).value == 3
+    send(cell, "read")
+    assert cell.checkpoint_version == 2
+    checkpoint = store.load_checkpoint("shapes")
+    assert checkpoint is not None
+    assert checkpoint.state["items"] == [1, 2, 3]
+
+
+def test_same_json_in_another_type_commits_nothing(store: CheckpointStore) -> None:
+    cell = AgentCell("shapes", Shapes, store, RuntimeContext("shapes"), init_kwargs={})
+    send(cell, "read")
+    send(cell, "as_tuple")
+    send(cell, "read")
+    send(cell, "as_list")
+    assert cell.checkpoint_version == 1
+
+
+def test_non_json_key_is_named_and_rolled_back(store: CheckpointStore) -> None:
+    cell = AgentCell("shapes", Shapes, store, RuntimeContext("shapes"), init_kwargs={})
+    send(cell, "read")
+    reply = send(cell, "put", 7, "x")
+    assert reply.error is not None
+    assert "state['table'][7]" in reply.error.message
+    assert cell.agent.table == {}
+    assert send(cell, "read").value == [1, 2]
+    assert cell.checkpoint_version == 1
