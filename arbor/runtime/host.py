@@ -367,8 +367,9 @@ class HostActor:
         # Only an ask is refused at the limit, because its caller reads the refusal. A
         # send has no reader, so it is queued: the sending process counts its own sends
         # against the limit, as for a dedicated agent, and outbox sends are not counted.
-        is_ask = type(item) is Envelope and item.kind == "ask"
-        limit = self._mailbox_limit(name) if is_ask else None
+        limit = None
+        if type(item) is Envelope and item.kind == "ask":
+            limit = self._limits[name] if name in self._limits else self._mailbox_limit(name)
         if limit is not None and len(slot.queue) + slot.running >= limit:
             # Every sender's messages reach the host, so the limit covers them all together.
             future.set_result(_error_reply(item, AgentOverloaded(name, limit, False)))

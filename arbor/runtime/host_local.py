@@ -65,16 +65,33 @@ class HostLocalRoute(LocalRoute):
                 return _detached_reply(await asyncio.wait_for(asyncio.wrap_future(result), timeout))
             except asyncio.TimeoutError:
                 return _ask_timeout(envelope, self._name, timeout)
-        # The caller awaits the message's own future. The mailbox runs the message even
-        # when that future is done already, so neither a timeout nor the caller's
-        # cancellation takes back a message that was posted.
-        future = host._post(self._name, _detached(envelope), None, True)
-        host.local_deliveries += 1
-        timer = loop.call_later(timeout, _time_out, future)
+        posted = self.post_ask(envelope, timeout)
+        assert posted is not None
+        future, timer = posted
         try:
             reply = await future
         finally:
             timer.cancel()
+        return self.ask_outcome(envelope, timeout, reply)
+
+    def post_ask(
+        self, envelope: Envelope, timeout: float
+    ) -> tuple[asyncio.Future[Any], asyncio.TimerHandle] | None:
+        """Post an ask from the host's loop; returns its future and the timer to cancel.
+
+        The caller awaits the message's own future. The mailbox runs the message even
+        when that future is done already, so neither a timeout nor the caller's
+        cancellation takes back a message that was posted. None off the host's loop.
+        """
+        host = self._host
+        if threading.get_ident() != host._loop_thread:
+            return None
+        future = host._post(self._name, _detached(envelope), None, True)
+        host.local_deliveries += 1
+        return future, host._loop.call_later(timeout, _time_out, future)
+
+    def ask_outcome(self, envelope: Envelope, timeout: float, reply: Reply | None) -> Reply:
+        """Return the reply of a posted ask: a copy, or a timeout for None."""
         if reply is None:
             return _ask_timeout(envelope, self._name, timeout)
         return _detached_reply(reply)

@@ -166,6 +166,18 @@ class LocalRoute:
         """Post the message; returns a future that is done once the agent handled it."""
         raise NotImplementedError
 
+    def post_ask(self, envelope: Envelope, timeout: float) -> tuple[Any, Any] | None:
+        """Post an ask from the route's own event loop; returns its future and timer.
+
+        None means the caller is elsewhere and uses `ask_async`. The future's result goes
+        to `ask_outcome`, and the timer is cancelled once the future is done.
+        """
+        return None
+
+    def ask_outcome(self, envelope: Envelope, timeout: float, reply: Any) -> Any:
+        """Return the reply of an ask posted with `post_ask`."""
+        raise NotImplementedError
+
 
 # Set by a host actor's process: returns the local route to an agent that the host runs,
 # or None. Other processes have none and always go through Ray.
@@ -284,6 +296,16 @@ class AgentRef:
         envelope = self._envelope("ask", handler, args, kwargs, message_id, origin)
         local = self._local(origin)
         if local is not None:
+            posted = local.post_ask(envelope, seconds)
+            if posted is not None:
+                # On the host's own loop, await the message's future here, which saves a
+                # coroutine per ask on the busiest path between agents.
+                future, timer = posted
+                try:
+                    reply = await future
+                finally:
+                    timer.cancel()
+                return self._unwrap(handler, local.ask_outcome(envelope, seconds, reply))
             return self._unwrap(handler, await local.ask_async(envelope, seconds))
         deadline = time.monotonic() + seconds
         rerouted = False
