@@ -205,7 +205,8 @@ def _check_options(options: dict[str, Any]) -> None:
     ):
         raise InvalidArguments(
             f"max_pending={max_pending!r} is invalid; pass the number of unfinished messages "
-            "(>= 1) that one process may have sent to the agent"
+            "(>= 1): counted per sending process for a dedicated agent, and over every "
+            "sender's asks for a hosted one"
         )
     durability = options.get("durability")
     if durability is not None and durability not in ("durable", "periodic", "batched"):
