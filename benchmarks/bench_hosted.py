@@ -15,6 +15,9 @@ Sections, each printed as a Markdown table and drawn as a PNG with matplotlib:
 - memory: resident memory (RSS, and USS, the memory unique to the process) of the host
   processes per hosted agent at 100, 1,000 and 10,000 agents, and of the actor processes
   per dedicated agent and per raw Ray actor at ``--dedicated`` actors.
+- nodes: ask round trips between hosted agents on two Ray nodes of a
+  ``ray.cluster_utils.Cluster`` on this machine, against raw Ray actor calls between the
+  same two nodes; the cluster is separate from the one of the other sections.
 - commits: checkpoint commits per second through the store with many agents writing at
   once, ``durable`` (a transaction per checkpoint) against ``batched`` (group commit).
 
@@ -51,7 +54,7 @@ from benchmarks.bench_agents import (
 
 RAW_NAMESPACE = "bench-raw"
 BENCH_TYPE = f"{BenchCounter.__module__}:{BenchCounter.__qualname__}"
-SECTIONS = ("spawn", "ask", "throughput", "memory", "commits")
+SECTIONS = ("spawn", "ask", "throughput", "memory", "commits", "nodes")
 
 
 def main() -> None:
@@ -127,6 +130,9 @@ def main() -> None:
         from benchmarks.bench_group_commit import bench_commits
 
         bench_commits(args)
+    if "nodes" in sections:
+        with common.temporary_database(args.store, args.pg_admin_url) as database_url:
+            bench_nodes(args, database_url)
     common.print_footer()
 
 
@@ -279,6 +285,56 @@ def driver_asks(call: Callable[[int], Any], count: int) -> list[float]:
         call(index)
         samples.append(time.perf_counter() - start)
     return samples
+
+
+# Ask round trips across nodes.
+
+
+def bench_nodes(args: argparse.Namespace, database_url: str) -> None:
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_args = {
+        "num_cpus": 1,
+        "object_store_memory": args.object_store_mb * common.MIB,
+        "node_ip_address": "127.0.0.1",
+    }
+    cluster = Cluster(
+        initialize_head=True, head_node_args={**node_args, "include_dashboard": False}
+    )
+    cluster.add_node(**node_args)
+    cluster.wait_for_nodes()
+    arbor.init(address=cluster.address, database_url=database_url)
+    try:
+        peers = [
+            arbor.spawn(BenchPeer, f"bench/node-peer-{index}", placement="hosted")
+            for index in range(4)
+        ]
+        nodes = {peer.name: peer.info()["node_id"] for peer in peers}
+        first = peers[0]
+        other = next((peer for peer in peers[1:] if nodes[peer.name] != nodes[first.name]), None)
+        if other is None:
+            raise RuntimeError(f"the hosts did not spread over the two nodes: {nodes}")
+        arbor.grant(first.name, f"arbor://agent/ask/{other.name}")
+        first.ask("time_asks", other.name, "echo", 100, timeout=300)
+        hosted = first.ask("time_asks", other.name, "echo", args.asks, timeout=300)
+
+        node_ids = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+        placed = [
+            NodeAffinitySchedulingStrategy(node_id=node_id, soft=False) for node_id in node_ids
+        ]
+        pinger = ray.remote(RawPinger).options(scheduling_strategy=placed[0]).remote()
+        target = ray.remote(RawSyncCounter).options(scheduling_strategy=placed[1]).remote()
+        raw = raw_actor_to_actor(pinger, target, args.asks)
+    finally:
+        arbor.shutdown()
+        cluster.shutdown()
+    rows = [
+        ["hosted agent to hosted agent, two nodes (Ray)", *stat_row(hosted, scale=1e6)],
+        ["raw Ray actor to actor, two nodes", *stat_row(raw, scale=1e6)],
+    ]
+    print("\n## Ask round trip across two nodes on this machine\n")
+    print(common.format_table(["round trip", "n", "p50 µs", "p99 µs", "min µs", "max µs"], rows))
 
 
 # Messages per second.
