@@ -749,3 +749,11 @@ def test_limited_token_counts_every_check_of_its_string(clock: FakeClock) -> Non
     assert verifier.check(text, "coordinator", uri).allowed is True
     assert verifier.check(text, "coordinator", uri).allowed is True
     assert verifier.check(text, "coordinator", uri).allowed is False
+
+
+def test_unhashable_principal_with_token_string_denied(verifier: CapabilityVerifier) -> None:
+    text = issue_workers().to_string()
+    decision = verifier.check(text, ["coordinator"], "arbor://agent/send/workers/7")  # type: ignore[arg-type]
+    assert_denied(decision, "the principal must be a string")
+    decision = verifier.check(text, "coordinator", "arbor://agent/send/workers/7", ["gw"])  # type: ignore[arg-type]
+    assert_denied(decision, "the caller must be a string or None")

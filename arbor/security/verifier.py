@@ -217,7 +217,13 @@ class CapabilityVerifier:
                 it is handling; a token with allowed callers denies a check without one.
         """
         key = (token, principal, resource, caller)
-        if type(token) is str and type(resource) is str:
+        keyable = (
+            type(token) is str
+            and type(principal) is str
+            and type(resource) is str
+            and (caller is None or type(caller) is str)
+        )
+        if keyable:
             hit = self._allowed.get(key)  # type: ignore[arg-type]
             if hit is not None and hit[0] is self._revoked and self._clock() < hit[1]:
                 return hit[2]
@@ -254,7 +260,7 @@ class CapabilityVerifier:
         if not limited:
             revoked = self._revoked
             decision = self._decide(loaded, principal, resource, caller, limited)
-            if decision.allowed and type(key[0]) is str and type(key[2]) is str:
+            if decision.allowed and keyable:
                 if len(self._allowed) >= self._allowed_size:
                     self._allowed.clear()
                 expires = min(block.expires_at.timestamp() for block in loaded.blocks)
