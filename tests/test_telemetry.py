@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Tracer as SDKTracer
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
+import arbor
 from arbor.config import Settings
-from arbor.messages import Envelope
+from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.observability import logs, tracing
 from arbor.observability.spans import SpanFactory
+from arbor.persistence import AgentRecord, open_store
 from arbor.runtime import telemetry
+from arbor.runtime.cell import AgentCell
+from arbor.runtime.context import RuntimeContext
 
 
 @pytest.fixture
@@ -324,3 +331,62 @@ def test_unsampled_message_passes_trace_state_on(
 
     assert sent == {"traceparent": parent, "tracestate": "v=1"}
     assert spans.get_finished_spans() == ()
+
+
+def test_failed_reply_marks_message_span(
+    spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(telemetry, "_ratio", 1.0)
+    cell = telemetry.CellTelemetry("a", "Counter", "node")
+    failed = Reply(
+        "m1",
+        error=ErrorInfo(
+            kind="handler", error_type="builtins.ValueError", message="bad", traceback="tb"
+        ),
+    )
+    with cell.message(Envelope("add"), epoch=1):
+        cell.mark_failed(failed)
+    with cell.message(Envelope("get"), epoch=1):
+        cell.mark_failed(Reply("m2", value=1))
+
+    failed_span, ok_span = spans.get_finished_spans()[-2:]
+    assert failed_span.status.status_code is StatusCode.ERROR
+    assert failed_span.status.description == "builtins.ValueError: bad"
+    (event,) = failed_span.events
+    assert event.name == "exception"
+    assert dict(event.attributes or {}) == {
+        "exception.type": "builtins.ValueError",
+        "exception.message": "bad",
+        "exception.stacktrace": "tb",
+    }
+    assert ok_span.status.status_code is StatusCode.UNSET
+    assert ok_span.events == ()
+
+
+def test_raising_handler_exports_error_span(
+    spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(telemetry, "_ratio", 1.0)
+    url = f"sqlite:///{tmp_path}/spans.db"
+    store = open_store(url, Settings(database_url=url))
+    store.create_agent(
+        AgentRecord(name="flaky", type_path="tests:Flaky", status="starting", spawn_id="s1")
+    )
+    cell = AgentCell("flaky", Flaky, store, RuntimeContext("flaky"), init_kwargs={})
+    try:
+        reply = asyncio.run(cell.handle(Envelope("explode")))
+    finally:
+        store.close()
+
+    assert reply.error is not None
+    message_span = next(span for span in spans.get_finished_spans() if span.name == "arbor.message")
+    assert message_span.status.status_code is StatusCode.ERROR
+    assert "boom" in (message_span.status.description or "")
+    assert [event.name for event in message_span.events] == ["exception"]
+
+
+class Flaky(arbor.Agent):
+    """Raises from its only handler."""
+
+    def explode(self) -> None:
+        raise RuntimeError("boom")

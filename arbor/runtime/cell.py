@@ -291,6 +291,8 @@ class AgentCell:
                     )
                 else:
                     reply = self._settle_commit(envelope, value, error, settled)
+            if reply.error is not None:
+                self.telemetry.mark_failed(reply)
         self.telemetry.record_message(envelope, reply, time.perf_counter() - started)
         return reply
 
@@ -303,6 +305,8 @@ class AgentCell:
         started = time.perf_counter()
         with self.telemetry.message(envelope, self.epoch):
             reply = self._handle_now(envelope, run)
+            if reply.error is not None:
+                self.telemetry.mark_failed(reply)
         self.telemetry.record_message(envelope, reply, time.perf_counter() - started)
         return reply
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from arbor.config import Settings
 from arbor.messages import Envelope, Reply
@@ -149,6 +150,25 @@ class CellTelemetry:
             metrics.message_times.add(self.agent_type, handler, status, seconds)
         else:
             record(metrics.record_message, self.agent_type, handler, status, seconds)
+
+    def mark_failed(self, reply: Reply) -> None:
+        """Mark the running message's span as failed when its reply carries an error.
+
+        The handler's exception becomes the reply rather than leaving the span's block, so
+        the span records it here: an error status and an ``exception`` event with the
+        type, message and traceback, as OpenTelemetry's exception convention names them.
+        """
+        error = reply.error
+        if error is None or not _tracing:
+            return
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return
+        attributes = {"exception.type": error.error_type, "exception.message": error.message}
+        if error.traceback:
+            attributes["exception.stacktrace"] = error.traceback
+        span.add_event("exception", attributes)
+        span.set_status(Status(StatusCode.ERROR, f"{error.error_type}: {error.message}"))
 
     def record_checkpoint(self, nbytes: int, seconds: float, status: str = "ok") -> None:
         """Count one checkpoint write."""
