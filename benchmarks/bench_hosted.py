@@ -385,7 +385,7 @@ def bench_throughput(args: argparse.Namespace) -> None:
             )
             return count
 
-        run(pairs[0])  # warm up: the first asks look up routes and capabilities
+        run(pairs[0])  # warm up: the first requests look up routes and capabilities
         with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
             total = sum(pool.map(run, pairs))
         return len(pairs), total / args.seconds

@@ -134,12 +134,12 @@ def insert_records(database_url: str, names: list[str]) -> None:
 def run(args: argparse.Namespace) -> list[list[Any]]:
     """Time each listing; returns the table rows."""
     registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-    one = namespace_names(args.namespaces)[args.namespaces // 2]
+    middle = namespace_names(args.namespaces)[args.namespaces // 2]
 
-    def whole_table_filtered(wanted: str) -> Listing:
+    def whole_table_filtered(namespace: str) -> Listing:
         def listing() -> tuple[list[Any], list[Any]]:
             records = ray.get(registry.list_agents.remote(None), timeout=60)
-            return [info for info in records if namespace_of(info.name) == wanted], records
+            return [info for info in records if namespace_of(info.name) == namespace], records
 
         return listing
 
@@ -150,19 +150,19 @@ def run(args: argparse.Namespace) -> list[list[Any]]:
 
         return listing
 
-    sample = arbor.list_agents(namespace=one)
+    sample = arbor.list_agents(namespace=middle)
     holder = ray.remote(RecordHolder).options(namespace=RAW_NAMESPACE).remote(sample)
 
     listings: list[tuple[str, Listing]] = [
         (
-            f"arbor.list_agents(namespace={one!r})",
-            sent_as_kept(lambda: arbor.list_agents(namespace=one)),
+            f"arbor.list_agents(namespace={middle!r})",
+            sent_as_kept(lambda: arbor.list_agents(namespace=middle)),
         ),
         (
             "arbor.list_agents() in 'default'",
             sent_as_kept(lambda: arbor.list_agents(namespace="default")),
         ),
-        (f"whole table, filtered in the client ({one!r})", whole_table_filtered(one)),
+        (f"whole table, filtered in the client ({middle!r})", whole_table_filtered(middle)),
         ("whole table, filtered in the client ('default')", whole_table_filtered("default")),
         (
             "arbor.list_agents(namespace='*')",

@@ -717,7 +717,7 @@ def test_kept_decision_dropped_after_revocation(verifier: CapabilityVerifier) ->
     assert verifier.check(text, "coordinator", uri).allowed is True
     assert verifier.check(text, "coordinator", uri).allowed is True
 
-    verifier.revoke(issue_workers().id)  # another token: the kept decision still holds
+    verifier.revoke(issue_workers().id)  # another token: the kept decision is still valid
     assert verifier.check(text, "coordinator", uri).allowed is True
     verifier.revoke(verifier.load(text).id)
     assert_denied(verifier.check(text, "coordinator", uri), "was revoked")

@@ -1,4 +1,4 @@
-"""How a cell tells a changed state from an unchanged one, without Ray."""
+"""How a cell detects a changed state and skips an unchanged one, without Ray."""
 
 from __future__ import annotations
 

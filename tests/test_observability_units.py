@@ -734,7 +734,7 @@ def test_message_times_keep_nothing_when_metrics_are_off(
     assert times.flush() == 0
 
 
-def test_message_times_log_a_bad_value_and_go_on(
+def test_message_times_skip_bad_value(
     fake_ray_metrics: dict[str, FakeMetric], caplog: pytest.LogCaptureFixture
 ) -> None:
     times = metrics.MessageTimes(interval_s=3600)

@@ -417,7 +417,7 @@ def record_message(agent_type: str, handler: str, status: str, seconds: float) -
 class MessageTimes:
     """Handling times waiting to be observed, handed to Ray by a thread every second.
 
-    Observing one value through Ray's metric API takes about 4 µs, a quarter of the
+    Observing one value through Ray's metric API took about 4 µs here, a quarter of the
     budget of a message between two agents of one host. `add` only appends to a queue, and
     a daemon thread started at the first `add` observes what queued every
     ``interval_s`` seconds. Ray exports a process's metrics once per

@@ -231,7 +231,7 @@ class CheckpointStore(ABC):
 
         A spawn uses this in place of `begin_incarnation` followed by `write_checkpoint`,
         which commit twice. It applies only while the agent still has epoch ``epoch``, no
-        checkpoint and a status other than stopped; a matching epoch means that no other
+        checkpoint and a status other than stopped. A matching epoch means that no other
         incarnation began since the caller read it.
 
         Returns:

@@ -56,10 +56,10 @@ LEFT JOIN ok ON ok.name = i.name
 class BatchConnections:
     """Autocommit connections that run batch statements, apart from the store's pool.
 
-    A batch is one statement, and in autocommit mode PostgreSQL runs it as a transaction
-    of its own, so a batch costs one round trip instead of four: the pool's liveness check
-    when it hands out a connection, BEGIN, the statement and COMMIT. A connection that
-    broke is closed, and the next attempt opens a new one; an outage therefore surfaces as
+    A batch is one statement, which PostgreSQL runs as a transaction of its own in
+    autocommit mode. So a batch costs one round trip instead of four: the pool's liveness
+    check when it hands out a connection, BEGIN, the statement and COMMIT. A broken
+    connection is closed, and the next attempt opens a new one. An outage therefore raises
     `psycopg.OperationalError`, which the store's retry loop retries and then reports.
 
     Args:

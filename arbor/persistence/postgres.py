@@ -136,18 +136,7 @@ class PostgresStore(
     def create_agent(self, record: AgentRecord) -> AgentRecord:
         def step() -> AgentRecord:
             with self._transaction() as connection:
-                row = connection.execute(
-                    "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, "
-                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, now(), now()) "
-                    f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
-                    (
-                        record.name,
-                        record.type_path,
-                        record.status,
-                        record.spawn_id,
-                        Jsonb(record.options),
-                    ),
-                ).fetchone()
+                row = _insert_agent(connection, record)
                 if row is not None:
                     return _record(row)
                 row = connection.execute(
@@ -168,18 +157,7 @@ class PostgresStore(
     ) -> tuple[AgentRecord, AuditEntry | None]:
         def step() -> tuple[AgentRecord, AuditEntry | None]:
             with self._transaction() as connection:
-                row = connection.execute(
-                    "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, "
-                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, now(), now()) "
-                    f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
-                    (
-                        record.name,
-                        record.type_path,
-                        record.status,
-                        record.spawn_id,
-                        Jsonb(record.options),
-                    ),
-                ).fetchone()
+                row = _insert_agent(connection, record)
                 if row is not None:
                     return _record(row), self._append_audit(connection, entry)
                 row = connection.execute(
@@ -512,6 +490,16 @@ class PostgresStore(
     def close(self) -> None:
         self._batches.close()
         self._pool.close()
+
+
+def _insert_agent(connection: psycopg.Connection[Any], record: AgentRecord) -> Any:
+    """Insert ``record`` unless its name exists; returns the new row, or None."""
+    return connection.execute(
+        "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, "
+        "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, now(), now()) "
+        f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
+        (record.name, record.type_path, record.status, record.spawn_id, Jsonb(record.options)),
+    ).fetchone()
 
 
 def _record(row: tuple[Any, ...]) -> AgentRecord:

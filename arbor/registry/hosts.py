@@ -171,7 +171,7 @@ class HostPool:
                 gone.add(name)
                 del self._hosts[name]
         # A spawn may have chosen a host after the records were read, so a count below the
-        # one kept since is not lowered; stops and moves lower it when they happen.
+        # kept one is not lowered. Stops and moves lower the count when they happen.
         recorded = collections.Counter(record.options.get("host") for record in hosted)
         self._load = collections.Counter(
             {host: max(recorded[host], self._load[host]) for host in self._hosts}
@@ -238,8 +238,8 @@ class HostPool:
     async def _move(self, record: AgentRecord, source: str, target: str) -> None:
         """Move one agent: record the new host, let the old one commit and drop it, start it.
 
-        The old host answers an `AgentRef.ask` that still reaches it with a "moved" reply,
-        so the sender looks the agent up and resends, and forwards other messages. The new
+        The old host replies "moved" to an `AgentRef.ask` that still reaches it, so the
+        sender looks the agent up and resends. It forwards other messages. The new
         incarnation's epoch fences the old one, so no order of these steps loses a
         committed update.
         """

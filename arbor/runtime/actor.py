@@ -443,8 +443,8 @@ def _dispatch(wallet: Wallet | None, target: str, wire: list[Any]) -> Any:
 def _ended(target: str) -> str | None:
     """Return why agent ``target`` takes no more messages, or None if it may again.
 
-    Only the registry's answer counts: while the registry cannot be reached, the target
-    may still run.
+    Only the registry's reply decides. While the registry cannot be reached, the target
+    may still run, so None is returned.
     """
     from arbor.runtime.ref import registry_handle
 

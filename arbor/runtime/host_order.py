@@ -50,8 +50,8 @@ class StreamOrder:
       forwards the messages that still reach it, in order.
 
     A message of a dropped stream that still arrives is delivered, because the host takes
-    it for the first message of a new stream. Numbered 0, it is posted at once;
-    numbered higher, it waits at most ``SEQUENCE_GAP_S`` for lower numbers and is then
+    it for the first message of a new stream. A message numbered 0 is posted at once.
+    One numbered higher waits at most ``SEQUENCE_GAP_S`` for lower numbers and is then
     posted with the stream's other waiting messages in number order. The agent's
     deduplication by message id (within ``ARBOR_DEDUP_WINDOW``), not this order state,
     decides whether a resent message runs again. Dropping keeps the stream's order: a
@@ -74,7 +74,7 @@ class StreamOrder:
         self._held: dict[_Key, dict[int, tuple[Envelope, asyncio.Future[Any]]]] = {}
 
     def __len__(self) -> int:
-        """The number of streams with order state."""
+        """Return the number of streams with order state."""
         return len(self._expected)
 
     def post(self, name: str, envelope: Envelope, sequence: str) -> asyncio.Future[Any]:

@@ -40,7 +40,7 @@ class Outbox:
         self._staged: list[tuple[str, _Entry]] = []
 
     def busy(self) -> bool:
-        """Whether any message is staged or undelivered; an idle outbox needs no upkeep."""
+        """Return whether any message is staged or undelivered, which an idle outbox skips."""
         return bool(self._entries or self._staged)
 
     @property
