@@ -75,7 +75,7 @@ class BatchConnections:
         self._closed = False
 
     def write(self, writes: list[EncodedCheckpoint]) -> list[int | CheckpointConflict]:
-        """Commit ``writes``, each agent named at most once, with one statement.
+        """Commit ``writes`` with one statement; the caller names each agent at most once.
 
         Returns:
             For each write, in order, the new version or the `CheckpointConflict` of a
