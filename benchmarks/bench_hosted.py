@@ -54,6 +54,9 @@ from benchmarks.bench_agents import (
 
 RAW_NAMESPACE = "bench-raw"
 BENCH_TYPE = f"{BenchCounter.__module__}:{BenchCounter.__qualname__}"
+
+# Seconds of quiet before each timed spawn that starts or claims a process.
+SETTLE_S = 0.5
 SECTIONS = ("spawn", "ask", "throughput", "memory", "commits", "nodes")
 
 
@@ -153,17 +156,24 @@ def bench_spawn(args: argparse.Namespace) -> None:
     }
     for index in range(args.hosted_spawns):
         samples["hosted"].append(timed(spawn_hosted, f"bench/hosted-{index}"))
+    # Each kind of process-starting spawn runs in a phase of its own, every spawn after
+    # SETTLE_S of quiet, so that the process start-ups of one spawn (a cold agent, a raw
+    # actor, the warm pool's refill) do not run during the next. Each dedicated agent
+    # holds database connections, so each is stopped before the next.
     for index in range(args.actor_spawns):
-        samples["dedicated, warm"].append(timed(arbor.spawn, BenchCounter, f"bench/warm-{index}"))
         wait_for_pool(2)
+        time.sleep(SETTLE_S)
+        samples["dedicated, warm"].append(timed(arbor.spawn, BenchCounter, f"bench/warm-{index}"))
+        arbor.stop(f"bench/warm-{index}", purge=True)
+    for index in range(args.actor_spawns):
+        time.sleep(SETTLE_S)
         samples["dedicated, cold"].append(
             timed(arbor.spawn, BenchCounter, f"bench/cold-{index}", num_cpus=0)
         )
-        # Each dedicated agent has its own database connections, so free them for the next.
-        arbor.stop(f"bench/warm-{index}", purge=True)
         arbor.stop(f"bench/cold-{index}", purge=True)
+    for index in range(args.actor_spawns):
+        time.sleep(SETTLE_S)
         samples["raw Ray actor"].append(timed(spawn_raw, raw_class, f"raw-{index}"))
-        time.sleep(0.3)
 
     rows = [[kind, *stat_row(values)] for kind, values in samples.items()]
     print("\n## Spawn latency\n")

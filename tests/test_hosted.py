@@ -16,8 +16,11 @@ import ray
 
 import arbor
 from arbor.config import NAMESPACE
+from arbor.names import qualify
 from arbor.persistence import open_store
-from tests.agents import Counter, Lifecycle, Peer, Poison, Sleeper
+from arbor.registry.spec import build_spawn_spec
+from arbor.runtime.ref import registry_handle
+from tests.agents import Counter, Lifecycle, Peer, Picky, Poison, Sleeper
 from tests.conftest import arbor_cluster
 
 HOSTED: dict[str, Any] = {"placement": "hosted"}
@@ -354,3 +357,59 @@ def test_hosted_mailbox_limit_counts_every_sender() -> None:
     assert "'h/limited' already has 2 unfinished messages, its max_pending limit" in overloaded
     for sender in senders:
         ray.kill(sender)
+
+
+def test_hosted_spawn_commits_record_audit_and_checkpoint(cluster: str) -> None:
+    arbor.spawn(Counter, "hosted/committed", 6, **HOSTED)
+
+    store = open_store(cluster)
+    try:
+        record = store.get_agent("hosted/committed")
+        checkpoint = store.load_checkpoint("hosted/committed")
+        resource = "arbor://agent/spawn/hosted/committed"
+        rows = [
+            row for row in store.list_audit(resource_prefix=resource) if row.resource == resource
+        ]
+        assert record is not None
+        assert (record.status, record.epoch, record.checkpoint_version) == ("running", 1, 1)
+        assert record.options["host"] == host_report("hosted/committed")["name"]
+        assert checkpoint is not None
+        assert (checkpoint.version, checkpoint.state["count"]) == (1, 6)
+        assert [(row.action, row.decision) for row in rows] == [("spawn", "allowed")]
+        assert store.verify_audit().ok
+    finally:
+        store.close()
+
+
+def test_hosted_spawn_of_taken_name_leaves_the_agent() -> None:
+    ref = arbor.spawn(Counter, "hosted/owner", 4, **HOSTED)
+    ref.ask("add", 1)
+    before = ref.info()
+
+    with pytest.raises(arbor.NameTaken):
+        arbor.spawn(Counter, "hosted/owner", 100, **HOSTED)
+    with pytest.raises((arbor.NameTaken, arbor.HandlerError)):
+        arbor.spawn(Picky, "hosted/owner", fail=True, **HOSTED)
+
+    after = ref.info()
+    assert (after["pid"], after["incarnation"]) == (before["pid"], before["incarnation"])
+    assert arbor.get("hosted/owner").ask("get") == 5
+    assert [agent.status for agent in arbor.list_agents() if agent.name == "hosted/owner"] == [
+        "running"
+    ]
+
+
+def test_retried_hosted_spawn_finishes_the_first() -> None:
+    name = qualify("hosted/retried", arbor.current_namespace())
+    spec = build_spawn_spec(Counter, name, (3,), dict(HOSTED))
+    registry = registry_handle()
+
+    first = ray.get(registry.spawn.remote(spec))
+    again = ray.get(registry.spawn.remote(spec))
+
+    assert (again.name, again.actor, again.incarnation) == (
+        first.name,
+        first.actor,
+        first.incarnation,
+    )
+    assert arbor.get("hosted/retried").ask("get") == 3

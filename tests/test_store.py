@@ -1057,6 +1057,96 @@ def test_first_incarnation_of_cluster_without_lease_is_refused(store: Checkpoint
     assert (record.epoch, record.checkpoint_version) == (0, 0)
 
 
+def test_created_first_incarnation_commits_record_audit_and_checkpoint(
+    store: CheckpointStore,
+) -> None:
+    record = make_record(options={"actor": "arbor-warm-1"})
+
+    created = store.create_first_incarnation(record, spawn_entry(), "node-a", None, '{"count": 5}')
+
+    stored = store.get_agent("alpha")
+    checkpoint = store.load_checkpoint("alpha")
+    audit = store.list_audit()
+    assert created is not None
+    assert created == stored
+    assert stored is not None
+    assert (stored.status, stored.epoch, stored.checkpoint_version) == (RUNNING, 1, 1)
+    assert (stored.node_id, stored.spawn_id, stored.options) == (
+        "node-a",
+        "spawn-1",
+        {"actor": "arbor-warm-1"},
+    )
+    assert stored.started_at is not None
+    assert stored.checkpointed_at is not None
+    assert checkpoint is not None
+    assert (checkpoint.version, checkpoint.epoch, checkpoint.state) == (1, 1, {"count": 5})
+    assert [(row.action, row.resource) for row in audit] == [("spawn", "arbor://agent/spawn/alpha")]
+    assert store.verify_audit().ok
+
+
+def test_created_first_incarnation_of_taken_name_writes_nothing(store: CheckpointStore) -> None:
+    store.create_agent(make_record(spawn_id="spawn-0"))
+
+    # The same spawn id as the stored one (a retried spawn) writes nothing either.
+    for spawn_id in ("spawn-0", "spawn-1"):
+        created = store.create_first_incarnation(
+            make_record(spawn_id=spawn_id), spawn_entry(), "node-a", None, "{}"
+        )
+        assert created is None
+
+    record = store.get_agent("alpha")
+    assert record is not None
+    assert (record.spawn_id, record.epoch, record.checkpoint_version) == ("spawn-0", 0, 0)
+    assert store.load_checkpoint("alpha") is None
+    assert store.list_audit() == []
+
+
+def test_created_first_incarnation_with_invalid_entry_writes_nothing(
+    store: CheckpointStore,
+) -> None:
+    invalid = AuditEntry("operator", "spawn", "arbor://agent/spawn/alpha", "maybe")
+
+    with pytest.raises(InvalidAuditEntry):
+        store.create_first_incarnation(make_record(), invalid, "node-a", None, "{}")
+
+    assert store.get_agent("alpha") is None
+    assert store.load_checkpoint("alpha") is None
+    assert store.list_audit() == []
+
+
+def test_created_first_incarnation_of_cluster_without_lease_is_refused(
+    store: CheckpointStore,
+) -> None:
+    store.claim_cluster_lease("green")
+
+    with pytest.raises(ClusterLeaseLost):
+        store.create_first_incarnation(make_record(), spawn_entry(), "node-a", "blue", "{}")
+
+    assert store.get_agent("alpha") is None
+    assert store.list_audit() == []
+
+
+def test_rehearsed_first_incarnation_leaves_no_trace(store: CheckpointStore) -> None:
+    store.claim_cluster_lease("green")
+    store.append_audit(spawn_entry("beta"))
+
+    store.rehearse_first_incarnation("green")
+
+    assert store.list_agents() == []
+    assert [row.resource for row in store.list_audit()] == ["arbor://agent/spawn/beta"]
+    assert store.verify_audit().ok
+    # The next append links to the row before the rehearsal.
+    store.append_audit(spawn_entry("gamma"))
+    assert store.verify_audit().ok
+
+
+def test_rehearsal_of_cluster_without_lease_is_refused(pg_store: CheckpointStore) -> None:
+    pg_store.claim_cluster_lease("green")
+
+    with pytest.raises(ClusterLeaseLost):
+        pg_store.rehearse_first_incarnation("blue")
+
+
 # The cluster lease
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -14,6 +15,9 @@ import ray
 
 import arbor
 from arbor.config import NAMESPACE, reset_settings
+from arbor.names import qualify
+from arbor.persistence import CheckpointStore, open_store
+from arbor.registry.spec import build_spawn_spec
 from arbor.runtime.actor import WARM_PREFIX
 from arbor.runtime.ref import registry_handle
 from tests.agents import Counter, Picky, Relay
@@ -24,12 +28,21 @@ POOL_SIZE = 2
 @pytest.fixture(scope="module", autouse=True)
 def cluster(module_pg_url: str) -> Iterator[str]:
     os.environ["ARBOR_WARM_POOL_SIZE"] = str(POOL_SIZE)
+    os.environ["ARBOR_NAMESPACE_MAX_AGENTS"] = json.dumps({"capped": 2})
     reset_settings()
     arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
     yield module_pg_url
     arbor.shutdown()
     del os.environ["ARBOR_WARM_POOL_SIZE"]
+    del os.environ["ARBOR_NAMESPACE_MAX_AGENTS"]
     reset_settings()
+
+
+@pytest.fixture(scope="module")
+def store(cluster: str) -> Iterator[CheckpointStore]:
+    opened = open_store(cluster)
+    yield opened
+    opened.close()
 
 
 def wait_for_pool(type_path: str, count: int = POOL_SIZE, timeout: float = 60.0) -> None:
@@ -52,6 +65,16 @@ def warm_spawn(agent_class: type[arbor.Agent], name: str, **kwargs: Any) -> arbo
     ref = arbor.spawn(agent_class, name, **kwargs)
     assert actor_of(name).startswith(WARM_PREFIX)
     return ref
+
+
+def ready(type_path: str = "tests.agents:Counter") -> int:
+    return int(ray.get(registry_handle().warm_pool.remote()).get(type_path, 0))
+
+
+def spawn_rows(store: CheckpointStore, name: str) -> list[Any]:
+    """Return the audit rows of spawns of ``name``."""
+    resource = f"arbor://agent/spawn/{name}"
+    return [row for row in store.list_audit(resource_prefix=resource) if row.resource == resource]
 
 
 def actor_of(name: str) -> str:
@@ -187,3 +210,97 @@ def test_new_registry_removes_unclaimed_warm_actors() -> None:
         time.sleep(0.1)
     assert names <= bound
     assert arbor.get("warm/kept").ask("get") == 2
+
+
+def test_warm_spawn_commits_record_audit_and_checkpoint(store: CheckpointStore) -> None:
+    warm_spawn(Counter, "warm/committed", start=6)
+
+    record = store.get_agent("warm/committed")
+    checkpoint = store.load_checkpoint("warm/committed")
+    rows = spawn_rows(store, "warm/committed")
+    assert record is not None
+    assert (record.status, record.epoch, record.checkpoint_version) == ("running", 1, 1)
+    assert record.options["actor"].startswith(WARM_PREFIX)
+    assert checkpoint is not None
+    assert (checkpoint.version, checkpoint.state["count"]) == (1, 6)
+    assert [(row.action, row.decision) for row in rows] == [("spawn", "allowed")]
+    assert store.verify_audit().ok
+
+
+def test_warm_spawn_of_taken_name_leaves_agent_and_pool(store: CheckpointStore) -> None:
+    ref = warm_spawn(Counter, "warm/owner", start=4)
+    ref.ask("add", 1)
+    before = ref.info()
+    wait_for_pool("tests.agents:Counter")
+
+    with pytest.raises(arbor.NameTaken):
+        arbor.spawn(Counter, "warm/owner", start=100)
+
+    # The warm actor that the refused spawn took went back to the pool.
+    assert ready() == POOL_SIZE
+    after = ref.info()
+    assert (after["pid"], after["incarnation"]) == (before["pid"], before["incarnation"])
+    assert arbor.get("warm/owner").ask("get") == 5
+    assert len(spawn_rows(store, "warm/owner")) == 1
+
+
+def test_warm_spawn_with_failing_init_of_taken_name_deletes_nothing() -> None:
+    warm_spawn(Picky, "warm/picky-owner").ask("set", 9)
+    wait_for_pool("tests.agents:Picky")
+
+    with pytest.raises((arbor.NameTaken, arbor.HandlerError)):
+        arbor.spawn(Picky, "warm/picky-owner", fail=True)
+
+    # The failed spawn removed only what it wrote: the agent of that name still runs.
+    assert arbor.get("warm/picky-owner").ask("set", 10) == 10
+    assert [agent.status for agent in arbor.list_agents() if agent.name == "warm/picky-owner"] == [
+        "running"
+    ]
+
+
+def test_retried_warm_spawn_finishes_the_first() -> None:
+    warm_spawn(Counter, "warm/retry-first")
+    wait_for_pool("tests.agents:Counter")
+    spec = build_spawn_spec(Counter, qualify("warm/retried", arbor.current_namespace()), (3,), {})
+    registry = registry_handle()
+
+    first = ray.get(registry.spawn.remote(spec))
+    again = ray.get(registry.spawn.remote(spec))
+
+    assert first.actor.startswith(WARM_PREFIX)
+    assert (again.name, again.actor, again.incarnation) == (
+        first.name,
+        first.actor,
+        first.incarnation,
+    )
+    assert arbor.get("warm/retried").ask("get") == 3
+
+
+def test_warm_spawn_with_capabilities_holds_them() -> None:
+    warm_spawn(Counter, "warm/granted-target")
+    relay = warm_spawn(
+        Relay, "warm/granted", capabilities=["arbor://agent/send/warm/granted-target"]
+    )
+    relay.ask("forward", "warm/granted-target", 4)
+    target = arbor.get("warm/granted-target")
+    deadline = time.monotonic() + 30
+    while target.ask("get") != 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert target.ask("get") == 4
+    assert {cap.pattern for cap in arbor.capabilities("warm/granted")} >= {
+        "arbor://agent/send/warm/granted-target"
+    }
+
+
+def test_warm_spawn_past_namespace_cap_is_refused_and_keeps_the_actor() -> None:
+    warm_spawn(Counter, "warm/cap-pool")
+    arbor.spawn(Counter, "capped:one")
+    arbor.spawn(Counter, "capped:two")
+    wait_for_pool("tests.agents:Counter")
+
+    with pytest.raises(arbor.QuotaExceeded):
+        arbor.spawn(Counter, "capped:three")
+
+    assert ready() == POOL_SIZE
+    with pytest.raises(arbor.AgentNotFound):
+        arbor.get("capped:three")

@@ -244,6 +244,43 @@ class CheckpointStore(ABC):
         """
 
     @abstractmethod
+    def create_first_incarnation(
+        self,
+        record: AgentRecord,
+        entry: AuditEntry,
+        node_id: str | None,
+        cluster_id: str | None,
+        state_json: str,
+    ) -> AgentRecord | None:
+        """Store a new agent running its first epoch, with checkpoint version 1, in one commit.
+
+        The transaction inserts ``record`` as running with epoch 1, appends ``entry`` to
+        the audit log and writes ``state_json`` as the first checkpoint. A spawn into a
+        ready actor uses it in place of `create_agent_audited` followed by
+        `begin_first_incarnation`, which commit twice.
+
+        Returns:
+            The stored record, or None when an agent of that name exists (a retried spawn
+            included); nothing is written then.
+
+        Raises:
+            ClusterLeaseLost: another cluster holds the cluster lease.
+            InvalidAuditEntry: a field of ``entry`` is invalid; nothing is written.
+        """
+
+    def rehearse_first_incarnation(self, cluster_id: str | None) -> None:
+        """Run the statements of `create_first_incarnation` once and roll them back.
+
+        A process that will soon start an agent calls this ahead of time, so that the
+        store's first real commit does not also pay for what a new database session
+        loads on first use. Stores with nothing to load do nothing.
+
+        Raises:
+            ClusterLeaseLost: another cluster holds the cluster lease.
+        """
+        return None
+
+    @abstractmethod
     def fence(self, name: str) -> int:
         """Take the next epoch without starting an incarnation, cutting off the current one."""
 

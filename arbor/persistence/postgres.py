@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -14,6 +16,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from arbor.errors import AgentNotFound, CheckpointConflict, NameTaken
 from arbor.persistence.audit import (
+    ALLOWED,
     GENESIS_HASH,
     VERIFY_BATCH_ROWS,
     AuditEntry,
@@ -47,6 +50,15 @@ from arbor.persistence.topics import TopicTables
 # retried. It is short because the retry loop, not the pool, sets the total wait.
 POOL_TIMEOUT_S = 3.0
 
+# A pooled connection idle for longer than this is checked before use. One returned more
+# recently skips the check's round trip; if the server dropped it all the same, the first
+# statement fails and the retry loop takes another connection.
+CHECK_AFTER_IDLE_S = 5.0
+
+# The agent name that `rehearse_first_incarnation` inserts and rolls back; names starting
+# with "arbor-" are reserved, so no agent has it.
+REHEARSAL_NAME = "arbor-rehearsal"
+
 # Connections at most for group commit batches, opened on first use besides the pool. A
 # host's group committer has two threads and so uses two of them.
 BATCH_CONNECTIONS = 4
@@ -79,6 +91,7 @@ class PostgresStore(
         self, url: str, pool_max: int, retry_attempts: int, retry_backoff_s: float
     ) -> None:
         super().__init__(url, retry_attempts, retry_backoff_s)
+        idle_check = IdleCheck(CHECK_AFTER_IDLE_S)
         # One direct connection first: an unreachable server then fails through the retry
         # loop with psycopg's own message, not with a pool timeout after background noise.
         self._retry("connect", lambda: psycopg.connect(url, connect_timeout=5).close())
@@ -87,9 +100,10 @@ class PostgresStore(
             min_size=1,
             max_size=pool_max,
             timeout=POOL_TIMEOUT_S,
-            # A connection the server dropped while idle is replaced before use, instead
-            # of failing the first statement of the next transaction.
-            check=ConnectionPool.check_connection,
+            # A connection idle for a while is checked before use, so that one the server
+            # dropped is replaced instead of failing the next transaction's first statement.
+            check=idle_check.check,
+            reset=idle_check.returned,
             kwargs={"connect_timeout": 5},
             open=False,
             name="arbor",
@@ -100,9 +114,20 @@ class PostgresStore(
         self._batches = BatchConnections(url, BATCH_CONNECTIONS)
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection[TupleRow]]:
-        with self._pool.connection() as connection, connection.transaction():
-            yield connection
+    def _transaction(self, pipelined: bool = False) -> Iterator[psycopg.Connection[TupleRow]]:
+        """Run a transaction on a pooled connection.
+
+        ``pipelined`` sends the statements in pipeline mode: BEGIN, COMMIT and every
+        statement whose result the caller does not read before the next one travel
+        together, so a transaction of several statements takes fewer round trips.
+        """
+        with self._pool.connection() as connection:
+            if not pipelined:
+                with connection.transaction():
+                    yield connection
+                return
+            with connection.pipeline(), connection.transaction():
+                yield connection
 
     def _is_transient(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.OperationalError | PoolTimeout)
@@ -262,15 +287,77 @@ class PostgresStore(
                 ).fetchone()
                 if row is None:
                     return None
-                connection.execute(
-                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
-                    "outbox, created_at) "
-                    "VALUES (%s, 1, %s, %s::jsonb, '[]'::jsonb, '[]'::jsonb, now())",
-                    (name, row[6], state_json),
-                )
+                _insert_first_checkpoint(connection, name, row[6], state_json)
             return _record(row)
 
         return self._retry("begin_first_incarnation", step)
+
+    def create_first_incarnation(
+        self,
+        record: AgentRecord,
+        entry: AuditEntry,
+        node_id: str | None,
+        cluster_id: str | None,
+        state_json: str,
+    ) -> AgentRecord | None:
+        def step() -> AgentRecord | None:
+            with self._transaction(pipelined=True) as connection:
+                return self._create_first(
+                    connection, record, entry, node_id, cluster_id, state_json
+                )
+
+        return self._retry("create_first_incarnation", step)
+
+    def rehearse_first_incarnation(self, cluster_id: str | None) -> None:
+        # A new server session loads its catalog entries for each table and index on
+        # first use, which takes milliseconds; this loads those of the spawn's commit.
+        record = AgentRecord(name=REHEARSAL_NAME, type_path="", status=RUNNING, spawn_id="")
+        entry = AuditEntry(
+            principal="operator",
+            action="spawn",
+            resource=f"arbor://agent/spawn/{REHEARSAL_NAME}",
+            decision=ALLOWED,
+        )
+        with (
+            self._pool.connection() as connection,
+            connection.pipeline(),
+            connection.transaction(force_rollback=True),
+        ):
+            self._create_first(connection, record, entry, None, cluster_id, "{}")
+
+    def _create_first(
+        self,
+        connection: psycopg.Connection[TupleRow],
+        record: AgentRecord,
+        entry: AuditEntry,
+        node_id: str | None,
+        cluster_id: str | None,
+        state_json: str,
+    ) -> AgentRecord | None:
+        # In a pipelined transaction, the statements up to the first fetch travel in one
+        # round trip, and the two inserts after it with COMMIT in a second.
+        inserted = connection.execute(
+            "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, node_id, "
+            "epoch, checkpoint_version, created_at, updated_at, started_at, checkpointed_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, 1, 1, now(), now(), now(), now()) "
+            f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
+            (
+                record.name,
+                record.type_path,
+                RUNNING,
+                record.spawn_id,
+                Jsonb(record.options),
+                node_id,
+            ),
+        )
+        head = self._audit_head(connection)
+        self.check_cluster_lease(connection, cluster_id)
+        row = inserted.fetchone()
+        if row is None:
+            return None
+        self._append_audit_after(connection, entry, head.fetchone())
+        _insert_first_checkpoint(connection, record.name, 1, state_json)
+        return _record(row)
 
     def fence(self, name: str) -> int:
         def step() -> int:
@@ -420,12 +507,24 @@ class PostgresStore(
     def _append_audit(
         self, connection: psycopg.Connection[TupleRow], entry: AuditEntry
     ) -> AuditEntry:
-        # The lock is held until commit, and each statement after it reads the newest
-        # committed head, so no two appends link to the same predecessor.
+        return self._append_audit_after(connection, entry, self._audit_head(connection).fetchone())
+
+    def _audit_head(self, connection: psycopg.Connection[TupleRow]) -> psycopg.Cursor[TupleRow]:
+        """Lock the audit chain until commit; returns the cursor that reads the chain's head.
+
+        Each statement after the lock reads the newest committed head, so no two appends
+        link to the same predecessor.
+        """
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK_KEY,))
-        head = connection.execute(
-            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
+        return connection.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+
+    def _append_audit_after(
+        self,
+        connection: psycopg.Connection[TupleRow],
+        entry: AuditEntry,
+        head: tuple[Any, ...] | None,
+    ) -> AuditEntry:
+        """Append ``entry`` after ``head``, which `_audit_head` read under its lock."""
         seq, prev_hash = (int(head[0]) + 1, head[1]) if head else (1, GENESIS_HASH)
         row = seal_row(entry, seq, prev_hash)
         connection.execute(
@@ -490,6 +589,34 @@ class PostgresStore(
     def close(self) -> None:
         self._batches.close()
         self._pool.close()
+
+
+class IdleCheck:
+    """The pool's connection check, skipped for a connection used in the last ``idle_s``."""
+
+    def __init__(self, idle_s: float) -> None:
+        self._idle_s = idle_s
+        self._returned: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def returned(self, connection: psycopg.Connection[Any]) -> None:
+        self._returned[connection] = time.monotonic()
+
+    def check(self, connection: psycopg.Connection[Any]) -> None:
+        returned = self._returned.get(connection)
+        if returned is None or time.monotonic() - returned > self._idle_s:
+            ConnectionPool.check_connection(connection)
+
+
+def _insert_first_checkpoint(
+    connection: psycopg.Connection[Any], name: str, epoch: int, state_json: str
+) -> None:
+    connection.execute(
+        "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, outbox, "
+        "created_at) VALUES (%s, 1, %s, %s::jsonb, '[]'::jsonb, '[]'::jsonb, now())",
+        (name, epoch, state_json),
+    )
 
 
 def _insert_agent(connection: psycopg.Connection[Any], record: AgentRecord) -> Any:

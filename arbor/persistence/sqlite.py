@@ -283,14 +283,48 @@ class SQLiteStore(
                 ).fetchone()
                 if row is None:
                     return None
-                connection.execute(
-                    "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, "
-                    "created_at, outbox) VALUES (?, 1, ?, ?, '[]', ?, '[]')",
-                    (name, row[6], state_json, now),
-                )
+                _insert_first_checkpoint(connection, name, row[6], state_json, now)
             return _record(row)
 
         return self._retry("begin_first_incarnation", step)
+
+    def create_first_incarnation(
+        self,
+        record: AgentRecord,
+        entry: AuditEntry,
+        node_id: str | None,
+        cluster_id: str | None,
+        state_json: str,
+    ) -> AgentRecord | None:
+        def step() -> AgentRecord | None:
+            now = time.time()
+            with self._transaction() as connection:
+                self.check_cluster_lease(connection, cluster_id)
+                row = connection.execute(
+                    "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, "
+                    "node_id, epoch, checkpoint_version, created_at, updated_at, started_at, "
+                    "checkpointed_at) VALUES (?, ?, ?, ?, ?, ?, 1, 1, ?, ?, ?, ?) "
+                    f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
+                    (
+                        record.name,
+                        record.type_path,
+                        RUNNING,
+                        record.spawn_id,
+                        json.dumps(record.options),
+                        node_id,
+                        now,
+                        now,
+                        now,
+                        now,
+                    ),
+                ).fetchone()
+                if row is None:
+                    return None
+                self._append_audit(connection, entry)
+                _insert_first_checkpoint(connection, record.name, 1, state_json, now)
+            return _record(row)
+
+        return self._retry("create_first_incarnation", step)
 
     def fence(self, name: str) -> int:
         def step() -> int:
@@ -511,6 +545,16 @@ def _audit_row(row: tuple[Any, ...]) -> AuditRow:
 
 def _time(value: float | None) -> datetime:
     return datetime.fromtimestamp(value or 0.0, tz=timezone.utc)
+
+
+def _insert_first_checkpoint(
+    connection: sqlite3.Connection, name: str, epoch: int, state_json: str, now: float
+) -> None:
+    connection.execute(
+        "INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, created_at, "
+        "outbox) VALUES (?, 1, ?, ?, '[]', ?, '[]')",
+        (name, epoch, state_json, now),
+    )
 
 
 def _record(row: tuple[Any, ...]) -> AgentRecord:

@@ -207,6 +207,19 @@ class Registry:
                 spawn_id=spec.spawn_id,
                 options=options,
             )
+            if (slot is not None or is_hosted(options)) and not spec.capabilities:
+                # One commit: the agent's first commit stores its record, the audit row
+                # of the spawn and the first checkpoint together. A spawn with birth
+                # capabilities commits its record first, since the grants need it.
+                report = await self._start_first(spec, record, slot)
+                if report is not None:
+                    return await self._spawned(spec, report), None if slot is None else slot[1]
+                # An agent of this name exists: the steps below finish a retried spawn
+                # or raise NameTaken.
+                if slot is not None:
+                    self._warm[spec.type_path].appendleft(slot)
+                    slot = None
+                    record.options = spec.options
             try:
                 # Counting and inserting under one lock per namespace, so that spawns
                 # racing for the last places neither pass the cap nor fail each other.
@@ -311,18 +324,49 @@ class Registry:
         The row records the allowed request when the name is reserved, so it stays when
         the agent then fails to start. A retried spawn whose record exists adds no row.
         """
-        entry = AuditEntry(
-            principal=spec.spawner or OPERATOR,
-            action="spawn",
-            resource=f"arbor://agent/spawn/{spec.name}",
-            decision=ALLOWED,
-            detail={"type": spec.type_path},
-            trace_id=telemetry.current_trace_id(),
-        )
-        stored, audited = self._store.create_agent_audited(record, entry)
+        stored, audited = self._store.create_agent_audited(record, _spawn_audit(spec))
         if audited is not None:
             telemetry.record(metrics.record_audit_row, "spawn", "allow")
         return stored
+
+    async def _start_first(
+        self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """Start the agent in its host or warm actor, whose first commit stores its record.
+
+        One transaction then holds the record, the spawn's audit row and the first
+        checkpoint, where the other path commits the record before the agent starts.
+
+        Returns:
+            The reply of the host's `activate` or the warm actor's `claim`, or None when
+            an agent of that name exists; nothing was written then, and the warm actor
+            is still ready.
+        """
+        namespace = namespace_of(spec.name)
+        # Under an agent cap, the count and the commit that adds the agent hold the
+        # namespace's lock, so that racing spawns cannot pass the cap together.
+        capped = self._settings.agent_cap(namespace) != 0
+        audit = _spawn_audit(spec)
+        try:
+            async with self._quota_locks[namespace] if capped else contextlib.nullcontext():
+                await self._check_quota(spec)
+                if slot is None:
+                    report = await self._activate_hosted(spec, record, audit)
+                else:
+                    _, report = await self._claim(spec, record, slot, audit)
+        except QuotaExceeded:
+            if slot is None:
+                self._hosts.forget_agent(record.options["host"])
+            else:
+                self._warm[spec.type_path].appendleft(slot)
+            raise
+        if report.get("taken"):
+            if slot is None:
+                self._hosts.forget_agent(record.options["host"])
+            return None
+        telemetry.record(metrics.record_audit_row, "spawn", "allow")
+        _publish_mailbox_limit(spec.name, spec.options)
+        return report
 
     async def _spawned(self, spec: SpawnSpec, report: dict[str, Any] | None = None) -> AgentInfo:
         """Finish a spawn; ``report`` is the reply of the host or warm actor that started it."""
@@ -389,9 +433,15 @@ class Registry:
         return await asyncio.to_thread(self._security.list, principal, include_revoked, namespace)
 
     async def _claim(
-        self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
+        self,
+        spec: SpawnSpec,
+        record: AgentRecord,
+        slot: tuple[str, Any] | None,
+        audit: AuditEntry | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """Start the agent inside the warm actor its record names.
+
+        With ``audit``, the record is not stored yet and the warm actor stores it.
 
         Returns:
             The warm actor's handle and the reply of its `claim`.
@@ -402,30 +452,41 @@ class Registry:
         try:
             report = await asyncio.wait_for(
                 handle.claim.remote(
-                    spec.name, spec.init_args, spec.init_kwargs, durability, record
+                    spec.name, spec.init_args, spec.init_kwargs, durability, record, audit
                 ),
                 self._settings.spawn_timeout_s,
             )
         except Exception as error:
             # The warm actor is half made: drop it and free the name, as a failed cold spawn does.
             ray.kill(handle, no_restart=True)
-            await asyncio.to_thread(self._store.delete_agent, spec.name)
+            await asyncio.to_thread(self._delete_spawned, spec)
             raise _start_error(spec.name, error, f"warm actor {name}", self._settings) from None
         return handle, report
 
-    async def _activate_hosted(self, spec: SpawnSpec, record: AgentRecord) -> dict[str, Any]:
-        """Start the agent in the host its record names; returns the host's reply."""
+    def _delete_spawned(self, spec: SpawnSpec) -> None:
+        """Delete the record that ``spec`` stored; an agent of another spawn keeps its own."""
+        record = self._store.get_agent(spec.name)
+        if record is not None and record.spawn_id == spec.spawn_id:
+            self._store.delete_agent(spec.name)
+
+    async def _activate_hosted(
+        self, spec: SpawnSpec, record: AgentRecord, audit: AuditEntry | None = None
+    ) -> dict[str, Any]:
+        """Start the agent in the host its record names; returns the host's reply.
+
+        With ``audit``, the record is not stored yet and the host stores it.
+        """
         host = record.options["host"]
         try:
             handle = self._hosts.handle(host)
             report: dict[str, Any] = await asyncio.wait_for(
-                handle.activate.remote(record, spec.init_args, spec.init_kwargs),
+                handle.activate.remote(record, spec.init_args, spec.init_kwargs, audit),
                 self._settings.spawn_timeout_s,
             )
         except Exception as error:
             # The host keeps running its other agents; only this name is freed.
             self._hosts.forget_agent(host)
-            await asyncio.to_thread(self._store.delete_agent, spec.name)
+            await asyncio.to_thread(self._delete_spawned, spec)
             raise _start_error(spec.name, error, f"host {host}", self._settings) from None
         return report
 
@@ -1034,6 +1095,18 @@ def _cluster_identity() -> tuple[str, bool]:
     stored = kv.get(kv.CLUSTER_ID)
     assert stored is not None
     return stored.decode(), False
+
+
+def _spawn_audit(spec: SpawnSpec) -> AuditEntry:
+    """Return the audit row of an allowed spawn."""
+    return AuditEntry(
+        principal=spec.spawner or OPERATOR,
+        action="spawn",
+        resource=f"arbor://agent/spawn/{spec.name}",
+        decision=ALLOWED,
+        detail={"type": spec.type_path},
+        trace_id=telemetry.current_trace_id(),
+    )
 
 
 def _publish_mailbox_limit(name: str, options: dict[str, Any]) -> None:

@@ -19,10 +19,11 @@ from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from arbor.agent import Agent
 from arbor.config import NAMESPACE, Settings
-from arbor.errors import AgentNotFound, ClusterLeaseLost
+from arbor.errors import AgentNotFound, ClusterLeaseLost, NameTaken
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.observability import metrics
 from arbor.persistence import FAILED, RUNNING, STARTING, AgentRecord, open_store
+from arbor.persistence.audit import AuditEntry
 from arbor.persistence.group import GroupCommitter
 from arbor.runtime import kv, telemetry
 from arbor.runtime.cell import CAPABILITY_HEADER, AgentCell
@@ -101,15 +102,13 @@ class AgentActor:
         the metric objects are made once per process.
         """
         metrics.prepare()
-        if not self._settings.enforce_capabilities:
-            return
         try:
-            process_guard(self._store, self._settings)
+            self._store.rehearse_first_incarnation(self._settings.cluster_id)
+            if self._settings.enforce_capabilities:
+                process_guard(self._store, self._settings)
         except Exception as error:
             # The claim tries again and reports the error to the spawn's caller.
-            logger.warning(
-                "warm actor %s could not set up its guard: %s", self._actor_name(), error
-            )
+            logger.warning("warm actor %s could not prepare: %s", self._actor_name(), error)
 
     def _resume(
         self,
@@ -172,15 +171,25 @@ class AgentActor:
         init_kwargs: dict[str, Any] | None,
         durability: str,
         record: AgentRecord | None = None,
+        audit: AuditEntry | None = None,
     ) -> dict[str, Any]:
-        """Turn this warm actor into agent ``name``; the registry has already bound the two.
+        """Turn this warm actor into agent ``name``.
 
-        ``record`` is the agent's record as the registry stored it. Ray may run a claim
-        again after a crash, when the restarted actor has already resumed the agent; the
-        repeat then only reports. The result is `info` with the cell's ``spawn_record``.
+        ``record`` is the agent's record as the registry stored it, or with ``audit``, the
+        record to store: the first commit then stores it, the audit row of the spawn and
+        the first checkpoint together. Ray may run a claim again after a crash, when the
+        restarted actor has already resumed the agent; the repeat then only reports.
+
+        Returns:
+            `info` with the cell's ``spawn_record``, or ``{"taken": True}`` when ``audit``
+            was given and an agent of that name exists; this actor then stays ready.
         """
         if self._cell is None:
-            self._start(name, init_args, init_kwargs, durability, record)
+            try:
+                self._start(name, init_args, init_kwargs, durability, record, audit)
+            except NameTaken:
+                self._name = None
+                return {"taken": True}
         elif self._cell.name != name:
             raise RuntimeError(
                 f"warm actor {self._actor_name()} already runs agent {self._cell.name!r}, "
@@ -196,6 +205,7 @@ class AgentActor:
         init_kwargs: dict[str, Any] | None,
         durability: str,
         record: AgentRecord | None = None,
+        audit: AuditEntry | None = None,
     ) -> None:
         self._name = name
         cell = start_cell(
@@ -211,6 +221,7 @@ class AgentActor:
             run=self._loop.run_until_complete,
             offload_io=False,
             record=record,
+            audit=audit,
         )
         self._cell = cell
         if durability == "periodic":
@@ -362,12 +373,14 @@ def start_cell(
     committer: GroupCommitter | None = None,
     deferred_metrics: bool = False,
     record: AgentRecord | None = None,
+    audit: AuditEntry | None = None,
 ) -> AgentCell:
     """Build the cell of one agent incarnation, as every placement does.
 
     It restores the agent (or runs ``__init__``), binds its context, and dispatches the
     outbox messages the last incarnation committed but may not have delivered. A spawn
-    passes the ``record`` the registry just stored, which saves the cell a read.
+    passes the ``record`` the registry just stored, which saves the cell a read, or the
+    record to store together with the spawn's ``audit`` row and first checkpoint.
     """
     guard = wallet = None
     if settings.enforce_capabilities:
@@ -399,6 +412,7 @@ def start_cell(
             committer=committer,
             deferred_metrics=deferred_metrics,
             record=record,
+            audit=audit,
         )
     context.attach(cell)
     if cell.outbox is not None:

@@ -24,6 +24,7 @@ from arbor.errors import (
     CapabilityDenied,
     CheckpointConflict,
     InvalidArguments,
+    NameTaken,
     StateNotSerializable,
     StoreUnavailable,
     UnknownHandler,
@@ -31,6 +32,7 @@ from arbor.errors import (
 from arbor.messages import Envelope, ErrorInfo, Reply, new_message_id
 from arbor.observability import logs
 from arbor.persistence import STOPPED, AgentRecord, CheckpointStore
+from arbor.persistence.audit import AuditEntry
 from arbor.persistence.group import GroupCommitter
 from arbor.persistence.jsonstate import encode_reply, encode_state
 from arbor.runtime import telemetry
@@ -116,6 +118,7 @@ class AgentCell:
         committer: GroupCommitter | None = None,
         deferred_metrics: bool = False,
         record: AgentRecord | None = None,
+        audit: AuditEntry | None = None,
     ) -> None:
         self.name = name
         # Batched agents commit through the committer their process shares; without one
@@ -170,7 +173,12 @@ class AgentCell:
         instance: Agent | None = None
         checkpoint = None
         fresh = record is not None and record.checkpoint_version == 0 and record.status != STOPPED
-        if spawning and fresh:
+        if spawning and record is not None and audit is not None:
+            # A spawn whose record is not stored yet: the record, its audit row and the
+            # first checkpoint commit in one transaction.
+            instance = _initialised(agent_class, context, init_args, init_kwargs)
+            self._create_first(instance, record, audit, node_id, cluster_id)
+        elif spawning and fresh:
             # A spawn: the epoch and the first checkpoint commit in one transaction.
             instance = _initialised(agent_class, context, init_args, init_kwargs)
             self._commit_first(instance, record.epoch, node_id, cluster_id)
@@ -237,14 +245,36 @@ class AgentCell:
         record = self.store.begin_first_incarnation(
             self.name, read_epoch, node_id, cluster_id, state_json
         )
-        if record is None:
-            return
-        self.telemetry.record_checkpoint(len(state_json), time.perf_counter() - started)
+        if record is not None:
+            self._first_committed(record, state_json, time.perf_counter() - started)
+
+    def _first_committed(self, record: AgentRecord, state_json: str, seconds: float) -> None:
+        self.telemetry.record_checkpoint(len(state_json), seconds)
         self.spawn_record = record
         self.epoch = record.epoch
         self.checkpoint_version = 1
         self._committed_json = state_json
         logger.info("agent %s incarnation %d started fresh", self.name, record.epoch)
+
+    def _create_first(
+        self,
+        instance: Agent,
+        record: AgentRecord,
+        audit: AuditEntry,
+        node_id: str | None,
+        cluster_id: str | None,
+    ) -> None:
+        """Store ``record`` running its first epoch with ``instance`` as checkpoint version 1.
+
+        Raises:
+            NameTaken: an agent of this name exists; nothing was written.
+        """
+        state_json = encode_state(self.name, instance.snapshot())
+        started = time.perf_counter()
+        stored = self.store.create_first_incarnation(record, audit, node_id, cluster_id, state_json)
+        if stored is None:
+            raise NameTaken(self.name)
+        self._first_committed(stored, state_json, time.perf_counter() - started)
 
     async def handle(self, envelope: Envelope) -> Reply:
         """Apply one message and return its reply; a handler's error becomes part of the reply.

@@ -35,9 +35,10 @@ import ray
 
 from arbor.agent import Agent, import_type
 from arbor.config import NAMESPACE, Settings
-from arbor.errors import AgentNotFound, AgentOverloaded, ArborError
+from arbor.errors import AgentNotFound, AgentOverloaded, ArborError, NameTaken
 from arbor.messages import Envelope, ErrorInfo, Reply
 from arbor.persistence import RUNNING, STOPPED, AgentRecord, open_store
+from arbor.persistence.audit import AuditEntry
 from arbor.persistence.group import GroupCommitter
 from arbor.runtime import kv, telemetry
 from arbor.runtime.actor import start_cell
@@ -112,8 +113,12 @@ class _Slot:
         self.last_flush = time.monotonic()
         # Passed to on_recover at the next start; None for a start after passivation.
         self.recovery: str | None = None
-        # The spawn's record and __init__ arguments, used once by the first start.
-        self.spawn: tuple[AgentRecord, tuple[Any, ...] | None, dict[str, Any] | None] | None = None
+        # The spawn's record, __init__ arguments and audit row (when the start stores the
+        # record), used once by the first start.
+        self.spawn: (
+            tuple[AgentRecord, tuple[Any, ...] | None, dict[str, Any] | None, AuditEntry | None]
+            | None
+        ) = None
         self.idle_s = 0.0
         # Whether a message or operation taken off the queue is running now.
         self.running = False
@@ -207,28 +212,43 @@ class HostActor:
         record: AgentRecord,
         init_args: tuple[Any, ...] | None,
         init_kwargs: dict[str, Any] | None,
+        audit: AuditEntry | None = None,
     ) -> dict[str, Any]:
-        """Start the agent of ``record``, which the registry has just stored in this host.
+        """Start the agent of ``record``, which the registry has placed in this host.
 
-        A repeated call (Ray resends it after a host restart) only reports. The result is
-        `agent_info` with the cell's ``spawn_record``.
+        The registry has stored ``record``, or with ``audit`` the agent's first commit
+        stores it, the audit row of the spawn and the first checkpoint together. A repeated
+        call (Ray resends it after a host restart) only reports.
+
+        Returns:
+            `agent_info` with the cell's ``spawn_record``, or ``{"taken": True}`` when
+            ``audit`` was given and another spawn's agent has the name.
         """
         name = record.name
 
         async def start(slot: _Slot) -> dict[str, Any]:
             if slot.cell is None:
-                slot.spawn = (record, init_args, init_kwargs)
+                slot.spawn = (record, init_args, init_kwargs, audit)
                 try:
                     await self._activate(slot)
+                except NameTaken:
+                    return {"taken": True}
                 except _Elsewhere as moved:
                     raise ArborError(
                         f"agent {name!r} is recorded in {moved.record.options.get('host')}, "
                         f"not in host {self._name}"
                     ) from None
+            elif audit is not None and not await self._runs_spawn(record):
+                return {"taken": True}
             assert slot.cell is not None
             return {**self._info(slot), "record": slot.cell.spawn_record}
 
         return await self._post(name, start)  # type: ignore[no-any-return]
+
+    async def _runs_spawn(self, record: AgentRecord) -> bool:
+        """Return whether the running agent of ``record``'s name came from that spawn."""
+        stored = await self._loop.run_in_executor(self._pool, self._store.get_agent, record.name)
+        return stored is not None and stored.spawn_id == record.spawn_id
 
     async def agent_info(self, name: str) -> dict[str, Any]:
         """Return the process, node, epoch and checkpoint version of agent ``name``."""
@@ -574,10 +594,11 @@ class HostActor:
         """
         name = slot.name
         spawn, slot.spawn = slot.spawn, None
+        audit = None
         if spawn is not None:
-            # The registry passes the record it just stored, which saves a read per spawn.
+            # The registry passes the record it stored or is about to, which saves a read.
             record: AgentRecord | None = spawn[0]
-            init_args, init_kwargs = spawn[1], spawn[2]
+            init_args, init_kwargs, audit = spawn[1], spawn[2], spawn[3]
         else:
             record = await self._loop.run_in_executor(self._pool, self._store.get_agent, name)
             init_args = init_kwargs = None
@@ -611,6 +632,7 @@ class HostActor:
                 committer=self._committer,
                 deferred_metrics=True,
                 record=record,
+                audit=audit,
             ),
         )
         slot.cell = cell
