@@ -14,7 +14,8 @@ Sections, each printed as a Markdown table and drawn as a PNG with matplotlib:
   and between two raw Ray async actors.
 - memory: resident memory (RSS, and USS, the memory unique to the process) of the host
   processes per hosted agent at 100, 1,000 and 10,000 agents, and of the actor processes
-  per dedicated agent and per raw Ray actor at ``--dedicated`` actors.
+  per dedicated agent and per raw Ray actor at ``--dedicated`` actors; with the spawn
+  latency at each level, timed over the level's last ``--level-spawns`` spawns.
 - nodes: ask round trips between hosted agents on two Ray nodes of a
   ``ray.cluster_utils.Cluster`` on this machine, against raw Ray actor calls between the
   same two nodes; the cluster is separate from the one of the other sections.
@@ -57,6 +58,9 @@ BENCH_TYPE = f"{BenchCounter.__module__}:{BenchCounter.__qualname__}"
 
 # Seconds of quiet before each timed spawn that starts or claims a process.
 SETTLE_S = 0.5
+WARM_IDLE = f"dedicated, warm, after {SETTLE_S} s idle"
+WARM_NEXT = "dedicated, warm, right after another"
+RAW_CALL_IDLE = f"raw Ray: one call, after {SETTLE_S} s idle"
 SECTIONS = ("spawn", "ask", "throughput", "memory", "commits", "nodes")
 
 
@@ -77,6 +81,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--levels", default="100,1000,10000", help="hosted agent counts (default: 100,1000,10000)"
+    )
+    parser.add_argument(
+        "--level-spawns",
+        type=int,
+        default=50,
+        help="spawns timed one at a time at each memory level (default: 50)",
     )
     parser.add_argument(
         "--dedicated",
@@ -150,30 +160,44 @@ def bench_spawn(args: argparse.Namespace) -> None:
 
     samples: dict[str, list[float]] = {
         "hosted": [],
-        "dedicated, warm": [],
+        WARM_IDLE: [],
+        WARM_NEXT: [],
         "dedicated, cold": [],
         "raw Ray actor": [],
+        RAW_CALL_IDLE: [],
     }
     for index in range(args.hosted_spawns):
         samples["hosted"].append(timed(spawn_hosted, f"bench/hosted-{index}"))
-    # Each kind of process-starting spawn runs in a phase of its own, every spawn after
-    # SETTLE_S of quiet, so that the process start-ups of one spawn (a cold agent, a raw
-    # actor, the warm pool's refill) do not run during the next. Each dedicated agent
-    # holds database connections, so each is stopped before the next.
+    # Each kind of spawn that starts or claims a process runs in a phase of its own. Every
+    # spawn waits SETTLE_S first, so that the process start-ups of one spawn (a cold agent,
+    # a raw actor, the warm pool's refill) do not run during the next. An idle machine
+    # answers its first call more slowly, so the warm phase also times a second spawn
+    # right after the first, from the pool's second actor, and the raw phase times one
+    # call to a running actor after the same wait. Each dedicated agent holds database
+    # connections, so each is stopped before the next.
     for index in range(args.actor_spawns):
         wait_for_pool(2)
         time.sleep(SETTLE_S)
-        samples["dedicated, warm"].append(timed(arbor.spawn, BenchCounter, f"bench/warm-{index}"))
+        for kind, name in (
+            (WARM_IDLE, f"bench/warm-{index}"),
+            (WARM_NEXT, f"bench/warm-next-{index}"),
+        ):
+            samples[kind].append(timed(arbor.spawn, BenchCounter, name))
         arbor.stop(f"bench/warm-{index}", purge=True)
+        arbor.stop(f"bench/warm-next-{index}", purge=True)
     for index in range(args.actor_spawns):
         time.sleep(SETTLE_S)
         samples["dedicated, cold"].append(
             timed(arbor.spawn, BenchCounter, f"bench/cold-{index}", num_cpus=0)
         )
         arbor.stop(f"bench/cold-{index}", purge=True)
+    running = raw_class.remote()
+    ray.get(running.get.remote())
     for index in range(args.actor_spawns):
         time.sleep(SETTLE_S)
         samples["raw Ray actor"].append(timed(spawn_raw, raw_class, f"raw-{index}"))
+        time.sleep(SETTLE_S)
+        samples[RAW_CALL_IDLE].append(timed(lambda: ray.get(running.get.remote())))
 
     rows = [[kind, *stat_row(values)] for kind, values in samples.items()]
     print("\n## Spawn latency\n")
@@ -450,12 +474,23 @@ def bench_memory(args: argparse.Namespace) -> None:
     rows: list[list[object]] = []
     spawned = 0
     per_agent: dict[str, list[tuple[int, float]]] = {"hosted, RSS": [], "hosted, USS": []}
+    # Spawn latency at each level: the last spawns of a level run one at a time, timed.
+    growth: list[list[object]] = []
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         for level in levels:
+            timed_from = max(spawned, level - args.level_spawns)
             started = time.perf_counter()
-            list(pool.map(spawn_hosted, [f"bench/mem/{index}" for index in range(spawned, level)]))
+            list(
+                pool.map(
+                    spawn_hosted, [f"bench/mem/{index}" for index in range(spawned, timed_from)]
+                )
+            )
             seconds = time.perf_counter() - started
-            spawned_now, spawned = level - spawned, level
+            one_by_one = [
+                timed(spawn_hosted, f"bench/mem/{index}") for index in range(timed_from, level)
+            ]
+            growth.append([f"hosted, {level} agents", *stat_row(one_by_one)])
+            spawned_now, spawned = timed_from - spawned, level
             rss, uss = memory_of(host_pids)
             per_agent["hosted, RSS"].append((level, (rss - base_rss) / level))
             per_agent["hosted, USS"].append((level, (uss - base_uss) / level))
@@ -476,9 +511,15 @@ def bench_memory(args: argparse.Namespace) -> None:
             )
 
     dedicated_pids = []
+    dedicated_spawns = []
     for index in range(args.dedicated):
+        started = time.perf_counter()
         ref = arbor.spawn(BenchCounter, f"bench/mem-dedicated-{index}", num_cpus=0)
+        dedicated_spawns.append(time.perf_counter() - started)
         dedicated_pids.append(ref.info()["pid"])
+    if dedicated_spawns:
+        last = dedicated_spawns[-args.level_spawns :]
+        growth.append([f"dedicated, cold, last {len(last)} of {args.dedicated}", *stat_row(last)])
     raw_handles = [
         ray.remote(RawSyncCounter).options(num_cpus=0).remote() for _ in range(args.dedicated)
     ]
@@ -505,6 +546,8 @@ def bench_memory(args: argparse.Namespace) -> None:
         )
     )
     plot_memory(args, per_agent)
+    print("\n## Spawn latency as agents accumulate\n")
+    print(common.format_table(["spawns", "n", "p50 ms", "p99 ms", "min ms", "max ms"], growth))
 
 
 def memory_of(pids: list[int]) -> tuple[int, int]:

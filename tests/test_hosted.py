@@ -169,6 +169,31 @@ def test_passivated_agent_keeps_state_and_comes_back() -> None:
     assert ref.info()["incarnation"] == 2
 
 
+def test_stop_of_passivated_agent(cluster: str) -> None:
+    ref = arbor.spawn(Lifecycle, "h/idle-stop", passivate_idle_s=0.3, **HOSTED)
+    ref.ask("add")
+    host = host_of("h/idle-stop")
+    wait_for(
+        lambda: "h/idle-stop" not in ray.get(host.active_agents.remote()), 10, "the passivation"
+    )
+
+    arbor.stop("h/idle-stop")
+
+    store = open_store(cluster)
+    try:
+        checkpoint = store.load_checkpoint("h/idle-stop")
+        record = store.get_agent("h/idle-stop")
+    finally:
+        store.close()
+    assert checkpoint is not None
+    assert (checkpoint.state["count"], checkpoint.state["stopped"]) == (1, True)
+    assert record is not None
+    assert record.status == "stopped"
+    assert "h/idle-stop" not in ray.get(host.active_agents.remote())
+    with pytest.raises(arbor.AgentNotFound):
+        ref.ask("add")
+
+
 def test_outbox_sends_pass_hosted_mailbox_limit() -> None:
     target = arbor.spawn(Peer, "h/limit-target", max_pending=1, **HOSTED)
     sender = arbor.spawn(Peer, "h/limit-sender", **HOSTED)
@@ -359,7 +384,7 @@ def test_hosted_mailbox_limit_counts_every_sender() -> None:
         ray.kill(sender)
 
 
-def test_hosted_spawn_commits_record_audit_and_checkpoint(cluster: str) -> None:
+def test_hosted_spawn_commits_once(cluster: str) -> None:
     arbor.spawn(Counter, "hosted/committed", 6, **HOSTED)
 
     store = open_store(cluster)
@@ -381,7 +406,7 @@ def test_hosted_spawn_commits_record_audit_and_checkpoint(cluster: str) -> None:
         store.close()
 
 
-def test_hosted_spawn_of_taken_name_leaves_the_agent() -> None:
+def test_hosted_spawn_of_taken_name() -> None:
     ref = arbor.spawn(Counter, "hosted/owner", 4, **HOSTED)
     ref.ask("add", 1)
     before = ref.info()
@@ -399,7 +424,7 @@ def test_hosted_spawn_of_taken_name_leaves_the_agent() -> None:
     ]
 
 
-def test_retried_hosted_spawn_finishes_the_first() -> None:
+def test_retried_hosted_spawn() -> None:
     name = qualify("hosted/retried", arbor.current_namespace())
     spec = build_spawn_spec(Counter, name, (3,), dict(HOSTED))
     registry = registry_handle()

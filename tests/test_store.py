@@ -1057,7 +1057,34 @@ def test_first_incarnation_of_cluster_without_lease_is_refused(store: Checkpoint
     assert (record.epoch, record.checkpoint_version) == (0, 0)
 
 
-def test_created_first_incarnation_commits_record_audit_and_checkpoint(
+def test_stopping_incarnation_of_stopped_agent(store: CheckpointStore) -> None:
+    epoch = running_agent(store)
+    store.set_status("alpha", STOPPED)
+
+    with pytest.raises(AgentNotFound):
+        store.begin_incarnation("alpha", "node-b")
+    stopping = store.begin_incarnation("alpha", "node-b", stopping=True)
+
+    record = store.get_agent("alpha")
+    assert record is not None
+    assert stopping == epoch + 1
+    assert (record.epoch, record.status, record.node_id) == (epoch + 1, STOPPED, "node-b")
+    with pytest.raises(CheckpointConflict):
+        write(store, epoch, {"count": 2})
+    assert write(store, stopping, {"count": 3}) == 1
+
+
+def test_stopping_incarnation_of_running_agent(store: CheckpointStore) -> None:
+    epoch = running_agent(store)
+
+    assert store.begin_incarnation("alpha", "node-b", stopping=True) == epoch + 1
+
+    record = store.get_agent("alpha")
+    assert record is not None
+    assert record.status == RUNNING
+
+
+def test_created_first_incarnation(
     store: CheckpointStore,
 ) -> None:
     record = make_record(options={"actor": "arbor-warm-1"})
@@ -1084,7 +1111,7 @@ def test_created_first_incarnation_commits_record_audit_and_checkpoint(
     assert store.verify_audit().ok
 
 
-def test_created_first_incarnation_of_taken_name_writes_nothing(store: CheckpointStore) -> None:
+def test_created_first_incarnation_of_taken_name(store: CheckpointStore) -> None:
     store.create_agent(make_record(spawn_id="spawn-0"))
 
     # The same spawn id as the stored one (a retried spawn) writes nothing either.
@@ -1101,7 +1128,7 @@ def test_created_first_incarnation_of_taken_name_writes_nothing(store: Checkpoin
     assert store.list_audit() == []
 
 
-def test_created_first_incarnation_with_invalid_entry_writes_nothing(
+def test_created_first_incarnation_with_invalid_entry(
     store: CheckpointStore,
 ) -> None:
     invalid = AuditEntry("operator", "spawn", "arbor://agent/spawn/alpha", "maybe")
@@ -1114,7 +1141,7 @@ def test_created_first_incarnation_with_invalid_entry_writes_nothing(
     assert store.list_audit() == []
 
 
-def test_created_first_incarnation_of_cluster_without_lease_is_refused(
+def test_created_first_incarnation_without_lease(
     store: CheckpointStore,
 ) -> None:
     store.claim_cluster_lease("green")
@@ -1126,7 +1153,7 @@ def test_created_first_incarnation_of_cluster_without_lease_is_refused(
     assert store.list_audit() == []
 
 
-def test_rehearsed_first_incarnation_leaves_no_trace(store: CheckpointStore) -> None:
+def test_rehearsed_first_incarnation(store: CheckpointStore) -> None:
     store.claim_cluster_lease("green")
     store.append_audit(spawn_entry("beta"))
 
@@ -1140,7 +1167,7 @@ def test_rehearsed_first_incarnation_leaves_no_trace(store: CheckpointStore) -> 
     assert store.verify_audit().ok
 
 
-def test_rehearsal_of_cluster_without_lease_is_refused(pg_store: CheckpointStore) -> None:
+def test_rehearsal_without_lease(pg_store: CheckpointStore) -> None:
     pg_store.claim_cluster_lease("green")
 
     with pytest.raises(ClusterLeaseLost):

@@ -212,7 +212,7 @@ def test_new_registry_removes_unclaimed_warm_actors() -> None:
     assert arbor.get("warm/kept").ask("get") == 2
 
 
-def test_warm_spawn_commits_record_audit_and_checkpoint(store: CheckpointStore) -> None:
+def test_warm_spawn_commits_once(store: CheckpointStore) -> None:
     warm_spawn(Counter, "warm/committed", start=6)
 
     record = store.get_agent("warm/committed")
@@ -227,7 +227,7 @@ def test_warm_spawn_commits_record_audit_and_checkpoint(store: CheckpointStore) 
     assert store.verify_audit().ok
 
 
-def test_warm_spawn_of_taken_name_leaves_agent_and_pool(store: CheckpointStore) -> None:
+def test_warm_spawn_of_taken_name(store: CheckpointStore) -> None:
     ref = warm_spawn(Counter, "warm/owner", start=4)
     ref.ask("add", 1)
     before = ref.info()
@@ -244,7 +244,7 @@ def test_warm_spawn_of_taken_name_leaves_agent_and_pool(store: CheckpointStore) 
     assert len(spawn_rows(store, "warm/owner")) == 1
 
 
-def test_warm_spawn_with_failing_init_of_taken_name_deletes_nothing() -> None:
+def test_failing_warm_spawn_of_taken_name() -> None:
     warm_spawn(Picky, "warm/picky-owner").ask("set", 9)
     wait_for_pool("tests.agents:Picky")
 
@@ -258,7 +258,7 @@ def test_warm_spawn_with_failing_init_of_taken_name_deletes_nothing() -> None:
     ]
 
 
-def test_retried_warm_spawn_finishes_the_first() -> None:
+def test_retried_warm_spawn() -> None:
     warm_spawn(Counter, "warm/retry-first")
     wait_for_pool("tests.agents:Counter")
     spec = build_spawn_spec(Counter, qualify("warm/retried", arbor.current_namespace()), (3,), {})
@@ -276,7 +276,7 @@ def test_retried_warm_spawn_finishes_the_first() -> None:
     assert arbor.get("warm/retried").ask("get") == 3
 
 
-def test_warm_spawn_with_capabilities_holds_them() -> None:
+def test_warm_spawn_with_capabilities() -> None:
     warm_spawn(Counter, "warm/granted-target")
     relay = warm_spawn(
         Relay, "warm/granted", capabilities=["arbor://agent/send/warm/granted-target"]
@@ -292,7 +292,7 @@ def test_warm_spawn_with_capabilities_holds_them() -> None:
     }
 
 
-def test_warm_spawn_past_namespace_cap_is_refused_and_keeps_the_actor() -> None:
+def test_warm_spawn_past_namespace_cap() -> None:
     warm_spawn(Counter, "warm/cap-pool")
     arbor.spawn(Counter, "capped:one")
     arbor.spawn(Counter, "capped:two")

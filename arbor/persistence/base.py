@@ -205,16 +205,24 @@ class CheckpointStore(ABC):
 
     @abstractmethod
     def begin_incarnation(
-        self, name: str, node_id: str | None, cluster_id: str | None = None
+        self,
+        name: str,
+        node_id: str | None,
+        cluster_id: str | None = None,
+        stopping: bool = False,
     ) -> int:
         """Take the next epoch for a starting incarnation and mark the agent running.
 
         Args:
             cluster_id: the Ray cluster the incarnation runs in; None skips the lease check.
+            stopping: the incarnation starts only to run ``on_stop`` of an agent that is
+                being stopped, such as a passivated hosted agent; it takes the epoch of
+                a stopped agent too and leaves the status as it is.
 
         Raises:
-            AgentNotFound: no record has this name, or the agent is stopped. The check keeps
-                an actor recreated during a stop from bringing the agent back.
+            AgentNotFound: no record has this name, or the agent is stopped and
+                ``stopping`` is False. The check keeps an actor recreated during a stop
+                from bringing the agent back.
             ClusterLeaseLost: another cluster holds the cluster lease.
         """
 

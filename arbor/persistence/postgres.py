@@ -249,16 +249,21 @@ class PostgresStore(
         self._retry("update_options", step)
 
     def begin_incarnation(
-        self, name: str, node_id: str | None, cluster_id: str | None = None
+        self,
+        name: str,
+        node_id: str | None,
+        cluster_id: str | None = None,
+        stopping: bool = False,
     ) -> int:
         def step() -> int:
             with self._transaction() as connection:
                 self.check_cluster_lease(connection, cluster_id)
                 row = connection.execute(
-                    "UPDATE arbor_agents SET epoch = epoch + 1, status = %s, node_id = %s, "
+                    "UPDATE arbor_agents SET epoch = epoch + 1, "
+                    "status = CASE WHEN %s THEN status ELSE %s END, node_id = %s, "
                     "started_at = now(), updated_at = now() "
-                    "WHERE name = %s AND status <> 'stopped' RETURNING epoch",
-                    (RUNNING, node_id, name),
+                    "WHERE name = %s AND (%s OR status <> 'stopped') RETURNING epoch",
+                    (stopping, RUNNING, node_id, name, stopping),
                 ).fetchone()
             if row is None:
                 raise AgentNotFound(name, "it was stopped or deleted, so it does not start again")

@@ -243,17 +243,22 @@ class SQLiteStore(
         self._retry("update_options", step)
 
     def begin_incarnation(
-        self, name: str, node_id: str | None, cluster_id: str | None = None
+        self,
+        name: str,
+        node_id: str | None,
+        cluster_id: str | None = None,
+        stopping: bool = False,
     ) -> int:
         def step() -> int:
             now = time.time()
             with self._transaction() as connection:
                 self.check_cluster_lease(connection, cluster_id)
                 row = connection.execute(
-                    "UPDATE arbor_agents SET epoch = epoch + 1, status = ?, node_id = ?, "
+                    "UPDATE arbor_agents SET epoch = epoch + 1, "
+                    "status = CASE WHEN ? THEN status ELSE ? END, node_id = ?, "
                     "started_at = ?, updated_at = ? "
-                    "WHERE name = ? AND status <> 'stopped' RETURNING epoch",
-                    (RUNNING, node_id, now, now, name),
+                    "WHERE name = ? AND (? OR status <> 'stopped') RETURNING epoch",
+                    (stopping, RUNNING, node_id, now, now, name, stopping),
                 ).fetchone()
             if row is None:
                 raise AgentNotFound(name, "it was stopped or deleted, so it does not start again")

@@ -374,6 +374,7 @@ def start_cell(
     deferred_metrics: bool = False,
     record: AgentRecord | None = None,
     audit: AuditEntry | None = None,
+    stopping: bool = False,
 ) -> AgentCell:
     """Build the cell of one agent incarnation, as every placement does.
 
@@ -381,6 +382,7 @@ def start_cell(
     outbox messages the last incarnation committed but may not have delivered. A spawn
     passes the ``record`` the registry just stored, which saves the cell a read, or the
     record to store together with the spawn's ``audit`` row and first checkpoint.
+    ``stopping`` starts an agent that is being stopped, only so that its ``on_stop`` runs.
     """
     guard = wallet = None
     if settings.enforce_capabilities:
@@ -413,6 +415,7 @@ def start_cell(
             deferred_metrics=deferred_metrics,
             record=record,
             audit=audit,
+            stopping=stopping,
         )
     context.attach(cell)
     if cell.outbox is not None:

@@ -119,6 +119,7 @@ class AgentCell:
         deferred_metrics: bool = False,
         record: AgentRecord | None = None,
         audit: AuditEntry | None = None,
+        stopping: bool = False,
     ) -> None:
         self.name = name
         # Batched agents commit through the committer their process shares; without one
@@ -184,7 +185,7 @@ class AgentCell:
             self._commit_first(instance, record.epoch, node_id, cluster_id)
         if self.checkpoint_version == 0:
             # Not a spawn, or another incarnation began since ``record`` was read.
-            self.epoch = store.begin_incarnation(name, node_id, cluster_id)
+            self.epoch = store.begin_incarnation(name, node_id, cluster_id, stopping)
             checkpoint = store.load_checkpoint(name)
             if checkpoint is not None:
                 instance = agent_class.__new__(agent_class)

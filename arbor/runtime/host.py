@@ -268,11 +268,12 @@ class HostActor:
         """
 
         async def stop(slot: _Slot) -> None:
+            self._order.forget_agent(name)
+            if slot.cell is None:
+                await self._start_to_stop(slot)
             cell = slot.cell
             self._owned.discard(name)
-            self._order.forget_agent(name)
             if cell is None:
-                # NOTE: a passivated agent is not started again, so its on_stop does not run.
                 return
             work = self._loop.run_in_executor(self._pool, cell.stop_now)
             try:
@@ -290,6 +291,24 @@ class HostActor:
                 self._drop(slot)
 
         await self._post(name, stop)
+
+    async def _start_to_stop(self, slot: _Slot) -> None:
+        """Start a passivated agent from its checkpoint, so that its ``on_stop`` runs.
+
+        The registry has marked the agent stopped already, so the start takes a new epoch
+        without marking it running. An agent that cannot start keeps its last checkpoint.
+        """
+        try:
+            await self._activate(slot, stopping=True)
+        except (AgentNotFound, _Elsewhere):
+            return
+        except Exception as error:  # noqa: BLE001 - the stop goes on without on_stop
+            logger.warning(
+                "agent %s was passivated and could not start again to run on_stop: %s; "
+                "it keeps its last checkpoint",
+                slot.name,
+                error,
+            )
 
     async def reload(self, name: str) -> dict[str, Any]:
         """Start agent ``name`` again from its newest checkpoint, after `arbor.restore`."""
@@ -585,12 +604,14 @@ class HostActor:
 
     # Starting, stopping and moving agents.
 
-    async def _activate(self, slot: _Slot) -> AgentCell:
+    async def _activate(self, slot: _Slot, stopping: bool = False) -> AgentCell:
         """Start the slot's agent: restore its checkpoint, or run ``__init__`` for a spawn.
+
+        ``stopping`` starts a stopped agent, only so that its ``on_stop`` runs.
 
         Raises:
             _Elsewhere: the record places the agent in another actor.
-            AgentNotFound: the agent is stopped or has no record.
+            AgentNotFound: the agent is stopped (unless ``stopping``) or has no record.
         """
         name = slot.name
         spawn, slot.spawn = slot.spawn, None
@@ -604,7 +625,7 @@ class HostActor:
             init_args = init_kwargs = None
         if record is None:
             raise AgentNotFound(name)
-        if record.status == STOPPED:
+        if record.status == STOPPED and not stopping:
             raise AgentNotFound(name, "it was stopped or deleted, so it does not start again")
         if record.options.get("host") != self._name:
             self._owned.discard(name)
@@ -633,6 +654,7 @@ class HostActor:
                 deferred_metrics=True,
                 record=record,
                 audit=audit,
+                stopping=stopping,
             ),
         )
         slot.cell = cell
