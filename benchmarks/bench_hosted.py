@@ -476,6 +476,7 @@ def bench_memory(args: argparse.Namespace) -> None:
     per_agent: dict[str, list[tuple[int, float]]] = {"hosted, RSS": [], "hosted, USS": []}
     # Spawn latency at each level: the last spawns of a level run one at a time, timed.
     growth: list[list[object]] = []
+    growth_points: dict[str, list[tuple[Any, ...]]] = {"hosted": [], "dedicated, cold": []}
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         for level in levels:
             timed_from = max(spawned, level - args.level_spawns)
@@ -490,6 +491,7 @@ def bench_memory(args: argparse.Namespace) -> None:
                 timed(spawn_hosted, f"bench/mem/{index}") for index in range(timed_from, level)
             ]
             growth.append([f"hosted, {level} agents", *stat_row(one_by_one)])
+            growth_points["hosted"].append((level, *stat_row(one_by_one)[1:3]))
             spawned_now, spawned = timed_from - spawned, level
             rss, uss = memory_of(host_pids)
             per_agent["hosted, RSS"].append((level, (rss - base_rss) / level))
@@ -520,6 +522,7 @@ def bench_memory(args: argparse.Namespace) -> None:
     if dedicated_spawns:
         last = dedicated_spawns[-args.level_spawns :]
         growth.append([f"dedicated, cold, last {len(last)} of {args.dedicated}", *stat_row(last)])
+        growth_points["dedicated, cold"].append((args.dedicated, *stat_row(last)[1:3]))
     raw_handles = [
         ray.remote(RawSyncCounter).options(num_cpus=0).remote() for _ in range(args.dedicated)
     ]
@@ -548,6 +551,7 @@ def bench_memory(args: argparse.Namespace) -> None:
     plot_memory(args, per_agent)
     print("\n## Spawn latency as agents accumulate\n")
     print(common.format_table(["spawns", "n", "p50 ms", "p99 ms", "min ms", "max ms"], growth))
+    plot_growth(args, growth_points)
 
 
 def memory_of(pids: list[int]) -> tuple[int, int]:
@@ -623,10 +627,44 @@ def plot_memory(args: argparse.Namespace, per_agent: dict[str, list[tuple[int, f
     axes.set_title("Resident memory per agent")
     axes.legend()
     figure.tight_layout()
-    path = os.path.join(args.plot_dir, "hosted-memory.png")
+    path = os.path.join(args.plot_dir, plot_name("hosted-memory", args))
     figure.savefig(path, dpi=100)
     plt.close(figure)
     print(f"\nplot: {path}")
+
+
+def plot_growth(args: argparse.Namespace, points: dict[str, list[tuple[Any, ...]]]) -> None:
+    """Plot spawn p50 and p99 against the number of agents already running."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for label, rows in points.items():
+        if not rows:
+            continue
+        counts = [row[0] for row in rows]
+        p50 = [row[1] for row in rows]
+        p99 = [row[2] for row in rows]
+        axes.plot(counts, p50, marker="o", label=f"{label}, p50")
+        axes.plot(counts, p99, marker="x", linestyle="--", label=f"{label}, p99")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("agents running")
+    axes.set_ylabel("spawn latency (ms)")
+    axes.set_title("Spawn latency as agents accumulate")
+    axes.legend()
+    figure.tight_layout()
+    path = os.path.join(args.plot_dir, plot_name("hosted-spawn-growth", args))
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"\nplot: {path}")
+
+
+def plot_name(stem: str, args: argparse.Namespace) -> str:
+    """Return the PNG name of a plot; a run on SQLite gets its own, beside PostgreSQL's."""
+    return f"{stem}.png" if args.store == "postgresql" else f"{stem}-{args.store}.png"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ def host_of(name: str) -> Any:
     return ray.get_actor(actor, namespace=NAMESPACE)
 
 
+def host_gone(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return True
+    return False
+
+
 def host_report(name: str) -> dict[str, Any]:
     report: dict[str, Any] = ray.get(host_of(name).ping.remote(), timeout=30)
     return report
@@ -326,6 +334,8 @@ def test_hosted_agent_moves_when_its_host_is_gone() -> None:
     old_name = next(info.actor for info in arbor.list_agents() if info.name == "h/orphan")
 
     ray.kill(old_host, no_restart=True)
+    # The kill takes effect a moment later; an ask sent before it would reach the old host.
+    wait_for(lambda: host_gone(old_name), 30, "the host's death")
 
     assert ref.ask("get", timeout=60) == 5
     new_name = next(info.actor for info in arbor.list_agents() if info.name == "h/orphan")
@@ -422,6 +432,21 @@ def test_hosted_spawn_of_taken_name() -> None:
     assert [agent.status for agent in arbor.list_agents() if agent.name == "hosted/owner"] == [
         "running"
     ]
+
+
+def test_hosted_spawn_after_host_is_killed() -> None:
+    arbor.spawn(Counter, "h/before-kill", **HOSTED)
+    host = host_of("h/before-kill")
+    name = host_report("h/before-kill")["name"]
+    ray.kill(host, no_restart=True)
+    wait_for(lambda: host_gone(name), 30, "the host's death")
+
+    # Some spawns choose the killed host before the reconciler notices; they start elsewhere.
+    refs = [arbor.spawn(Counter, f"h/after-kill/{index}", index, **HOSTED) for index in range(4)]
+
+    assert [ref.ask("get") for ref in refs] == [0, 1, 2, 3]
+    hosts = {info.actor for info in arbor.list_agents() if info.name.startswith("h/after-kill/")}
+    assert name not in hosts
 
 
 def test_retried_hosted_spawn() -> None:

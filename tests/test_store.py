@@ -787,6 +787,44 @@ def test_write_survives_terminated_idle_connection(pg_store: CheckpointStore, pg
     assert loaded.state == {"count": 7}
 
 
+def test_write_survives_many_terminated_connections(pg_url: str) -> None:
+    settings = Settings(
+        database_url=pg_url, db_retry_attempts=3, db_retry_backoff_s=RETRY_BACKOFF_S, db_pool_max=6
+    )
+    store = open_store(pg_url, settings)
+    try:
+        epoch = running_agent(store)
+        # Six connections in the pool, each used a moment ago.
+        barrier = threading.Barrier(6)
+
+        def hold() -> None:
+            with store._pool.connection() as connection:  # type: ignore[attr-defined]
+                connection.execute("SELECT 1")
+                barrier.wait(timeout=10)
+
+        threads = [threading.Thread(target=hold) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        database = pg_url.rsplit("/", 1)[1]
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            terminated = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            ).fetchall()
+        assert len(terminated) >= 6
+
+        # Three attempts are enough although six dropped connections sit in the pool.
+        assert write(store, epoch, {"count": 7}) == 1
+        loaded = store.load_checkpoint("alpha")
+        assert loaded is not None
+        assert loaded.state == {"count": 7}
+    finally:
+        store.close()
+
+
 def find_backend_waiting_for_lock(admin: psycopg.Connection[Any], database: str) -> int:
     """Return the pid of the first backend in ``database`` that waits for a lock."""
     deadline = time.monotonic() + 10

@@ -400,6 +400,10 @@ class CheckpointStore(ABC):
     def _is_transient(self, error: BaseException) -> bool:
         """Return whether ``error`` is worth retrying (connection lost, database busy)."""
 
+    def _after_transient_error(self) -> None:
+        """Prepare the next attempt after a transient error; stores with a pool override it."""
+        return None
+
     def _retry(self, operation: str, step: Callable[[], T]) -> T:
         """Run ``step``, retrying transient errors with exponential backoff."""
         from arbor.config import redact_url
@@ -426,6 +430,7 @@ class CheckpointStore(ABC):
                     _one_line(error),
                     delay,
                 )
+                self._after_transient_error()
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
         raise AssertionError("unreachable")

@@ -91,7 +91,7 @@ class PostgresStore(
         self, url: str, pool_max: int, retry_attempts: int, retry_backoff_s: float
     ) -> None:
         super().__init__(url, retry_attempts, retry_backoff_s)
-        idle_check = IdleCheck(CHECK_AFTER_IDLE_S)
+        idle_check = self._idle_check = IdleCheck(CHECK_AFTER_IDLE_S)
         # One direct connection first: an unreachable server then fails through the retry
         # loop with psycopg's own message, not with a pool timeout after background noise.
         self._retry("connect", lambda: psycopg.connect(url, connect_timeout=5).close())
@@ -131,6 +131,12 @@ class PostgresStore(
 
     def _is_transient(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.OperationalError | PoolTimeout)
+
+    def _after_transient_error(self) -> None:
+        # A dropped connection is seldom alone: the server restarted or ended every session.
+        # Checking each pooled connection for a while keeps the retries from spending their
+        # attempts on the other dropped ones.
+        self._idle_check.check_all()
 
     def migrate(self) -> list[int]:
         def step() -> list[int]:
@@ -604,13 +610,20 @@ class IdleCheck:
         self._returned: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
             weakref.WeakKeyDictionary()
         )
+        # Until this time every connection is checked, after an error on one of them.
+        self._check_all_until = 0.0
 
     def returned(self, connection: psycopg.Connection[Any]) -> None:
         self._returned[connection] = time.monotonic()
 
+    def check_all(self) -> None:
+        """Check every connection taken from the pool in the next ``idle_s``."""
+        self._check_all_until = time.monotonic() + self._idle_s
+
     def check(self, connection: psycopg.Connection[Any]) -> None:
+        now = time.monotonic()
         returned = self._returned.get(connection)
-        if returned is None or time.monotonic() - returned > self._idle_s:
+        if returned is None or now - returned > self._idle_s or now < self._check_all_until:
             ConnectionPool.check_connection(connection)
 
 

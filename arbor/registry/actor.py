@@ -211,7 +211,24 @@ class Registry:
                 # One commit: the agent's first commit stores its record, the audit row
                 # of the spawn and the first checkpoint together. A spawn with birth
                 # capabilities commits its record first, since the grants need it.
-                report = await self._start_first(spec, record, slot)
+                try:
+                    report = await self._start_first(spec, record, slot)
+                except _HostGone as gone:
+                    # Killed since the last reconciler pass: another host takes the agent.
+                    record.options = {**options, "host": await self._hosts.choose()}
+                    logger.warning(
+                        "host %s is gone; agent %s starts in host %s instead",
+                        gone,
+                        spec.name,
+                        record.options["host"],
+                    )
+                    try:
+                        report = await self._start_first(spec, record, slot)
+                    except _HostGone:
+                        raise ArborError(
+                            f"agent {spec.name!r} did not start: hosts {gone} and "
+                            f"{record.options['host']} are gone; spawn it again"
+                        ) from None
                 if report is not None:
                     return await self._spawned(spec, report), None if slot is None else slot[1]
                 # An agent of this name exists: the steps below finish a retried spawn
@@ -487,6 +504,10 @@ class Registry:
             # The host keeps running its other agents; only this name is freed.
             self._hosts.forget_agent(host)
             await asyncio.to_thread(self._delete_spawned, spec)
+            # Only a spawn that stores its record in the host can start over elsewhere.
+            retry = audit is not None and isinstance(error, RayActorError)
+            if retry and await self._hosts.gone(host):
+                raise _HostGone(host) from None
             raise _start_error(spec.name, error, f"host {host}", self._settings) from None
         return report
 
@@ -1095,6 +1116,10 @@ def _cluster_identity() -> tuple[str, bool]:
     stored = kv.get(kv.CLUSTER_ID)
     assert stored is not None
     return stored.decode(), False
+
+
+class _HostGone(Exception):
+    """The host chosen for a spawn is gone for good; nothing of the spawn was stored."""
 
 
 def _spawn_audit(spec: SpawnSpec) -> AuditEntry:

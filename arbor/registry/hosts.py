@@ -69,6 +69,17 @@ class HostPool:
         self._load[name] += 1
         return name
 
+    async def gone(self, name: str) -> bool:
+        """Return whether Ray no longer has host ``name``; a gone host leaves the pool."""
+        try:
+            await asyncio.to_thread(ray.get_actor, name, NAMESPACE)
+        except ValueError:
+            self._hosts.pop(name, None)
+            self._load.pop(name, None)
+            self._nodes.pop(name, None)
+            return True
+        return False
+
     def forget_agent(self, host: str) -> None:
         """Count one agent less on ``host``, after a stop or a failed spawn."""
         if self._load[host] > 0:

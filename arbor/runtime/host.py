@@ -179,7 +179,7 @@ class HostActor:
         # Handler threads past their limit that have not returned yet.
         self._abandoned: set[asyncio.Future[Any]] = set()
         self._routes: dict[str, HostLocalRoute] = {}
-        # The max_pending of each agent that got a message here; None for no limit.
+        # The max_pending of each agent started or asked here; None for no limit.
         self._limits: dict[str, int | None] = {}
         # Messages delivered between agents of this host without Ray.
         self.local_deliveries = 0
@@ -631,6 +631,9 @@ class HostActor:
             self._owned.discard(name)
             raise _Elsewhere(record)
         agent_class = import_type(record.type_path)
+        # The record is the source of the limit; the key-value copy may not be there yet.
+        limit = record.options.get("max_pending")
+        self._limits[name] = int(limit) if limit is not None else None
         reason, slot.recovery = slot.recovery, None
         durability = record.options.get("durability", self._settings.durability)
         handle = self._handle
