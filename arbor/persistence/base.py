@@ -216,8 +216,8 @@ class CheckpointStore(ABC):
         Args:
             cluster_id: the Ray cluster the incarnation runs in; None skips the lease check.
             stopping: the incarnation starts only to run ``on_stop`` of an agent that is
-                being stopped, such as a passivated hosted agent; it takes the epoch of
-                a stopped agent too and leaves the status as it is.
+                being stopped, such as a passivated hosted agent. It takes the epoch of a
+                stopped agent too, and leaves the status as it is.
 
         Raises:
             AgentNotFound: no record has this name, or the agent is stopped and

@@ -51,8 +51,8 @@ from arbor.persistence.topics import TopicTables
 POOL_TIMEOUT_S = 3.0
 
 # A pooled connection idle for longer than this is checked before use. One returned more
-# recently skips the check's round trip; if the server dropped it all the same, the first
-# statement fails and the retry loop takes another connection.
+# recently skips the check's round trip. If the server dropped it all the same, the first
+# statement fails, and the retry loop checks every connection for this long.
 CHECK_AFTER_IDLE_S = 5.0
 
 # The agent name that `rehearse_first_incarnation` inserts and rolls back; names starting
@@ -321,7 +321,7 @@ class PostgresStore(
 
     def rehearse_first_incarnation(self, cluster_id: str | None) -> None:
         # A new server session loads its catalog entries for each table and index on
-        # first use, which takes milliseconds; this loads those of the spawn's commit.
+        # first use, which takes milliseconds. This loads those of the spawn's commit.
         record = AgentRecord(name=REHEARSAL_NAME, type_path="", status=RUNNING, spawn_id="")
         entry = AuditEntry(
             principal="operator",

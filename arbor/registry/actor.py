@@ -351,8 +351,8 @@ class Registry:
     ) -> dict[str, Any] | None:
         """Start the agent in its host or warm actor, whose first commit stores its record.
 
-        One transaction then holds the record, the spawn's audit row and the first
-        checkpoint, where the other path commits the record before the agent starts.
+        One transaction then stores the record, the spawn's audit row and the first
+        checkpoint. The other path commits the record before the agent starts.
 
         Returns:
             The reply of the host's `activate` or the warm actor's `claim`, or None when
