@@ -211,24 +211,7 @@ class Registry:
                 # One commit: the agent's first commit stores its record, the audit row
                 # of the spawn and the first checkpoint together. A spawn with birth
                 # capabilities commits its record first, since the grants need it.
-                try:
-                    report = await self._start_first(spec, record, slot)
-                except _HostGone as gone:
-                    # Killed since the last reconciler pass: another host takes the agent.
-                    record.options = {**options, "host": await self._hosts.choose()}
-                    logger.warning(
-                        "host %s is gone; agent %s starts in host %s instead",
-                        gone,
-                        spec.name,
-                        record.options["host"],
-                    )
-                    try:
-                        report = await self._start_first(spec, record, slot)
-                    except _HostGone:
-                        raise ArborError(
-                            f"agent {spec.name!r} did not start: hosts {gone} and "
-                            f"{record.options['host']} are gone; spawn it again"
-                        ) from None
+                report = await self._start_first_in_live_host(spec, record, slot)
                 if report is not None:
                     return await self._spawned(spec, report), None if slot is None else slot[1]
                 # An agent of this name exists: the steps below finish a retried spawn
@@ -345,6 +328,32 @@ class Registry:
         if audited is not None:
             telemetry.record(metrics.record_audit_row, "spawn", "allow")
         return stored
+
+    async def _start_first_in_live_host(
+        self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """`_start_first`, once more in another host if the chosen one is gone for good.
+
+        A host killed since the last reconciler pass is still in the pool, so a spawn may
+        choose it; nothing of that spawn is stored.
+        """
+        try:
+            return await self._start_first(spec, record, slot)
+        except _HostGone as gone:
+            record.options = {**record.options, "host": await self._hosts.choose()}
+            logger.warning(
+                "host %s is gone; agent %s starts in host %s instead",
+                gone,
+                spec.name,
+                record.options["host"],
+            )
+        try:
+            return await self._start_first(spec, record, slot)
+        except _HostGone as gone:
+            raise ArborError(
+                f"agent {spec.name!r} did not start: the hosts chosen for it, the last "
+                f"{gone}, are gone; spawn it again"
+            ) from None
 
     async def _start_first(
         self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
