@@ -32,9 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -171,7 +172,7 @@ def bench_spawn(args: argparse.Namespace) -> None:
     # Each kind of spawn that starts or claims a process runs in a phase of its own. Every
     # spawn waits SETTLE_S first, so that the process start-ups of one spawn (a cold agent,
     # a raw actor, the warm pool's refill) do not run during the next. An idle machine
-    # answers its first call more slowly, so the warm phase also times a second spawn
+    # replies to its first call more slowly. So the warm phase also times a second spawn
     # right after the first, from the pool's second actor, and the raw phase times one
     # call to a running actor after the same wait. Each dedicated agent holds database
     # connections, so each is stopped before the next.
@@ -610,53 +611,58 @@ def plot_bars(
 
 
 def plot_memory(args: argparse.Namespace, per_agent: dict[str, list[tuple[int, float]]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for label, points in per_agent.items():
-        counts = [count for count, _ in points]
-        kib = [value / 1024 for _, value in points]
-        axes.plot(counts, kib, marker="o", label=label)
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("agents (actors for dedicated and raw Ray)")
-    axes.set_ylabel("KiB per agent")
-    axes.set_title("Resident memory per agent")
-    axes.legend()
-    figure.tight_layout()
-    path = os.path.join(args.plot_dir, plot_name("hosted-memory", args))
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    print(f"\nplot: {path}")
+    with log_log_plot(
+        args,
+        "hosted-memory",
+        "Resident memory per agent",
+        "agents (actors for dedicated and raw Ray)",
+        "KiB per agent",
+    ) as axes:
+        for label, points in per_agent.items():
+            counts = [count for count, _ in points]
+            kib = [value / 1024 for _, value in points]
+            axes.plot(counts, kib, marker="o", label=label)
 
 
 def plot_growth(args: argparse.Namespace, points: dict[str, list[tuple[Any, ...]]]) -> None:
     """Plot spawn p50 and p99 against the number of agents already running."""
+    with log_log_plot(
+        args,
+        "hosted-spawn-growth",
+        "Spawn latency as agents accumulate",
+        "agents running",
+        "spawn latency (ms)",
+    ) as axes:
+        for label, rows in points.items():
+            if not rows:
+                continue
+            counts = [row[0] for row in rows]
+            p50 = [row[1] for row in rows]
+            p99 = [row[2] for row in rows]
+            axes.plot(counts, p50, marker="o", label=f"{label}, p50")
+            axes.plot(counts, p99, marker="x", linestyle="--", label=f"{label}, p99")
+
+
+@contextlib.contextmanager
+def log_log_plot(
+    args: argparse.Namespace, stem: str, title: str, x_label: str, y_label: str
+) -> Iterator[Any]:
+    """Yield the axes of a line plot with log scales, then save it in the plot folder."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for label, rows in points.items():
-        if not rows:
-            continue
-        counts = [row[0] for row in rows]
-        p50 = [row[1] for row in rows]
-        p99 = [row[2] for row in rows]
-        axes.plot(counts, p50, marker="o", label=f"{label}, p50")
-        axes.plot(counts, p99, marker="x", linestyle="--", label=f"{label}, p99")
+    yield axes
     axes.set_xscale("log")
     axes.set_yscale("log")
-    axes.set_xlabel("agents running")
-    axes.set_ylabel("spawn latency (ms)")
-    axes.set_title("Spawn latency as agents accumulate")
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.set_title(title)
     axes.legend()
     figure.tight_layout()
-    path = os.path.join(args.plot_dir, plot_name("hosted-spawn-growth", args))
+    path = os.path.join(args.plot_dir, plot_name(stem, args))
     figure.savefig(path, dpi=100)
     plt.close(figure)
     print(f"\nplot: {path}")

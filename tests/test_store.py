@@ -767,16 +767,21 @@ def test_unreachable_postgres_raises_store_unavailable() -> None:
     assert "after 2 attempts" in message
 
 
-def test_write_survives_terminated_idle_connection(pg_store: CheckpointStore, pg_url: str) -> None:
-    epoch = running_agent(pg_store)
+def terminate_sessions(pg_url: str) -> list[Any]:
+    """End every server session on ``pg_url``'s database; returns one row per session."""
     database = pg_url.rsplit("/", 1)[1]
-
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        terminated = admin.execute(
+        return admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = %s AND pid <> pg_backend_pid()",
             (database,),
         ).fetchall()
+
+
+def test_write_survives_terminated_idle_connection(pg_store: CheckpointStore, pg_url: str) -> None:
+    epoch = running_agent(pg_store)
+
+    terminated = terminate_sessions(pg_url)
     assert terminated
     assert all(row[0] is True for row in terminated)
 
@@ -807,13 +812,7 @@ def test_write_survives_many_terminated_connections(pg_url: str) -> None:
             thread.start()
         for thread in threads:
             thread.join()
-        database = pg_url.rsplit("/", 1)[1]
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            terminated = admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (database,),
-            ).fetchall()
+        terminated = terminate_sessions(pg_url)
         assert len(terminated) >= 6
 
         # Three attempts are enough although six dropped connections sit in the pool.

@@ -55,7 +55,7 @@ POOL_TIMEOUT_S = 3.0
 # statement fails, and the retry loop checks every connection for this long.
 CHECK_AFTER_IDLE_S = 5.0
 
-# The agent name that `rehearse_first_incarnation` inserts and rolls back; names starting
+# The agent name that `rehearse_first_incarnation` inserts and rolls back. Names starting
 # with "arbor-" are reserved, so no agent has it.
 REHEARSAL_NAME = "arbor-rehearsal"
 
@@ -133,9 +133,9 @@ class PostgresStore(
         return isinstance(error, psycopg.OperationalError | PoolTimeout)
 
     def _after_transient_error(self) -> None:
-        # A dropped connection is seldom alone: the server restarted or ended every session.
-        # Checking each pooled connection for a while keeps the retries from spending their
-        # attempts on the other dropped ones.
+        # A dropped connection is often not alone, as after a server restart. Checking each
+        # pooled connection for a while keeps the retries from spending their attempts on
+        # the other dropped ones.
         self._idle_check.check_all()
 
     def migrate(self) -> list[int]:
@@ -521,7 +521,7 @@ class PostgresStore(
         return self._append_audit_after(connection, entry, self._audit_head(connection).fetchone())
 
     def _audit_head(self, connection: psycopg.Connection[TupleRow]) -> psycopg.Cursor[TupleRow]:
-        """Lock the audit chain until commit; returns the cursor that reads the chain's head.
+        """Lock the audit chain until commit, and return the cursor that reads its head.
 
         Each statement after the lock reads the newest committed head, so no two appends
         link to the same predecessor.

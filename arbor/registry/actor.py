@@ -332,10 +332,10 @@ class Registry:
     async def _start_first_in_live_host(
         self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
     ) -> dict[str, Any] | None:
-        """`_start_first`, once more in another host if the chosen one is gone for good.
+        """Run `_start_first`, and once more in another host if the chosen one is gone.
 
         A host killed since the last reconciler pass is still in the pool, so a spawn may
-        choose it; nothing of that spawn is stored.
+        choose it. Nothing of such a spawn is stored, so it can start over.
         """
         try:
             return await self._start_first(spec, record, slot)
@@ -351,8 +351,8 @@ class Registry:
             return await self._start_first(spec, record, slot)
         except _HostGone as gone:
             raise ArborError(
-                f"agent {spec.name!r} did not start: the hosts chosen for it, the last "
-                f"{gone}, are gone; spawn it again"
+                f"agent {spec.name!r} failed to start because the hosts chosen for it are "
+                f"gone (the last was {gone}); spawn it again"
             ) from None
 
     async def _start_first(
@@ -364,8 +364,8 @@ class Registry:
         checkpoint. The other path commits the record before the agent starts.
 
         Returns:
-            The reply of the host's `activate` or the warm actor's `claim`, or None when
-            an agent of that name exists; nothing was written then, and the warm actor
+            The reply of the host's `activate` or the warm actor's `claim`. None means
+            that an agent of that name exists: nothing was written, and the warm actor
             is still ready.
         """
         namespace = namespace_of(spec.name)
@@ -490,7 +490,9 @@ class Registry:
         return handle, report
 
     def _delete_spawned(self, spec: SpawnSpec) -> None:
-        """Delete the record that ``spec`` stored; an agent of another spawn keeps its own."""
+        """Delete the record that ``spec`` stored, and leave the agent of another spawn alone."""
+        # NOTE: the read and the delete are separate transactions. A purge and a new spawn
+        # of the same name between them would lose the new record; nothing prevents that.
         record = self._store.get_agent(spec.name)
         if record is not None and record.spawn_id == spec.spawn_id:
             self._store.delete_agent(spec.name)
@@ -498,7 +500,7 @@ class Registry:
     async def _activate_hosted(
         self, spec: SpawnSpec, record: AgentRecord, audit: AuditEntry | None = None
     ) -> dict[str, Any]:
-        """Start the agent in the host its record names; returns the host's reply.
+        """Start the agent in the host its record names, and return the host's reply.
 
         With ``audit``, the record is not stored yet and the host stores it.
         """

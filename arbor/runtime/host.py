@@ -179,7 +179,7 @@ class HostActor:
         # Handler threads past their limit that have not returned yet.
         self._abandoned: set[asyncio.Future[Any]] = set()
         self._routes: dict[str, HostLocalRoute] = {}
-        # The max_pending of each agent started or asked here; None for no limit.
+        # The max_pending of each agent started or asked here, or None for no limit.
         self._limits: dict[str, int | None] = {}
         # Messages delivered between agents of this host without Ray.
         self.local_deliveries = 0
@@ -304,8 +304,8 @@ class HostActor:
             return
         except Exception as error:  # noqa: BLE001 - the stop goes on without on_stop
             logger.warning(
-                "agent %s was passivated and could not start again to run on_stop: %s; "
-                "it keeps its last checkpoint",
+                "agent %s was passivated and failed to start again to run on_stop (%s), "
+                "so it keeps its last checkpoint",
                 slot.name,
                 error,
             )
