@@ -174,8 +174,8 @@ def bench_spawn(args: argparse.Namespace) -> None:
     # a raw actor, the warm pool's refill) do not run during the next. An idle machine
     # replies to its first call more slowly. So the warm phase also times a second spawn
     # right after the first, from the pool's second actor, and the raw phase times one
-    # call to a running actor after the same wait. Each dedicated agent holds database
-    # connections, so each is stopped before the next.
+    # call to a running actor after the same wait. Each dedicated agent keeps database
+    # connections open, so each is stopped before the next.
     for index in range(args.actor_spawns):
         wait_for_pool(2)
         time.sleep(SETTLE_S)
