@@ -317,6 +317,19 @@ class Peer(arbor.Agent):
     async def echo(self, value: Any) -> Any:
         return value
 
+    async def nap(self, seconds: float) -> int:
+        await asyncio.sleep(seconds)
+        self.log.append("napped")
+        return len(self.log)
+
+    async def ask_nap(self, target: str, seconds: float, timeout: float) -> str:
+        """Ask ``target`` to nap for ``seconds``; returns "replied", or the error's type name."""
+        try:
+            await self.context.get(target).ask_async("nap", seconds, timeout=timeout)
+        except arbor.ArborError as error:
+            return type(error).__name__
+        return "replied"
+
     async def time_asks(self, target: str, count: int) -> list[float]:
         """Ask ``target`` to echo ``count`` times; returns each round trip in seconds."""
         ref = self.context.get(target)

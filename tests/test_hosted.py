@@ -327,6 +327,20 @@ def test_local_delivery_checks_capabilities() -> None:
     assert receiver.ask("items") == []
 
 
+def test_local_ask_times_out_and_still_runs() -> None:
+    sender = arbor.spawn(Peer, "h/nap-a", capabilities=["arbor://agent/*/h/nap-b"], **HOSTED)
+    receiver = arbor.spawn(Peer, "h/nap-b", **HOSTED)
+    before = host_report("h/nap-a")["local_deliveries"]
+
+    started = time.monotonic()
+    assert sender.ask("ask_nap", "h/nap-b", 1.5, 0.2) == "AskTimeout"
+    assert time.monotonic() - started < 1.2
+    # A timeout does not take the message back: the nap ends and is recorded.
+    wait_for(lambda: receiver.ask("items") == ["napped"], 10, "the nap to end")
+    assert sender.ask("ask_nap", "h/nap-b", 0.05, 5.0) == "replied"
+    assert host_report("h/nap-a")["local_deliveries"] - before == 2
+
+
 def test_hosted_agent_moves_when_its_host_is_gone() -> None:
     ref = arbor.spawn(Counter, "h/orphan", start=4, **HOSTED)
     ref.ask("add", 1)

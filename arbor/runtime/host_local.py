@@ -12,7 +12,9 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import math
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from arbor.errors import ArborError
@@ -67,17 +69,17 @@ class HostLocalRoute(LocalRoute):
                 return _ask_timeout(envelope, self._name, timeout)
         posted = self.post_ask(envelope, timeout)
         assert posted is not None
-        future, timer = posted
+        future, unwatch = posted
         try:
             reply = await future
         finally:
-            timer.cancel()
+            unwatch(future)
         return self.ask_outcome(envelope, timeout, reply)
 
     def post_ask(
         self, envelope: Envelope, timeout: float
-    ) -> tuple[asyncio.Future[Any], asyncio.TimerHandle] | None:
-        """Post an ask from the host's loop; returns its future and the timer to cancel.
+    ) -> tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], None]] | None:
+        """Post an ask from the host's loop; returns its future and the function to end its timeout.
 
         The caller awaits the message's own future. The mailbox runs the message even
         when that future is done already, so neither a timeout nor the caller's
@@ -88,7 +90,7 @@ class HostLocalRoute(LocalRoute):
             return None
         future = host._post(self._name, _detached(envelope), None, True)
         host.local_deliveries += 1
-        return future, host._loop.call_later(timeout, _time_out, future)
+        return future, host._ask_deadlines.watch(future, timeout)
 
     def ask_outcome(self, envelope: Envelope, timeout: float, reply: Reply | None) -> Reply:
         """Return the reply of a posted ask: a copy, or a timeout for None."""
@@ -121,6 +123,42 @@ class HostLocalRoute(LocalRoute):
                 result.set_result(done.result())
 
         future.add_done_callback(copy_outcome)
+
+
+class AskDeadlines:
+    """Times out the ask calls posted on a host's loop, with one timer per window of deadlines.
+
+    A timer for each call took about 1 µs of a 14 µs round trip between two agents of one
+    host. So calls whose deadlines fall in the same window share one timer, and a call
+    times out up to one window late.
+    """
+
+    WINDOW_S = 0.01
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # Pending futures by window number. Window n ends at n times WINDOW_S on the loop's clock.
+        self._windows: dict[int, set[asyncio.Future[Any]]] = {}
+
+    def watch(
+        self, future: asyncio.Future[Any], timeout: float
+    ) -> Callable[[asyncio.Future[Any]], None]:
+        """Complete ``future`` with None after ``timeout`` seconds.
+
+        Returns the function that ends the watch: call it with the future once the caller
+        has the reply.
+        """
+        window = math.ceil((self._loop.time() + timeout) / self.WINDOW_S)
+        pending = self._windows.get(window)
+        if pending is None:
+            pending = self._windows[window] = set()
+            self._loop.call_at(window * self.WINDOW_S, self._expire, window)
+        pending.add(future)
+        return pending.discard
+
+    def _expire(self, window: int) -> None:
+        for future in self._windows.pop(window):
+            _time_out(future)
 
 
 def _time_out(future: asyncio.Future[Any]) -> None:

@@ -167,10 +167,11 @@ class LocalRoute:
         raise NotImplementedError
 
     def post_ask(self, envelope: Envelope, timeout: float) -> tuple[Any, Any] | None:
-        """Post an ask from the route's own event loop; returns its future and timer.
+        """Post an ask from the route's own event loop; returns its future and a function.
 
         None means the caller is elsewhere and uses `ask_async`. The future's result goes
-        to `ask_outcome`, and the timer is cancelled once the future is done.
+        to `ask_outcome`. Once the future is done, the caller passes it to the function,
+        which ends the ask's timeout.
         """
         return None
 
@@ -300,11 +301,11 @@ class AgentRef:
             if posted is not None:
                 # On the host's own loop, await the message's future here, which saves a
                 # coroutine per ask on the busiest path between agents.
-                future, timer = posted
+                future, unwatch = posted
                 try:
                     reply = await future
                 finally:
-                    timer.cancel()
+                    unwatch(future)
                 return self._unwrap(handler, local.ask_outcome(envelope, seconds, reply))
             return self._unwrap(handler, await local.ask_async(envelope, seconds))
         deadline = time.monotonic() + seconds
