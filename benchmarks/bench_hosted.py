@@ -56,6 +56,7 @@ from benchmarks.bench_agents import (
 
 RAW_NAMESPACE = "bench-raw"
 BENCH_TYPE = f"{BenchCounter.__module__}:{BenchCounter.__qualname__}"
+PEER_TYPE = f"{BenchPeer.__module__}:{BenchPeer.__qualname__}"
 
 # Seconds of quiet before each timed spawn that starts or claims a process.
 SETTLE_S = 0.5
@@ -222,12 +223,14 @@ def spawn_raw(actor_class: Any, name: str) -> None:
     ray.get(handle.get.remote())
 
 
-def wait_for_pool(size: int, timeout: float = 120.0) -> None:
+def wait_for_pool(size: int, type_path: str = BENCH_TYPE, timeout: float = 120.0) -> None:
     registry = registry_handle()
     deadline = time.monotonic() + timeout
-    while ray.get(registry.warm_pool.remote()).get(BENCH_TYPE, 0) < size:
+    while ray.get(registry.warm_pool.remote()).get(type_path, 0) < size:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the warm pool did not refill to {size} within {timeout} s")
+            raise RuntimeError(
+                f"the warm pool of {type_path} did not refill to {size} within {timeout} s"
+            )
         time.sleep(0.01)
 
 
@@ -250,6 +253,10 @@ def bench_ask(args: argparse.Namespace) -> None:
     raw_sync = ray.remote(RawSyncCounter).remote()
     raw_pinger = ray.remote(RawPinger).remote()
     ray.get([raw_async.get.remote(), raw_sync.get.remote()])
+    # The dedicated spawn starts a warm pool of BenchPeer actors, whose process start-ups
+    # would otherwise run during the first round trips.
+    wait_for_pool(2, PEER_TYPE)
+    time.sleep(SETTLE_S)
     count = args.asks
 
     def inside(target: arbor.AgentRef, handler: str) -> list[float]:
@@ -411,6 +418,8 @@ def bench_throughput(args: argparse.Namespace) -> None:
         for _ in range(args.senders)
     ]
     ray.get([receiver.get.remote() for _, receiver in raw])
+    wait_for_pool(2, PEER_TYPE)
+    time.sleep(SETTLE_S)
 
     def agents_rate(pairs: list[tuple[arbor.AgentRef, arbor.AgentRef]]) -> tuple[int, float]:
         def run(pair: tuple[arbor.AgentRef, arbor.AgentRef]) -> int:
