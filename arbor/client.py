@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from arbor import direct_spawn
 from arbor.agent import Agent
 from arbor.config import NAMESPACE, REGISTRY_NAME, Settings, get_settings, reset_settings
 from arbor.errors import (
@@ -216,11 +218,19 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
         replace(request, pattern=qualify_pattern(request.pattern, namespace_of(name)))
         for request in spec.capabilities
     ]
+    claimed = direct_spawn.spawn(spec)
+    if claimed is not None:
+        restart_sequence(name)
+        return AgentRef(name, handle=claimed[1])
     registry = _registry()
     timeout = get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S
+    asked_at = time.monotonic()
     try:
         info: AgentInfo
-        info, handle = _call(registry.spawn.remote(spec, with_handle=True), timeout=timeout)
+        info, handle, lent = _call(
+            registry.spawn.remote(spec, with_handle=True, lend=direct_spawn.wants_loan(spec)),
+            timeout=timeout,
+        )
     except RayTaskError as error:
         # The registry could not unpickle the request, almost always because the agent's
         # module is importable here but not in the cluster's worker processes.
@@ -233,6 +243,7 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             f"({missing.strip()}); install its module on every node, or add its folder "
             "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
         ) from None
+    direct_spawn.keep(spec.type_path, registry, lent, asked_at)
     # A name spawned again starts a new message stream from this process, so the new
     # incarnation's host does not wait for the numbers sent to the old one.
     restart_sequence(name)
@@ -484,6 +495,7 @@ def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
     reset_process_state()
+    direct_spawn.reset()
 
 
 def _namespace_filter(namespace: str | None) -> str | None:

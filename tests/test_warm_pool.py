@@ -14,6 +14,8 @@ import pytest
 import ray
 
 import arbor
+import arbor.client
+from arbor import direct_spawn
 from arbor.config import NAMESPACE, reset_settings
 from arbor.names import qualify
 from arbor.persistence import CheckpointStore, open_store
@@ -304,3 +306,62 @@ def test_warm_spawn_past_namespace_cap() -> None:
     assert ready() == POOL_SIZE
     with pytest.raises(arbor.AgentNotFound):
         arbor.get("capped:three")
+
+
+def test_lent_actor_spawns_without_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    warm_spawn(Counter, "warm/lend-first")
+    wait_for_pool("tests.agents:Counter")
+
+    def no_registry() -> None:
+        raise AssertionError("the spawn called the registry")
+
+    # A spawn that has a lent warm actor claims it without calling the registry.
+    monkeypatch.setattr(arbor.client, "_registry", no_registry)
+    ref = arbor.spawn(Counter, "warm/lent", start=11)
+    monkeypatch.undo()
+
+    assert ref.ask("add", 1) == 12
+    assert actor_of("warm/lent").startswith(WARM_PREFIX)
+    # The registry recorded the spawn: the pool refills, and the name is taken.
+    wait_for_pool("tests.agents:Counter")
+    with pytest.raises(arbor.NameTaken):
+        arbor.spawn(Counter, "warm/lent")
+
+
+def test_stale_loan_cannot_take_running_actor() -> None:
+    warm_spawn(Counter, "warm/stale-first")
+    wait_for_pool("tests.agents:Counter")
+    # The loan that the next spawn uses.
+    loan = direct_spawn._take("tests.agents:Counter")
+    assert loan is not None
+    direct_spawn._give_back("tests.agents:Counter", loan)
+    arbor.spawn(Counter, "warm/stale-a", start=1)
+
+    # The same actor lent again, as after a loan that outlived its time.
+    loan.requested_at = time.monotonic()
+    direct_spawn._give_back("tests.agents:Counter", loan)
+    arbor.spawn(Counter, "warm/stale-b", start=2)
+
+    assert actor_of("warm/stale-a") == loan.actor
+    assert actor_of("warm/stale-b") != loan.actor
+    assert arbor.get("warm/stale-a").ask("get") == 1
+    assert arbor.get("warm/stale-b").ask("get") == 2
+
+
+def test_old_loan_goes_through_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    warm_spawn(Counter, "warm/old-first")
+    wait_for_pool("tests.agents:Counter")
+    monkeypatch.setattr(direct_spawn, "WARM_LEND_USE_S", 0.0)
+    calls = []
+    registry = arbor.client._registry
+
+    def counted() -> Any:
+        calls.append(1)
+        return registry()
+
+    monkeypatch.setattr(arbor.client, "_registry", counted)
+    arbor.spawn(Counter, "warm/old", start=3)
+
+    assert calls == [1]
+    assert actor_of("warm/old").startswith(WARM_PREFIX)
+    assert arbor.get("warm/old").ask("get") == 3

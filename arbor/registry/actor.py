@@ -24,7 +24,6 @@ from arbor.errors import (
     ArborError,
     CheckpointNotFound,
     ClusterLeaseLost,
-    HandlerError,
     QuotaExceeded,
 )
 from arbor.names import namespace_of
@@ -49,9 +48,13 @@ from arbor.registry.spec import (
     ARBOR_ONLY_KEYS,
     PLACEMENT_KEYS,
     RAY_ACTOR_KEYS,
+    WARM_LEND_S,
     SpawnSpec,
     is_hosted,
     ray_actor_options,
+    spawn_audit,
+    spawn_error,
+    start_error,
 )
 from arbor.registry.topics import TopicService
 from arbor.runtime import kv, telemetry
@@ -112,6 +115,9 @@ class Registry:
         self._passes = 0
         # Ready warm actors per agent type path, oldest first, as (Ray name, handle).
         self._warm: dict[str, deque[tuple[str, Any]]] = {}
+        # Warm actors lent to clients that claim them directly, by Ray name, as
+        # (type path, handle, time lent on the monotonic clock).
+        self._lent: dict[str, tuple[str, Any, float]] = {}
         self._refilling: set[str] = set()
         self._hosts = HostPool(self._settings, self._store)
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
@@ -163,21 +169,92 @@ class Registry:
         return _lease_info(self._cluster_id, self._lease)
 
     async def spawn(
-        self, spec: SpawnSpec, with_handle: bool = False
-    ) -> AgentInfo | tuple[AgentInfo, Any]:
+        self, spec: SpawnSpec, with_handle: bool = False, lend: bool = False
+    ) -> AgentInfo | tuple[AgentInfo, Any, dict[str, Any] | None]:
         """Reserve the name, create the agent's actor and wait until it has restored.
 
         A retried request with the same ``spawn_id`` finishes the first one instead of
-        failing with `NameTaken`. With ``with_handle`` the result is ``(info, handle)``.
-        ``handle`` is the warm actor that now runs the agent, or None, and saves the caller
-        a lookup of that actor by its Ray name.
+        failing with `NameTaken`. With ``with_handle`` the result is ``(info, handle,
+        lent)``. ``handle`` is the warm actor that now runs the agent, or None, and saves
+        the caller a lookup of that actor by its Ray name. ``lent`` is None, or with
+        ``lend`` a warm actor of the same type lent to the caller for its next spawn (see
+        `_lend_warm`).
         """
         self._require_lease()
         with telemetry.span(
             "arbor.spawn", {"arbor.agent": spec.name, "arbor.type": spec.type_path}
         ):
             info, handle = await self._spawn(spec)
-        return (info, handle) if with_handle else info
+        if not with_handle:
+            return info
+        return info, handle, self._lend_warm(spec.type_path) if lend else None
+
+    async def claimed_directly(
+        self, spec: SpawnSpec, actor: str, info: AgentInfo | None
+    ) -> dict[str, Any] | None:
+        """Record a spawn that a client made in the lent warm actor ``actor``.
+
+        ``info`` is None when the claim failed: the actor is then killed, and the record
+        of ``spec``, if its first commit stored one, is deleted. Either way the pool
+        refills. Returns the next lent warm actor of the type, as `_lend_warm` does.
+        """
+        entry = self._lent.pop(actor, None)
+        if info is None:
+            handle = entry[1] if entry is not None else None
+            if handle is None:
+                with contextlib.suppress(ValueError):
+                    handle = ray.get_actor(actor, namespace=NAMESPACE)
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+            await asyncio.to_thread(self._delete_spawned, spec)
+            self._refill_later(spec)
+            return None
+        logger.info(
+            "spawned agent %s of type %s in lent warm actor %s", spec.name, spec.type_path, actor
+        )
+        telemetry.record(metrics.record_audit_row, "spawn", "allow")
+        telemetry.record(
+            metrics.record_spawn, _type_name(spec.type_path), info.node_id or "unknown"
+        )
+        _publish_mailbox_limit(spec.name, spec.options)
+        self._refill_later(spec)
+        return self._lend_warm(spec.type_path)
+
+    def _lend_warm(self, type_path: str) -> dict[str, Any] | None:
+        """Lend a ready warm actor of ``type_path`` to the caller, or return None.
+
+        The caller's next spawn of that type claims the actor directly, which saves the
+        two Ray calls through the registry, then calls `claimed_directly`. The actor
+        comes back to the pool after WARM_LEND_S unless claimed. Nothing is lent when a
+        cap on agents covers every namespace, since only the registry counts them, or
+        when spawns default to hosted placement.
+        """
+        self._reclaim_lent()
+        ready = self._warm.get(type_path)
+        settings = self._settings
+        if not ready or settings.max_agents != 0 or settings.default_placement == "hosted":
+            return None
+        name, handle = ready.popleft()
+        self._lent[name] = (type_path, handle, time.monotonic())
+        return {
+            "actor": name,
+            "handle": handle,
+            "durability": settings.durability,
+            "capped": sorted(
+                namespace for namespace, cap in settings.namespace_max_agents.items() if cap
+            ),
+        }
+
+    def _reclaim_lent(self) -> None:
+        """Put warm actors lent longer than WARM_LEND_S back in the pool."""
+        now = time.monotonic()
+        for name, (type_path, handle, lent_at) in list(self._lent.items()):
+            if now - lent_at > WARM_LEND_S:
+                del self._lent[name]
+                self._warm.setdefault(type_path, deque()).appendleft((name, handle))
+
+    def _lent_count(self, type_path: str) -> int:
+        return sum(1 for lent_type, _, _ in self._lent.values() if lent_type == type_path)
 
     async def _spawn(self, spec: SpawnSpec) -> tuple[AgentInfo, Any]:
         if (
@@ -271,7 +348,7 @@ class Registry:
                 if lease is not None and lease.holder != self._cluster_id:
                     self._lease = lease
                     raise ClusterLeaseLost(self._cluster_id, lease.holder) from None
-                raise _spawn_error(spec.name, error) from None
+                raise spawn_error(spec.name, error) from None
             except ActorUnschedulableError as error:
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
                 raise ArborError(
@@ -324,7 +401,7 @@ class Registry:
         The row records the allowed request when the name is reserved, so it stays when
         the agent then fails to start. A retried spawn whose record exists adds no row.
         """
-        stored, audited = self._store.create_agent_audited(record, _spawn_audit(spec))
+        stored, audited = self._store.create_agent_audited(record, spawn_audit(spec))
         if audited is not None:
             telemetry.record(metrics.record_audit_row, "spawn", "allow")
         return stored
@@ -372,7 +449,7 @@ class Registry:
         # Under an agent cap, the count and the commit that adds the agent hold the
         # namespace's lock, so that racing spawns cannot pass the cap together.
         capped = self._settings.agent_cap(namespace) != 0
-        audit = _spawn_audit(spec)
+        audit = spawn_audit(spec)
         try:
             async with self._quota_locks[namespace] if capped else contextlib.nullcontext():
                 await self._check_quota(spec)
@@ -486,7 +563,20 @@ class Registry:
             # The warm actor is half made: drop it and free the name, as a failed cold spawn does.
             ray.kill(handle, no_restart=True)
             await asyncio.to_thread(self._delete_spawned, spec)
-            raise _start_error(spec.name, error, f"warm actor {name}", self._settings) from None
+            raise start_error(spec.name, error, f"warm actor {name}", self._settings) from None
+        if report.get("runs") is not None:
+            # A client claimed this actor directly after its loan ended, and it keeps that agent.
+            logger.warning(
+                "warm actor %s already runs agent %s, so agent %s did not start in it",
+                name,
+                report["runs"],
+                spec.name,
+            )
+            await asyncio.to_thread(self._delete_spawned, spec)
+            raise ArborError(
+                f"agent {spec.name!r} did not start because warm actor {name} was claimed "
+                f"by a spawn of {report['runs']!r} at the same time; spawn it again"
+            )
         return handle, report
 
     def _delete_spawned(self, spec: SpawnSpec) -> None:
@@ -519,7 +609,7 @@ class Registry:
             retry = audit is not None and isinstance(error, RayActorError)
             if retry and await self._hosts.gone(host):
                 raise _HostGone(host) from None
-            raise _start_error(spec.name, error, f"host {host}", self._settings) from None
+            raise start_error(spec.name, error, f"host {host}", self._settings) from None
         return report
 
     def _take_warm(self, spec: SpawnSpec) -> tuple[str, Any] | None:
@@ -528,6 +618,7 @@ class Registry:
             return None
         if any(key not in ARBOR_ONLY_KEYS for key in spec.options if key in PLACEMENT_KEYS):
             return None
+        self._reclaim_lent()
         ready = self._warm.get(spec.type_path)
         return ready.popleft() if ready else None
 
@@ -545,7 +636,7 @@ class Registry:
         ready = self._warm.setdefault(type_path, deque())
         try:
             await asyncio.sleep(_REFILL_DELAY_S)
-            while len(ready) < self._settings.warm_pool_size:
+            while len(ready) + self._lent_count(type_path) < self._settings.warm_pool_size:
                 name = f"{WARM_PREFIX}{uuid.uuid4().hex[:16]}"
                 handle = create_warm_actor(name, agent_class, self._settings)
                 try:
@@ -606,8 +697,9 @@ class Registry:
         return reports
 
     async def warm_pool(self) -> dict[str, int]:
-        """Return the number of ready warm actors per agent type."""
-        return {path: len(ready) for path, ready in self._warm.items()}
+        """Return the number of ready warm actors per agent type, lent ones included."""
+        self._reclaim_lent()
+        return {path: len(ready) + self._lent_count(path) for path, ready in self._warm.items()}
 
     async def locate(self, name: str) -> dict[str, str] | None:
         """Return the agent's status and Ray actor name, or None if no agent has the name.
@@ -862,6 +954,7 @@ class Registry:
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         self._warm.clear()
+        self._lent.clear()
         self._stood_down = True
 
     async def _needs_recreation(self, record: AgentRecord, alive_nodes: set[str]) -> str | None:
@@ -1133,18 +1226,6 @@ class _HostGone(Exception):
     """The host chosen for a spawn is gone for good; nothing of the spawn was stored."""
 
 
-def _spawn_audit(spec: SpawnSpec) -> AuditEntry:
-    """Return the audit row of an allowed spawn."""
-    return AuditEntry(
-        principal=spec.spawner or OPERATOR,
-        action="spawn",
-        resource=f"arbor://agent/spawn/{spec.name}",
-        decision=ALLOWED,
-        detail={"type": spec.type_path},
-        trace_id=telemetry.current_trace_id(),
-    )
-
-
 def _publish_mailbox_limit(name: str, options: dict[str, Any]) -> None:
     """Make the agent's ``max_pending`` limit readable by every process of the cluster."""
     limit = options.get("max_pending")
@@ -1183,32 +1264,3 @@ def _signing_key(settings: Settings) -> bytes | None:
 def _one_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
-
-
-def _start_error(name: str, error: Exception, where: str, settings: Settings) -> Exception:
-    """Return the error a spawn raises when the actor that was to run the agent failed it."""
-    if isinstance(error, asyncio.TimeoutError):
-        return ArborError(
-            f"agent {name!r} did not start in {where} within {settings.spawn_timeout_s} s; "
-            "raise ARBOR_SPAWN_TIMEOUT_S"
-        )
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, ArborError):
-        return cause
-    if isinstance(cause, BaseException):
-        return HandlerError(
-            name,
-            "__init__",
-            f"{type(cause).__module__}.{type(cause).__qualname__}",
-            str(cause),
-            str(error),
-        )
-    if isinstance(error, ArborError):
-        return error
-    return _spawn_error(name, error)  # type: ignore[arg-type]
-
-
-def _spawn_error(name: str, error: RayActorError) -> HandlerError:
-    text = str(error)
-    summary = text.strip().splitlines()[-1] if text.strip() else type(error).__name__
-    return HandlerError(name, "__init__", type(error).__name__, summary, text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import re
@@ -9,11 +10,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray.exceptions import RayActorError
+
 from arbor.agent import Agent, type_path
-from arbor.config import get_settings
-from arbor.errors import InvalidAgentName, InvalidArguments
+from arbor.config import Settings, get_settings
+from arbor.errors import ArborError, HandlerError, InvalidAgentName, InvalidArguments
 from arbor.names import local_name, namespace_problem
-from arbor.registry.security import GrantRequest, grant_requests
+from arbor.persistence import ALLOWED, AuditEntry
+from arbor.registry.security import OPERATOR, GrantRequest, grant_requests
+from arbor.runtime import telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,12 @@ ARBOR_ONLY_KEYS = frozenset({"durability", "max_pending", "placement", "passivat
 RAY_ACTOR_KEYS = frozenset(PLACEMENT_KEYS - ARBOR_ONLY_KEYS)
 
 PLACEMENTS = ("dedicated", "hosted")
+
+# Seconds a warm actor stays lent to a client, which claims it without the registry (see
+# `arbor.direct_spawn`), before the registry puts it back in its pool. A client claims a
+# lent actor only within WARM_LEND_USE_S of its request, so the two never overlap.
+WARM_LEND_S = 30.0
+WARM_LEND_USE_S = 10.0
 
 
 @dataclass
@@ -275,3 +286,44 @@ def ray_actor_options(options: dict[str, Any], *, node_alive: bool = True) -> di
             node_id=node_id, soft=soft
         )
     return ray_options
+
+
+def spawn_audit(spec: SpawnSpec) -> AuditEntry:
+    """Return the audit row of an allowed spawn."""
+    return AuditEntry(
+        principal=spec.spawner or OPERATOR,
+        action="spawn",
+        resource=f"arbor://agent/spawn/{spec.name}",
+        decision=ALLOWED,
+        detail={"type": spec.type_path},
+        trace_id=telemetry.current_trace_id(),
+    )
+
+
+def start_error(name: str, error: Exception, where: str, settings: Settings) -> Exception:
+    """Return the error a spawn raises when the actor that was to run the agent failed it."""
+    if isinstance(error, asyncio.TimeoutError):
+        return ArborError(
+            f"agent {name!r} did not start in {where} within {settings.spawn_timeout_s} s; "
+            "raise ARBOR_SPAWN_TIMEOUT_S"
+        )
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, ArborError):
+        return cause
+    if isinstance(cause, BaseException):
+        return HandlerError(
+            name,
+            "__init__",
+            f"{type(cause).__module__}.{type(cause).__qualname__}",
+            str(cause),
+            str(error),
+        )
+    if isinstance(error, ArborError):
+        return error
+    return spawn_error(name, error)  # type: ignore[arg-type]
+
+
+def spawn_error(name: str, error: RayActorError) -> HandlerError:
+    text = str(error)
+    summary = text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+    return HandlerError(name, "__init__", type(error).__name__, summary, text)

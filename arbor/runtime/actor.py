@@ -181,8 +181,11 @@ class AgentActor:
         restarted actor has already resumed the agent; the repeat then only reports.
 
         Returns:
-            `info` with the cell's ``spawn_record``, or ``{"taken": True}`` when ``audit``
-            was given and an agent of that name exists; this actor then stays ready.
+            `info` with the cell's ``spawn_record``; ``{"taken": True}`` when ``audit``
+            was given and an agent of that name exists, and this actor then stays ready;
+            or ``{"runs": other}`` when another claim made this actor agent ``other``.
+            The registry and clients that a warm actor was lent to both claim, so the
+            first claim wins.
         """
         if self._cell is None:
             try:
@@ -191,10 +194,7 @@ class AgentActor:
                 self._name = None
                 return {"taken": True}
         elif self._cell.name != name:
-            raise RuntimeError(
-                f"warm actor {self._actor_name()} already runs agent {self._cell.name!r}, "
-                f"so it cannot become {name!r}"
-            )
+            return {"runs": self._cell.name}
         assert self._cell is not None
         return {**self.info(), "record": self._cell.spawn_record}
 

@@ -1,0 +1,217 @@
+"""Spawns that claim a lent warm actor directly, without a call through the registry.
+
+A warm spawn through the registry makes four Ray calls: from the caller to the registry,
+from the registry to a warm actor, and both replies. So the registry's reply to a spawn
+lends the caller one ready warm actor of the same type. The caller's next spawn of that
+type claims the lent actor itself, with one call, and then reports the spawn to the
+registry, whose reply lends the next one. The registry must check or count some spawns
+itself, so these go through it: spawns with capabilities, from inside an agent, with Ray
+placement options or ``max_pending``, and into a namespace with a cap on agents.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from arbor.config import get_settings
+from arbor.names import namespace_of
+from arbor.persistence import STARTING, AgentRecord
+from arbor.registry.info import AgentInfo
+from arbor.registry.spec import (
+    RAY_ACTOR_KEYS,
+    WARM_LEND_USE_S,
+    SpawnSpec,
+    spawn_audit,
+    start_error,
+)
+from arbor.runtime import telemetry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Loan:
+    """A warm actor lent to this process, as the registry's ``_lend_warm`` describes it."""
+
+    actor: str
+    handle: Any
+    # The registry's default durability, for a spawn that names none.
+    durability: str
+    # Namespaces with a cap on agents, which only the registry can apply.
+    capped: frozenset[str]
+    registry: Any
+    # When the request whose reply lent the actor was sent, on the monotonic clock.
+    requested_at: float
+
+
+_lock = threading.Lock()
+# Lent warm actors by agent type path.
+_loans: dict[str, _Loan] = {}
+# By agent type path, a `claimed_directly` reply that may lend the next warm actor, as
+# (registry handle, reply, time sent).
+_replies: dict[str, tuple[Any, Any, float]] = {}
+
+
+def keep(type_path: str, registry: Any, lent: dict[str, Any] | None, requested_at: float) -> None:
+    """Keep the warm actor that a reply of ``registry`` lent, for the next spawn of its type."""
+    if lent is None:
+        return
+    loan = _Loan(
+        lent["actor"],
+        lent["handle"],
+        lent["durability"],
+        frozenset(lent["capped"]),
+        registry,
+        requested_at,
+    )
+    with _lock:
+        _loans[type_path] = loan
+
+
+def wants_loan(spec: SpawnSpec) -> bool:
+    """Return whether a spawn like ``spec`` could use a loan that this process lacks."""
+    with _lock:
+        has_loan = spec.type_path in _loans or spec.type_path in _replies
+    return not has_loan and _direct(spec)
+
+
+def reset() -> None:
+    """Forget every loan, when this process leaves its Ray session."""
+    with _lock:
+        _loans.clear()
+        _replies.clear()
+
+
+def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
+    """Start the agent of ``spec`` in a warm actor lent to this process.
+
+    Returns:
+        The agent's info and its actor's handle, or None when the spawn must go through
+        the registry. That is the case when nothing is lent, when the spawn needs the
+        registry's checks, when the name is taken (by another agent or by an earlier
+        attempt of this spawn), and when the lent actor is gone.
+
+    Raises:
+        HandlerError: the agent's ``__init__`` or ``on_start`` raised. The registry has
+            then killed the actor and freed the name.
+    """
+    if not _direct(spec):
+        return None
+    loan = _take(spec.type_path)
+    if loan is None:
+        return None
+    if namespace_of(spec.name) in loan.capped:
+        _give_back(spec.type_path, loan)
+        return None
+    record = AgentRecord(
+        name=spec.name,
+        type_path=spec.type_path,
+        status=STARTING,
+        spawn_id=spec.spawn_id,
+        options={**spec.options, "actor": loan.actor},
+    )
+    durability = spec.options.get("durability", loan.durability)
+    settings = get_settings()
+    with telemetry.span("arbor.spawn", {"arbor.agent": spec.name, "arbor.type": spec.type_path}):
+        claim = loan.handle.claim.remote(
+            spec.name, spec.init_args, spec.init_kwargs, durability, record, spawn_audit(spec)
+        )
+        try:
+            report = ray.get(claim, timeout=settings.spawn_timeout_s)
+        except RayTaskError as error:
+            _failed(spec, loan)
+            raise start_error(spec.name, error, f"warm actor {loan.actor}", settings) from None
+        except (RayActorError, GetTimeoutError) as error:
+            # The actor is gone (a new registry removes unclaimed warm actors) or does not
+            # reply in time. The registry path then starts the agent or reports why not.
+            logger.warning(
+                "spawn of agent %s in lent warm actor %s failed (%s: %s); spawning through "
+                "the registry",
+                spec.name,
+                loan.actor,
+                type(error).__name__,
+                error,
+            )
+            _failed(spec, loan)
+            return None
+    if report.get("taken"):
+        # Nothing was written and the actor is still ready for another spawn.
+        _give_back(spec.type_path, loan)
+        return None
+    if report.get("runs") is not None:
+        return None
+    info = AgentInfo.from_record(report["record"])
+    reply = loan.registry.claimed_directly.remote(spec, loan.actor, info)
+    with _lock:
+        _replies[spec.type_path] = (loan.registry, reply, time.monotonic())
+    return info, loan.handle
+
+
+def _direct(spec: SpawnSpec) -> bool:
+    """Return whether ``spec`` may skip the registry; see the module's description."""
+    options = spec.options
+    return (
+        spec.spawner is None
+        and not spec.capabilities
+        and options.get("placement", "dedicated") == "dedicated"
+        and "max_pending" not in options
+        and not any(key in RAY_ACTOR_KEYS for key in options)
+    )
+
+
+def _take(type_path: str) -> _Loan | None:
+    """Remove and return the loan for ``type_path``, or None when there is none to use."""
+    with _lock:
+        loan = _loans.pop(type_path, None)
+        pending = _replies.pop(type_path, None) if loan is None else None
+    if pending is not None:
+        registry, reply, requested_at = pending
+        done, _ = ray.wait([reply], timeout=0)
+        if not done:
+            with _lock:
+                _replies.setdefault(type_path, pending)
+            return None
+        try:
+            lent = ray.get(reply)
+        except RayError as error:
+            # The registry restarted or failed. Its reply to the next spawn lends again.
+            logger.warning("the registry's report of a spawn of %s failed: %s", type_path, error)
+            return None
+        keep(type_path, registry, lent, requested_at)
+        with _lock:
+            loan = _loans.pop(type_path, None)
+    if loan is None or time.monotonic() - loan.requested_at > WARM_LEND_USE_S:
+        # The registry may give an actor lent that long ago to another spawn.
+        return None
+    return loan
+
+
+def _give_back(type_path: str, loan: _Loan) -> None:
+    with _lock:
+        _loans.setdefault(type_path, loan)
+
+
+def _failed(spec: SpawnSpec, loan: _Loan) -> None:
+    """Have the registry kill the lent actor and delete what the failed claim stored."""
+    try:
+        ray.get(
+            loan.registry.claimed_directly.remote(spec, loan.actor, None),
+            timeout=get_settings().spawn_timeout_s,
+        )
+    except RayError as error:
+        # The registry is gone as well. A new one removes unclaimed warm actors, and its
+        # reconciler finds any record the claim stored.
+        logger.warning(
+            "the registry did not clean up after spawn of agent %s in warm actor %s: %s",
+            spec.name,
+            loan.actor,
+            error,
+        )
+        ray.kill(loan.handle, no_restart=True)
