@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,24 @@ def test_non_json_key_is_named_and_rolled_back(store: CheckpointStore) -> None:
     assert cell.agent.table == {}
     assert send(cell, "read").value == [1, 2]
     assert cell.checkpoint_version == 1
+
+
+def test_rejected_send_is_logged(store: CheckpointStore, caplog: pytest.LogCaptureFixture) -> None:
+    cell = AgentCell("shapes", Shapes, store, RuntimeContext("shapes"), init_kwargs={})
+    caplog.set_level(logging.WARNING, logger="arbor.runtime.cell")
+
+    unknown = asyncio.run(cell.handle(Envelope("nosuch", kind="send", message_id="send-1")))
+    wrong = asyncio.run(cell.handle(Envelope("push", (1,), {"timeout": 3}, "send", "send-2")))
+    ask = asyncio.run(cell.handle(Envelope("nosuch", kind="ask", message_id="ask-1")))
+
+    assert unknown.error is not None
+    assert unknown.error.kind == "unknown_handler"
+    assert wrong.error is not None
+    assert wrong.error.kind == "invalid_arguments"
+    assert ask.error is not None
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("rejected send send-1" in line and "nosuch" in line for line in lines)
+    assert any("rejected send send-2" in line and "timeout" in line for line in lines)
+    # The caller of an ask gets the error itself, so the ask is not logged.
+    assert not any("ask-1" in line for line in lines)
+    assert send(cell, "read").value == [1, 2]

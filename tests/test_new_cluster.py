@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import ray
+
 import arbor
 from tests.agents import Counter
 
@@ -16,6 +19,13 @@ def test_new_ray_cluster_recreates_all_agents(pg_url: str) -> None:
         arbor.stop("fleet/stopped")
     finally:
         arbor.shutdown()
+
+    # A reference kept after the shutdown raises instead of starting a new Ray cluster.
+    with pytest.raises(arbor.ClusterUnavailable, match="call arbor.init"):
+        ref.ask("get")
+    with pytest.raises(arbor.ClusterUnavailable, match="call arbor.init"):
+        ref.send("add", 1)
+    assert not ray.is_initialized()
 
     arbor.init(database_url=pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
     try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,10 +169,26 @@ def test_spawn_on_unknown_node_frees_name() -> None:
         arbor.get("rt/nowhere")
 
 
-def test_ask_rejects_non_positive_timeout() -> None:
+def test_ask_rejects_invalid_timeouts() -> None:
     ref = arbor.spawn(Counter, "rt/timeout")
-    with pytest.raises(arbor.InvalidArguments, match="timeout=-1"):
-        ref.ask("get", timeout=-1)
+    for timeout in (-1, 0, float("nan"), float("inf"), "1", True):
+        expected = re.escape(f"timeout={timeout!r} is invalid")
+        with pytest.raises(arbor.InvalidArguments, match=expected):
+            ref.ask("get", timeout=timeout)
+        with pytest.raises(arbor.InvalidArguments, match=expected):
+            asyncio.run(ref.ask_async("get", timeout=timeout))
+    assert ref.ask("get", timeout=30.0) == 0
+
+
+def test_ask_rejects_invalid_message_ids() -> None:
+    ref = arbor.spawn(Counter, "rt/message-id")
+    for message_id in ("", 7):
+        expected = re.escape(f"message_id={message_id!r} is invalid")
+        with pytest.raises(arbor.InvalidArguments, match=expected):
+            ref.ask("add", 1, message_id=message_id)
+        with pytest.raises(arbor.InvalidArguments, match=expected):
+            ref.send("add", 1, message_id=message_id)
+    assert ref.ask("get") == 0
 
 
 def test_ask_is_acknowledged_after_commit() -> None:

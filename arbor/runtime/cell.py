@@ -547,7 +547,7 @@ class AgentCell:
                 denied = CapabilityDenied(
                     decision.principal, decision.resource, decision.right, decision.reason
                 )
-                return self._error_reply(envelope, "denied", denied)
+                return self._rejected(envelope, "denied", denied)
         outcome = self._processed.get(envelope.message_id)
         if outcome is not None:
             return self._replay(envelope, outcome)
@@ -559,14 +559,30 @@ class AgentCell:
             self._bind(envelope, handler)
         except UnknownHandler as error:
             wrapped = UnknownHandler(f"agent {self.name!r}: {error}")
-            return self._error_reply(envelope, "unknown_handler", wrapped)
+            return self._rejected(envelope, "unknown_handler", wrapped)
         except TypeError as error:
             signature = self._signatures.get(envelope.handler, "(...)")
             invalid = InvalidArguments(
                 f"agent {self.name!r} handler {envelope.handler}{signature}: {error}"
             )
-            return self._error_reply(envelope, "invalid_arguments", invalid)
+            return self._rejected(envelope, "invalid_arguments", invalid)
         return handler
+
+    def _rejected(self, envelope: Envelope, kind: Any, error: Exception) -> Reply:
+        """Return the reply to a message that was not admitted, and log a rejected send.
+
+        No caller reads the reply to a send, so without the log line a send to a wrong
+        handler name or with wrong arguments would leave no trace.
+        """
+        if envelope.kind == "send":
+            logger.warning(
+                "agent %s rejected send %s from %s: %s",
+                self.name,
+                envelope.message_id,
+                envelope.sender or "a client",
+                error,
+            )
+        return self._error_reply(envelope, kind, error)
 
     def _handler_error(self, envelope: Envelope, error: Exception) -> ErrorInfo:
         logger.warning(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ from arbor.errors import (
     AgentOverloaded,
     AskTimeout,
     ClusterLeaseLost,
+    ClusterUnavailable,
     HandlerError,
     InvalidArguments,
     UnknownHandler,
@@ -432,6 +434,11 @@ class AgentRef:
         sender = origin.name if origin is not None else self._sender
         if message_id is None:
             message_id = origin.next_message_id() if origin is not None else new_message_id()
+        elif type(message_id) is not str or not message_id:
+            raise InvalidArguments(
+                f"message_id={message_id!r} is invalid; pass a non-empty string, or None for "
+                "a new id"
+            )
         envelope = Envelope(handler, args, kwargs, kind, message_id, sender)
         trace_headers = outgoing_headers()
         if trace_headers:
@@ -450,7 +457,17 @@ class AgentRef:
         return self._origin if self._origin is not None else running_cell()
 
     def _resolve(self, deadline: float) -> Any:
-        """Return the agent's actor handle, waiting while a recreation is under way."""
+        """Return the agent's actor handle, waiting while a recreation is under way.
+
+        Raises:
+            ClusterUnavailable: this process is not connected to Ray, as after
+                `arbor.shutdown`. Ray would otherwise start a new local cluster.
+        """
+        if not ray.is_initialized():
+            raise ClusterUnavailable(
+                f"Arbor is not connected, so agent {self._name!r} cannot be reached; call "
+                "arbor.init() first"
+            )
         if self._handle is not None:
             return self._handle
         while True:
@@ -623,8 +640,15 @@ def _moved(reply: Any) -> bool:
 
 
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise InvalidArguments(f"timeout={timeout!r} is invalid; pass a number of seconds > 0")
+    if timeout is None:
+        return
+    # A bool is an int to Python, and infinity would overflow Ray's wait.
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not number or not 0 < timeout < math.inf:
+        raise InvalidArguments(
+            f"timeout={timeout!r} is invalid; pass a finite number of seconds > 0, or None "
+            "for ARBOR_ASK_TIMEOUT_S"
+        )
 
 
 def _default_timeout() -> float:
