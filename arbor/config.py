@@ -155,9 +155,17 @@ class Settings(BaseSettings):
     warm_pool_size: int = Field(
         default=0,
         ge=0,
-        description="Started, empty actors kept ready per agent class after its first spawn, "
-        "so that a spawn without placement options claims one instead of waiting for a new "
-        "Ray worker process. Each holds an idle process of about 100 MB.",
+        description="Started, empty actors kept ready per agent class and per node with "
+        "CPUs after the class's first spawn, so that a spawn without placement options "
+        "claims one instead of waiting for a new Ray worker process. Each holds an idle "
+        "process of about 100 MB. 0 turns the pool off.",
+    )
+    warm_pool_max: int = Field(
+        default=8,
+        ge=0,
+        description="Most warm actors per agent class and node: the pool grows past "
+        "ARBOR_WARM_POOL_SIZE to the number of the class's spawns in the last 10 s "
+        "(divided among the nodes), up to this, and shrinks back when spawns slow down.",
     )
     default_placement: Literal["dedicated", "hosted"] = Field(
         default="dedicated",

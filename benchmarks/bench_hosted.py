@@ -124,7 +124,10 @@ def main() -> None:
 
     lean = ", without metrics and capability checks" if args.lean else ""
     common.print_header(f"Hosted placement, {args.store} store{lean}")
-    os.environ.update({"ARBOR_WARM_POOL_SIZE": "2", "ARBOR_HOSTS_PER_NODE": "2"})
+    # A pool of a fixed size, so that no refill beyond two actors runs during the timings.
+    os.environ.update(
+        {"ARBOR_WARM_POOL_SIZE": "2", "ARBOR_WARM_POOL_MAX": "2", "ARBOR_HOSTS_PER_NODE": "2"}
+    )
     if args.lean:
         os.environ.update({"ARBOR_METRICS": "false", "ARBOR_ENFORCE_CAPABILITIES": "false"})
     reset_settings()

@@ -72,6 +72,7 @@ def main() -> None:
     rows: list[list[object]] = []
     for phase, pool in (("cold", 0), ("warm", args.pool)):
         os.environ["ARBOR_WARM_POOL_SIZE"] = str(pool)
+        os.environ["ARBOR_WARM_POOL_MAX"] = str(pool)
         reset_settings()
         with common.temporary_database(args.store, args.pg_admin_url) as database_url:
             common.start_arbor(database_url, args)

@@ -30,12 +30,15 @@ POOL_SIZE = 2
 @pytest.fixture(scope="module", autouse=True)
 def cluster(module_pg_url: str) -> Iterator[str]:
     os.environ["ARBOR_WARM_POOL_SIZE"] = str(POOL_SIZE)
+    # A fixed size: growth with the spawn rate is tested in test_warm_nodes.py.
+    os.environ["ARBOR_WARM_POOL_MAX"] = str(POOL_SIZE)
     os.environ["ARBOR_NAMESPACE_MAX_AGENTS"] = json.dumps({"capped": 2})
     reset_settings()
     arbor.init(database_url=module_pg_url, num_cpus=2, object_store_memory=100 * 1024**2)
     yield module_pg_url
     arbor.shutdown()
     del os.environ["ARBOR_WARM_POOL_SIZE"]
+    del os.environ["ARBOR_WARM_POOL_MAX"]
     del os.environ["ARBOR_NAMESPACE_MAX_AGENTS"]
     reset_settings()
 

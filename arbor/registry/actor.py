@@ -10,7 +10,6 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
 from typing import Any
 
 import ray
@@ -39,7 +38,7 @@ from arbor.persistence import (
     CheckpointInfo,
     open_store,
 )
-from arbor.registry.hosts import HostPool
+from arbor.registry.hosts import HostPool, cpu_nodes
 from arbor.registry.info import AgentInfo, actor_name, placement_of
 from arbor.registry.reminder_spec import ReminderInfo, ReminderRequest
 from arbor.registry.reminders import ReminderService
@@ -48,7 +47,6 @@ from arbor.registry.spec import (
     ARBOR_ONLY_KEYS,
     PLACEMENT_KEYS,
     RAY_ACTOR_KEYS,
-    WARM_LEND_S,
     SpawnSpec,
     is_hosted,
     ray_actor_options,
@@ -57,6 +55,7 @@ from arbor.registry.spec import (
     start_error,
 )
 from arbor.registry.topics import TopicService
+from arbor.registry.warm import WarmActor, WarmPool
 from arbor.runtime import kv, telemetry
 from arbor.runtime.actor import (
     MOVED_PREFIX,
@@ -113,11 +112,9 @@ class Registry:
         )
         self._reconcile_lock = asyncio.Lock()
         self._passes = 0
-        # Ready warm actors per agent type path, oldest first, as (Ray name, handle).
-        self._warm: dict[str, deque[tuple[str, Any]]] = {}
-        # Warm actors lent to clients that claim them directly, by Ray name, as
-        # (type path, handle, time lent on the monotonic clock).
-        self._lent: dict[str, tuple[str, Any, float]] = {}
+        self._warm = WarmPool(self._settings)
+        # The agent class of each type path the pool has started actors for.
+        self._warm_classes: dict[str, type[Any]] = {}
         self._refilling: set[str] = set()
         self._hosts = HostPool(self._settings, self._store)
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
@@ -198,9 +195,9 @@ class Registry:
         of ``spec``, if its first commit stored one, is deleted. Either way the pool
         refills. Returns the next lent warm actor of the type, as `_lend_warm` does.
         """
-        entry = self._lent.pop(actor, None)
+        lent = self._warm.end_loan(actor)
         if info is None:
-            handle = entry[1] if entry is not None else None
+            handle = lent.handle if lent is not None else None
             if handle is None:
                 with contextlib.suppress(ValueError):
                     handle = ray.get_actor(actor, namespace=NAMESPACE)
@@ -217,6 +214,7 @@ class Registry:
             metrics.record_spawn, _type_name(spec.type_path), info.node_id or "unknown"
         )
         _publish_mailbox_limit(spec.name, spec.options)
+        self._warm.note_spawn(spec.type_path)
         self._refill_later(spec)
         return self._lend_warm(spec.type_path)
 
@@ -229,32 +227,20 @@ class Registry:
         cap on agents covers every namespace, since only the registry counts them, or
         when spawns default to hosted placement.
         """
-        self._reclaim_lent()
-        ready = self._warm.get(type_path)
         settings = self._settings
-        if not ready or settings.max_agents != 0 or settings.default_placement == "hosted":
+        if settings.max_agents != 0 or settings.default_placement == "hosted":
             return None
-        name, handle = ready.popleft()
-        self._lent[name] = (type_path, handle, time.monotonic())
+        actor = self._warm.lend(type_path)
+        if actor is None:
+            return None
         return {
-            "actor": name,
-            "handle": handle,
+            "actor": actor.name,
+            "handle": actor.handle,
             "durability": settings.durability,
             "capped": sorted(
                 namespace for namespace, cap in settings.namespace_max_agents.items() if cap
             ),
         }
-
-    def _reclaim_lent(self) -> None:
-        """Put warm actors lent longer than WARM_LEND_S back in the pool."""
-        now = time.monotonic()
-        for name, (type_path, handle, lent_at) in list(self._lent.items()):
-            if now - lent_at > WARM_LEND_S:
-                del self._lent[name]
-                self._warm.setdefault(type_path, deque()).appendleft((name, handle))
-
-    def _lent_count(self, type_path: str) -> int:
-        return sum(1 for lent_type, _, _ in self._lent.values() if lent_type == type_path)
 
     async def _spawn(self, spec: SpawnSpec) -> tuple[AgentInfo, Any]:
         if (
@@ -274,7 +260,7 @@ class Registry:
         granted = False
         try:
             slot = self._take_warm(spec)
-            options = spec.options if slot is None else {**spec.options, "actor": slot[0]}
+            options = spec.options if slot is None else {**spec.options, "actor": slot.name}
             if is_hosted(spec.options):
                 options = {**spec.options, "host": await self._hosts.choose()}
             record = AgentRecord(
@@ -290,11 +276,11 @@ class Registry:
                 # capabilities commits its record first, since the grants need it.
                 report = await self._start_first_in_live_host(spec, record, slot)
                 if report is not None:
-                    return await self._spawned(spec, report), None if slot is None else slot[1]
+                    return await self._spawned(spec, report), None if slot is None else slot.handle
                 # An agent of this name exists: the steps below finish a retried spawn
                 # or raise NameTaken.
                 if slot is not None:
-                    self._warm[spec.type_path].appendleft(slot)
+                    self._warm.put_back(spec.type_path, slot)
                     slot = None
                     record.options = spec.options
             try:
@@ -305,11 +291,11 @@ class Registry:
                     stored = await asyncio.to_thread(self._create_agent, spec, record)
             except BaseException:
                 if slot is not None:
-                    self._warm[spec.type_path].appendleft(slot)
+                    self._warm.put_back(spec.type_path, slot)
                 raise
-            if slot is not None and stored.options.get("actor") != slot[0]:
+            if slot is not None and stored.options.get("actor") != slot.name:
                 # A retried spawn whose first attempt is recorded; finish that one instead.
-                self._warm[spec.type_path].appendleft(slot)
+                self._warm.put_back(spec.type_path, slot)
                 slot = None
             _publish_mailbox_limit(spec.name, spec.options)
             try:
@@ -320,7 +306,7 @@ class Registry:
                 await asyncio.to_thread(self._security.revoke_principal, spec.name)
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
                 if slot is not None:
-                    self._warm[spec.type_path].appendleft(slot)
+                    self._warm.put_back(spec.type_path, slot)
                 raise
             if stored.options.get("host"):
                 report = await self._activate_hosted(spec, stored)
@@ -407,7 +393,7 @@ class Registry:
         return stored
 
     async def _start_first_in_live_host(
-        self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
+        self, spec: SpawnSpec, record: AgentRecord, slot: WarmActor | None
     ) -> dict[str, Any] | None:
         """Run `_start_first`, and once more in another host if the chosen one is gone.
 
@@ -433,7 +419,7 @@ class Registry:
             ) from None
 
     async def _start_first(
-        self, spec: SpawnSpec, record: AgentRecord, slot: tuple[str, Any] | None
+        self, spec: SpawnSpec, record: AgentRecord, slot: WarmActor | None
     ) -> dict[str, Any] | None:
         """Start the agent in its host or warm actor, whose first commit stores its record.
 
@@ -461,7 +447,7 @@ class Registry:
             if slot is None:
                 self._hosts.forget_agent(record.options["host"])
             else:
-                self._warm[spec.type_path].appendleft(slot)
+                self._warm.put_back(spec.type_path, slot)
             raise
         if report.get("taken"):
             if slot is None:
@@ -539,7 +525,7 @@ class Registry:
         self,
         spec: SpawnSpec,
         record: AgentRecord,
-        slot: tuple[str, Any] | None,
+        slot: WarmActor | None,
         audit: AuditEntry | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """Start the agent inside the warm actor its record names.
@@ -550,7 +536,7 @@ class Registry:
             The warm actor's handle and the reply of its `claim`.
         """
         name = actor_name(record)
-        handle = slot[1] if slot is not None else ray.get_actor(name, namespace=NAMESPACE)
+        handle = slot.handle if slot is not None else ray.get_actor(name, namespace=NAMESPACE)
         durability = spec.options.get("durability", self._settings.durability)
         try:
             report = await asyncio.wait_for(
@@ -612,15 +598,14 @@ class Registry:
             raise start_error(spec.name, error, f"host {host}", self._settings) from None
         return report
 
-    def _take_warm(self, spec: SpawnSpec) -> tuple[str, Any] | None:
+    def _take_warm(self, spec: SpawnSpec) -> WarmActor | None:
         """Return a ready warm actor for ``spec``, or None when it needs a cold start."""
         if is_hosted(spec.options):
             return None
         if any(key not in ARBOR_ONLY_KEYS for key in spec.options if key in PLACEMENT_KEYS):
             return None
-        self._reclaim_lent()
-        ready = self._warm.get(spec.type_path)
-        return ready.popleft() if ready else None
+        self._warm.note_spawn(spec.type_path)
+        return self._warm.take(spec.type_path)
 
     def _refill_later(self, spec: SpawnSpec) -> None:
         size = self._settings.warm_pool_size
@@ -632,26 +617,48 @@ class Registry:
         asyncio.get_running_loop().create_task(self._refill(spec.type_path, spec.agent_class))
 
     async def _refill(self, type_path: str, agent_class: type[Any]) -> None:
-        """Start warm actors one at a time until ``warm_pool_size`` of them are ready."""
-        ready = self._warm.setdefault(type_path, deque())
+        """Start warm actors one at a time until each node with CPUs has its share."""
+        self._warm_classes[type_path] = agent_class
+        self._warm.register(type_path)
         try:
             await asyncio.sleep(_REFILL_DELAY_S)
-            while len(ready) + self._lent_count(type_path) < self._settings.warm_pool_size:
+            while True:
+                missing = self._warm.missing(type_path, await asyncio.to_thread(cpu_nodes))
+                if not missing:
+                    return
                 name = f"{WARM_PREFIX}{uuid.uuid4().hex[:16]}"
-                handle = create_warm_actor(name, agent_class, self._settings)
+                handle = create_warm_actor(name, agent_class, self._settings, missing[0])
                 try:
                     await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
                 except Exception as error:
                     ray.kill(handle, no_restart=True)
                     logger.warning(
-                        "warm actor for %s did not start (%s); spawns of it start cold",
+                        "warm actor for %s did not start on node %s (%s); spawns of it start cold",
                         type_path,
+                        missing[0],
                         _one_line(error),
                     )
                     return
-                ready.append((name, handle))
+                self._warm.add(type_path, WarmActor(name, handle, missing[0]))
         finally:
             self._refilling.discard(type_path)
+
+    async def _resize_warm(self) -> None:
+        """Kill the ready warm actors past each pool's target or on a node that is gone.
+
+        Then refill the pools below their target, as after a node joined.
+        """
+        nodes = await asyncio.to_thread(cpu_nodes)
+        for type_path in self._warm.type_paths():
+            for actor in self._warm.surplus(type_path, nodes):
+                logger.info("removing warm actor %s of %s from the pool", actor.name, type_path)
+                with contextlib.suppress(Exception):
+                    ray.kill(actor.handle, no_restart=True)
+            agent_class = self._warm_classes.get(type_path)
+            refill = agent_class is not None and type_path not in self._refilling
+            if refill and self._warm.missing(type_path, nodes):
+                self._refilling.add(type_path)
+                asyncio.get_running_loop().create_task(self._refill(type_path, agent_class))
 
     async def set_reminder(
         self, agent: str, request: ReminderRequest, by: str | None = None
@@ -698,8 +705,11 @@ class Registry:
 
     async def warm_pool(self) -> dict[str, int]:
         """Return the number of ready warm actors per agent type, lent ones included."""
-        self._reclaim_lent()
-        return {path: len(ready) + self._lent_count(path) for path, ready in self._warm.items()}
+        return self._warm.counts()
+
+    async def warm_actors(self) -> list[dict[str, Any]]:
+        """Describe each ready or lent warm actor: type path, Ray name, node and whether lent."""
+        return self._warm.actors()
 
     async def locate(self, name: str) -> dict[str, str] | None:
         """Return the agent's status and Ray actor name, or None if no agent has the name.
@@ -917,6 +927,7 @@ class Registry:
             recreated += await self._hosts.reconcile(
                 [record for record in records if record.name not in self._inflight]
             )
+            await self._resize_warm()
             self._passes += 1
             self._report_gauges(records, alive_nodes)
             return recreated
@@ -954,7 +965,6 @@ class Registry:
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         self._warm.clear()
-        self._lent.clear()
         self._stood_down = True
 
     async def _needs_recreation(self, record: AgentRecord, alive_nodes: set[str]) -> str | None:

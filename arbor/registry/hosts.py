@@ -97,11 +97,7 @@ class HostPool:
         """
         async with self._lock:
             await self._discover()
-            nodes = [
-                node["NodeID"]
-                for node in ray.nodes()
-                if node["Alive"] and node.get("Resources", {}).get("CPU", 0) > 0
-            ]
+            nodes = cpu_nodes()
             per_node = self._settings.hosts_per_node
             wanted: list[str | None]
             if not self._hosts:
@@ -279,3 +275,12 @@ class HostPool:
         for handle in self._hosts.values():
             ray.kill(handle, no_restart=True)
         self._hosts.clear()
+
+
+def cpu_nodes() -> list[str]:
+    """Return the ids of the alive Ray nodes that have CPUs, where agents can run."""
+    return [
+        node["NodeID"]
+        for node in ray.nodes()
+        if node["Alive"] and node.get("Resources", {}).get("CPU", 0) > 0
+    ]

@@ -591,18 +591,27 @@ WARM_PREFIX = "arbor-warm-"
 MOVED_PREFIX = "arbor-moved-"
 
 
-def create_warm_actor(actor_name: str, agent_class: type[Agent], settings: Settings) -> Any:
+def create_warm_actor(
+    actor_name: str, agent_class: type[Agent], settings: Settings, node_id: str | None = None
+) -> Any:
     """Start an empty actor of ``agent_class``'s actor class, for a later spawn to claim.
 
     It has the options of a default spawn, so only spawns without placement options
     claim one. The Ray dashboard shows the agent class; the actor's Ray name is
-    ``actor_name`` rather than the agent's name.
+    ``actor_name`` rather than the agent's name. ``node_id`` is the node it should run
+    on, a soft preference: Ray places it elsewhere if that node is gone.
     """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     remote_class = actor_class_for(agent_class)
+    options: dict[str, Any] = {}
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
     return remote_class.options(
         name=actor_name,
         namespace=NAMESPACE,
         lifetime="detached",
         max_restarts=-1,
         max_task_retries=-1,
+        **options,
     ).remote(None, agent_class, settings.model_dump(), None, None, None)
