@@ -1,4 +1,4 @@
-"""Namespaces without a cluster: qualified names, URIs, pattern matching and narrowing."""
+"""Names and spawn requests without a cluster: qualified names, URIs, patterns, spawn errors."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from arbor.names import (
     qualify_principal,
     validate_namespace,
 )
-from arbor.registry.spec import validate_name
+from arbor.registry.spec import spawn_error, validate_name
 from arbor.registry.topic_spec import validate_topic
 from arbor.security import parse_pattern, parse_resource
 from arbor.security.blocks import CapabilityBlock, find_widening, resource_regex
@@ -255,3 +255,13 @@ def test_passivation_follows_default_placement(monkeypatch: pytest.MonkeyPatch) 
     finally:
         monkeypatch.undo()
         reset_settings()
+
+
+def test_spawn_error_drops_colour_codes() -> None:
+    text = "\x1b[36m(Bad pid=7)\x1b[0m Traceback:\n\x1b[1;31mValueError: boom in init\x1b[0m"
+
+    error = spawn_error("team-a:bad", RuntimeError(text))
+
+    assert "\x1b" not in str(error)
+    assert error.error_message == "ValueError: boom in init"
+    assert error.traceback == "(Bad pid=7) Traceback:\nValueError: boom in init"

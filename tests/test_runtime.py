@@ -309,6 +309,7 @@ def test_spread_placement_spawns() -> None:
         ("num_cpus", -1, "num_cpus=-1"),
         ("memory", "lots", "memory='lots'"),
         ("resources", {"gpu": "x"}, "resources="),
+        ("resources", {"GPU": 1}, "GPU cannot be a custom resource"),
         ("node_affinity", "hard", "needs node_id"),
         ("node_id", "abc", "56 hex digits"),
         ("durability", "maybe", "durability='maybe'"),

@@ -1179,9 +1179,13 @@ class Registry:
                 spec.init_kwargs,
                 spec.options.get("durability", self._settings.durability),
             )
-        except ValueError:
+        except ValueError as error:
             # A retried spawn after a registry restart: the first attempt's actor exists.
-            return ray.get_actor(spec.name, namespace=NAMESPACE)
+            # Any other ValueError is Ray's own complaint about the options, kept as is.
+            try:
+                return ray.get_actor(spec.name, namespace=NAMESPACE)
+            except ValueError:
+                raise error from None
 
     async def _wait_for_incarnation(self, name: str, handle: Any, newer_than: int) -> None:
         """Wait until an incarnation newer than ``newer_than`` replies to `info`.

@@ -187,6 +187,14 @@ def _check_options(options: dict[str, Any]) -> None:
         raise InvalidArguments(
             f"resources={resources!r} is invalid; pass a dict of name -> amount >= 0"
         )
+    named = sorted({"CPU", "GPU"} & set(resources or {}))
+    if named:
+        # Ray rejects these names in custom resources, so the spawn fails here and names
+        # the options to use instead.
+        raise InvalidArguments(
+            f"resources={resources!r} is invalid: {', '.join(named)} cannot be a custom "
+            "resource; pass num_cpus or num_gpus instead"
+        )
     runtime_env = options.get("runtime_env")
     if runtime_env is not None and not isinstance(runtime_env, dict):
         raise InvalidArguments(
@@ -316,7 +324,7 @@ def start_error(name: str, error: Exception, where: str, settings: Settings) -> 
             "__init__",
             f"{type(cause).__module__}.{type(cause).__qualname__}",
             str(cause),
-            str(error),
+            _plain(str(error)),
         )
     if isinstance(error, ArborError):
         return error
@@ -324,6 +332,15 @@ def start_error(name: str, error: Exception, where: str, settings: Settings) -> 
 
 
 def spawn_error(name: str, error: RayActorError) -> HandlerError:
-    text = str(error)
+    text = _plain(str(error))
     summary = text.strip().splitlines()[-1] if text.strip() else type(error).__name__
     return HandlerError(name, "__init__", type(error).__name__, summary, text)
+
+
+# Terminal colour codes, which Ray puts in the tracebacks of its task errors.
+_COLOUR_CODE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _plain(text: str) -> str:
+    """Return ``text`` without terminal colour codes, for messages that logs and people read."""
+    return _COLOUR_CODE.sub("", text)
