@@ -95,16 +95,26 @@ def test_pool_grows_with_spawns_and_shrinks(cluster: Cluster) -> None:
 def test_node_loss_drops_its_warm_actors(cluster: Cluster) -> None:
     wait_until(lambda: len(warm_actors()) == 2 * POOL_SIZE, 90, "a pool on both nodes")
     (worker,) = cluster.worker_nodes
+    lost = worker.node_id
     head = cluster.head_node.node_id
 
     kill_node(cluster, worker)
 
+    # The registry may have run on the lost node too. Its next incarnation starts with an
+    # empty pool, which the next spawn refills.
+    wait_until(
+        lambda: lost not in {actor["node_id"] for actor in warm_actors()},
+        90,
+        "the pool dropping the lost node's actors",
+    )
+    ref = arbor.spawn(Counter, "wn/after-loss", start=5)
+    assert ref.ask("add", 1) == 6
     wait_until(
         lambda: {actor["node_id"] for actor in warm_actors()} == {head},
         90,
-        "the pool keeping only the head node's actors",
+        "the pool refilling on the head node",
     )
-    ref = arbor.spawn(Counter, "wn/after-loss", start=5)
-    (info,) = [agent for agent in arbor.list_agents() if agent.name == "wn/after-loss"]
+    ref = arbor.spawn(Counter, "wn/warm-after-loss", start=7)
+    (info,) = [agent for agent in arbor.list_agents() if agent.name == "wn/warm-after-loss"]
     assert info.actor.startswith(WARM_PREFIX)
-    assert ref.ask("add", 1) == 6
+    assert ref.ask("add", 1) == 8
