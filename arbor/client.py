@@ -225,11 +225,11 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
     registry = _registry()
     timeout = get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S
     asked_at = time.monotonic()
+    lend = direct_spawn.wants_loan(spec)
     try:
         info: AgentInfo
         info, handle, lent = _call(
-            registry.spawn.remote(spec, with_handle=True, lend=direct_spawn.wants_loan(spec)),
-            timeout=timeout,
+            registry.spawn.remote(spec, with_handle=True, lend=lend), timeout=timeout
         )
     except RayTaskError as error:
         # The registry could not unpickle the request, almost always because the agent's
@@ -243,7 +243,11 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             f"({missing.strip()}); install its module on every node, or add its folder "
             "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
         ) from None
-    direct_spawn.keep(spec.type_path, registry, lent, asked_at)
+    if lent:
+        direct_spawn.keep(spec.type_path, registry, lent, asked_at)
+    elif lent is None and lend:
+        # No warm actor was ready to lend, so ask for the next one the pool starts.
+        direct_spawn.request(spec.type_path, registry)
     # A name spawned again starts a new message stream from this process, so the new
     # incarnation's host does not wait for the numbers sent to the old one.
     restart_sequence(name)

@@ -1,16 +1,17 @@
 """Spawns that claim a lent warm actor directly, without a call through the registry.
 
 A warm spawn through the registry makes four Ray calls: from the caller to the registry,
-from the registry to a warm actor, and both replies. So the registry's reply to a spawn
-lends the caller one ready warm actor of the same type. The caller's next spawn of that
-type claims the lent actor itself, with one call, and then reports the spawn to the
-registry, whose reply lends the next one. The registry must check or count some spawns
+from the registry to a warm actor, and both replies. So the registry lends the caller one
+ready warm actor of a type at a time. The caller's next spawn of that type claims the lent
+actor itself, with one call, and then reports the spawn to the registry. The request for
+the next loan goes out as the claim starts. The registry must check or count some spawns
 itself, so these go through it: spawns with capabilities, from inside an agent, with Ray
 placement options or ``max_pending``, and into a namespace with a cap on agents.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -51,11 +52,13 @@ class _Loan:
     requested_at: float
 
 
+# Seconds a spawn waits for a reply that may lend it a warm actor.
+_REPLY_WAIT_S = 0.05
+
 _lock = threading.Lock()
 # Lent warm actors by agent type path.
 _loans: dict[str, _Loan] = {}
-# By agent type path, a `claimed_directly` reply that may lend the next warm actor, as
-# (registry handle, reply, time sent).
+# By agent type path, the future of a `lend` reply, as (registry handle, future, time sent).
 _replies: dict[str, tuple[Any, Any, float]] = {}
 
 
@@ -71,8 +74,23 @@ def keep(type_path: str, registry: Any, lent: dict[str, Any] | None, requested_a
         registry,
         requested_at,
     )
+    _give_back(type_path, loan)
+
+
+def request(type_path: str, registry: Any) -> None:
+    """Ask ``registry`` for a loan of a ``type_path`` actor, without waiting for the reply.
+
+    The registry replies once an actor is ready, as after a refill, and the next spawn
+    of the type uses the loan if the reply is there by then. Nothing is asked while a
+    loan or a request for one is held, because each request takes an actor.
+    """
     with _lock:
-        _loans[type_path] = loan
+        if type_path in _loans or type_path in _replies:
+            return
+        # A future of the reply, which Ray completes as the reply arrives, so that taking
+        # a loan from it later costs no call into Ray.
+        reply = registry.lend.remote(type_path).future()
+        _replies[type_path] = (registry, reply, time.monotonic())
 
 
 def wants_loan(spec: SpawnSpec) -> bool:
@@ -110,6 +128,8 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
     if namespace_of(spec.name) in loan.capped:
         _give_back(spec.type_path, loan)
         return None
+    # The next loan is on its way while this claim runs, for a spawn right after this one.
+    request(spec.type_path, loan.registry)
     record = AgentRecord(
         name=spec.name,
         type_path=spec.type_path,
@@ -148,9 +168,7 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
     if report.get("runs") is not None:
         return None
     info = AgentInfo.from_record(report["record"])
-    reply = loan.registry.claimed_directly.remote(spec, loan.actor, info)
-    with _lock:
-        _replies[spec.type_path] = (loan.registry, reply, time.monotonic())
+    loan.registry.claimed_directly.remote(spec, loan.actor, info)
     return info, loan.handle
 
 
@@ -173,13 +191,14 @@ def _take(type_path: str) -> _Loan | None:
         pending = _replies.pop(type_path, None) if loan is None else None
     if pending is not None:
         registry, reply, requested_at = pending
-        done, _ = ray.wait([reply], timeout=0)
-        if not done:
+        try:
+            # A reply on its way takes a few milliseconds, less than a spawn through the
+            # registry. One that takes longer waits for a refill: no actor is ready.
+            lent = reply.result(timeout=_REPLY_WAIT_S)
+        except concurrent.futures.TimeoutError:
             with _lock:
                 _replies.setdefault(type_path, pending)
             return None
-        try:
-            lent = ray.get(reply)
         except RayError as error:
             # The registry restarted or failed. Its reply to the next spawn lends again.
             logger.warning("the registry's report of a spawn of %s failed: %s", type_path, error)
@@ -187,15 +206,23 @@ def _take(type_path: str) -> _Loan | None:
         keep(type_path, registry, lent, requested_at)
         with _lock:
             loan = _loans.pop(type_path, None)
-    if loan is None or time.monotonic() - loan.requested_at > WARM_LEND_USE_S:
-        # The registry may give an actor lent that long ago to another spawn.
+    if loan is None:
+        return None
+    if time.monotonic() - loan.requested_at > WARM_LEND_USE_S:
+        # The registry may give an actor lent that long ago to another spawn, so this
+        # one goes back unused.
+        loan.registry.return_loan.remote(loan.actor)
         return None
     return loan
 
 
 def _give_back(type_path: str, loan: _Loan) -> None:
+    """Keep ``loan`` for the next spawn, or return it when a loan is kept already."""
     with _lock:
-        _loans.setdefault(type_path, loan)
+        kept = _loans.setdefault(type_path, loan)
+    if kept is not loan:
+        # One loan per type is enough, and the pool's other actors serve other callers.
+        loan.registry.return_loan.remote(loan.actor)
 
 
 def _failed(spec: SpawnSpec, loan: _Loan) -> None:

@@ -47,6 +47,7 @@ from arbor.registry.spec import (
     ARBOR_ONLY_KEYS,
     PLACEMENT_KEYS,
     RAY_ACTOR_KEYS,
+    WARM_LEND_WAIT_S,
     SpawnSpec,
     is_hosted,
     ray_actor_options,
@@ -167,15 +168,16 @@ class Registry:
 
     async def spawn(
         self, spec: SpawnSpec, with_handle: bool = False, lend: bool = False
-    ) -> AgentInfo | tuple[AgentInfo, Any, dict[str, Any] | None]:
+    ) -> AgentInfo | tuple[AgentInfo, Any, dict[str, Any] | bool | None]:
         """Reserve the name, create the agent's actor and wait until it has restored.
 
         A retried request with the same ``spawn_id`` finishes the first one instead of
         failing with `NameTaken`. With ``with_handle`` the result is ``(info, handle,
         lent)``. ``handle`` is the warm actor that now runs the agent, or None, and saves
-        the caller a lookup of that actor by its Ray name. ``lent`` is None, or with
-        ``lend`` a warm actor of the same type lent to the caller for its next spawn (see
-        `_lend_warm`).
+        the caller a lookup of that actor by its Ray name. With ``lend``, ``lent`` is a
+        warm actor of the same type lent to the caller for its next spawn (see
+        `_lend_warm`), None when none was ready, or False when this registry lends none.
+        Without ``lend`` it is None.
         """
         self._require_lease()
         with telemetry.span(
@@ -184,16 +186,16 @@ class Registry:
             info, handle = await self._spawn(spec)
         if not with_handle:
             return info
-        return info, handle, self._lend_warm(spec.type_path) if lend else None
+        if not lend:
+            return info, handle, None
+        return info, handle, self._lend_warm(spec.type_path) if self._lends() else False
 
-    async def claimed_directly(
-        self, spec: SpawnSpec, actor: str, info: AgentInfo | None
-    ) -> dict[str, Any] | None:
+    async def claimed_directly(self, spec: SpawnSpec, actor: str, info: AgentInfo | None) -> None:
         """Record a spawn that a client made in the lent warm actor ``actor``.
 
         ``info`` is None when the claim failed: the actor is then killed, and the record
         of ``spec``, if its first commit stored one, is deleted. Either way the pool
-        refills. Returns the next lent warm actor of the type, as `_lend_warm` does.
+        refills.
         """
         lent = self._warm.end_loan(actor)
         if info is None:
@@ -205,7 +207,7 @@ class Registry:
                 ray.kill(handle, no_restart=True)
             await asyncio.to_thread(self._delete_spawned, spec)
             self._refill_later(spec)
-            return None
+            return
         logger.info(
             "spawned agent %s of type %s in lent warm actor %s", spec.name, spec.type_path, actor
         )
@@ -216,7 +218,32 @@ class Registry:
         _publish_mailbox_limit(spec.name, spec.options)
         self._warm.note_spawn(spec.type_path)
         self._refill_later(spec)
-        return self._lend_warm(spec.type_path)
+
+    async def return_loan(self, actor: str) -> None:
+        """Take back the lent warm actor ``actor``, which its borrower does not need."""
+        self._warm.return_loan(actor)
+
+    async def lend(self, type_path: str) -> dict[str, Any] | None:
+        """Lend a warm actor of ``type_path`` to the caller, as `_lend_warm` does.
+
+        When none is ready, this waits up to WARM_LEND_WAIT_S for the refill. The caller
+        does not wait for the reply: its next spawn uses the loan if the reply is there.
+        """
+        deadline = time.monotonic() + WARM_LEND_WAIT_S
+        while True:
+            lent = self._lend_warm(type_path)
+            if lent is not None or not self._lends() or time.monotonic() > deadline:
+                return lent
+            await asyncio.sleep(0.05)
+
+    def _lends(self) -> bool:
+        """Return whether this registry lends warm actors at all; see `_lend_warm`."""
+        settings = self._settings
+        return (
+            settings.warm_pool_size > 0
+            and settings.max_agents == 0
+            and settings.default_placement != "hosted"
+        )
 
     def _lend_warm(self, type_path: str) -> dict[str, Any] | None:
         """Lend a ready warm actor of ``type_path`` to the caller, or return None.
@@ -227,8 +254,7 @@ class Registry:
         cap on agents covers every namespace, since only the registry counts them, or
         when spawns default to hosted placement.
         """
-        settings = self._settings
-        if settings.max_agents != 0 or settings.default_placement == "hosted":
+        if not self._lends():
             return None
         actor = self._warm.lend(type_path)
         if actor is None:
@@ -236,9 +262,9 @@ class Registry:
         return {
             "actor": actor.name,
             "handle": actor.handle,
-            "durability": settings.durability,
+            "durability": self._settings.durability,
             "capped": sorted(
-                namespace for namespace, cap in settings.namespace_max_agents.items() if cap
+                namespace for namespace, cap in self._settings.namespace_max_agents.items() if cap
             ),
         }
 

@@ -60,6 +60,8 @@ PLACEMENTS = ("dedicated", "hosted")
 # lent actor only within WARM_LEND_USE_S of its request, so the two never overlap.
 WARM_LEND_S = 30.0
 WARM_LEND_USE_S = 10.0
+# Seconds a request for a loan waits for a ready warm actor, as while the pool refills.
+WARM_LEND_WAIT_S = 5.0
 
 
 @dataclass

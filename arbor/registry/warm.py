@@ -70,6 +70,12 @@ class WarmPool:
         entry = self._lent.pop(name, None)
         return entry[1] if entry is not None else None
 
+    def return_loan(self, name: str) -> None:
+        """Put the lent actor ``name``, which its borrower does not need, back first in line."""
+        entry = self._lent.pop(name, None)
+        if entry is not None:
+            self.put_back(entry[0], entry[1])
+
     def count(self, type_path: str) -> int:
         """Return the number of ready and lent actors of ``type_path``."""
         self._reclaim()
