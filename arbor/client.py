@@ -224,7 +224,7 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
         return AgentRef(name, handle=claimed[1])
     registry = _registry()
     timeout = get_settings().spawn_timeout_s + _REGISTRY_TIMEOUT_S
-    asked_at = time.monotonic()
+    requested_at = time.monotonic()
     lend = direct_spawn.wants_loan(spec)
     try:
         info: AgentInfo
@@ -244,7 +244,7 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
         ) from None
     if lent:
-        direct_spawn.keep(spec.type_path, registry, lent, asked_at)
+        direct_spawn.keep(spec.type_path, registry, lent, requested_at)
     elif lent is None and lend:
         # No warm actor was ready to lend, so ask for the next one the pool starts.
         direct_spawn.request(spec.type_path, registry)

@@ -173,7 +173,7 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
 
 
 def _direct(spec: SpawnSpec) -> bool:
-    """Return whether ``spec`` may skip the registry; see the module's description."""
+    """Return whether ``spec`` may skip the registry, by the rules in the module's description."""
     options = spec.options
     return (
         spec.spawner is None
@@ -201,7 +201,9 @@ def _take(type_path: str) -> _Loan | None:
             return None
         except RayError as error:
             # The registry restarted or failed. Its reply to the next spawn lends again.
-            logger.warning("the registry's report of a spawn of %s failed: %s", type_path, error)
+            logger.warning(
+                "the registry's reply to a loan request for %s failed: %s", type_path, error
+            )
             return None
         keep(type_path, registry, lent, requested_at)
         with _lock:
@@ -217,10 +219,10 @@ def _take(type_path: str) -> _Loan | None:
 
 
 def _give_back(type_path: str, loan: _Loan) -> None:
-    """Keep ``loan`` for the next spawn, or return it when a loan is kept already."""
+    """Keep ``loan`` for the next spawn, or return it to the registry when one is held."""
     with _lock:
-        kept = _loans.setdefault(type_path, loan)
-    if kept is not loan:
+        held = _loans.setdefault(type_path, loan)
+    if held is not loan:
         # One loan per type is enough, and the pool's other actors serve other callers.
         loan.registry.return_loan.remote(loan.actor)
 

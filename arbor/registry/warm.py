@@ -101,7 +101,7 @@ class WarmPool:
         return described
 
     def clear(self) -> list[WarmActor]:
-        """Forget every actor; returns them, for the registry to kill."""
+        """Forget every actor and return them."""
         every = [actor for ready in self._ready.values() for actor in ready]
         every += [actor for _, actor, _ in self._lent.values()]
         self._ready.clear()
@@ -158,6 +158,7 @@ class WarmPool:
         return removed
 
     def type_paths(self) -> list[str]:
+        """Return the type paths the pool has an account of."""
         return list(self._ready)
 
     def _per_node(self, type_path: str) -> dict[str | None, int]:
