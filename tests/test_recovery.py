@@ -13,9 +13,10 @@ import pytest
 import ray
 
 import arbor
-from arbor.config import NAMESPACE, REGISTRY_NAME
+from arbor.config import NAMESPACE, REGISTRY_NAME, Settings
+from arbor.persistence import STOPPED, open_store
 from tests.agents import Counter, Relay
-from tests.conftest import PLACEMENTS, arbor_cluster
+from tests.conftest import PLACEMENTS, arbor_cluster, hosted
 
 ASKS = 150
 
@@ -146,6 +147,36 @@ def test_reconcile_pass_reports_recreated_agent() -> None:
         except ValueError:
             time.sleep(0.1)
     assert arbor.get("rec/reported").ask("get") == 1
+
+
+@pytest.mark.parametrize("purge", [False, True])
+def test_recreate_skips_stopped_agent(cluster: str, purge: bool) -> None:
+    """A reconciler pass reads every record, then recreates one agent at a time.
+
+    An agent stopped in between must not get an actor from the record that pass read:
+    that actor would find no state to start from, and a new spawn of the name would
+    find it. The stale record is handed to the registry's recreation step directly.
+    """
+    if hosted():
+        pytest.skip("the host, not this recreation step, starts hosted agents again")
+    name = f"rec/stale-{'purged' if purge else 'stopped'}"
+    arbor.spawn(Counter, name, start=3)
+    store = open_store(cluster, Settings(database_url=cluster), migrate=False)
+    stale = store.get_agent(name)
+    assert stale is not None and stale.checkpoint_version > 0
+    arbor.stop(name, purge=purge)
+
+    registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    assert ray.get(registry._recreate.remote(stale, alive)) is False
+    with pytest.raises(ValueError):
+        ray.get_actor(name, namespace=NAMESPACE)
+    if purge:
+        assert arbor.spawn(Counter, name, start=9).ask("get") == 9
+    else:
+        record = store.get_agent(name)
+        assert record is not None and record.status == STOPPED
+    store.close()
 
 
 def test_dropped_database_connections_are_retried(cluster: str) -> None:

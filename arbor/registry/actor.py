@@ -40,6 +40,7 @@ from arbor.persistence import (
 )
 from arbor.registry.hosts import HostPool, cpu_nodes
 from arbor.registry.info import AgentInfo, actor_name, placement_of
+from arbor.registry.locks import NameLocks
 from arbor.registry.reminder_spec import ReminderInfo, ReminderRequest
 from arbor.registry.reminders import ReminderService
 from arbor.registry.security import OPERATOR, CapabilityInfo, CapabilityService, GrantRequest
@@ -107,6 +108,8 @@ class Registry:
             self._store, self._settings, _signing_key(self._settings)
         )
         self._inflight: set[str] = set()
+        # Held by a stop and by the reconciler's recreation of the same agent.
+        self._names = NameLocks()
         # One lock per namespace around counting its agents and inserting a new one.
         self._quota_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
@@ -766,6 +769,10 @@ class Registry:
             await asyncio.to_thread(
                 self._security.guard.require, token, by, f"arbor://agent/stop/{name}"
             )
+        async with self._names.hold(name):
+            await self._stop(name, purge, by)
+
+    async def _stop(self, name: str, purge: bool, by: str | None) -> None:
         record = await asyncio.to_thread(self._store.get_agent, name)
         if record is None:
             raise AgentNotFound(name)
@@ -951,12 +958,16 @@ class Registry:
                 if needed and await self._recreate(record, alive_nodes, moving=needed == _MOVE):
                     recreated.append(record.name)
             recreated += await self._hosts.reconcile(
-                [record for record in records if record.name not in self._inflight]
+                [record for record in records if not self._changing(record.name)]
             )
             await self._resize_warm()
             self._passes += 1
             self._report_gauges(records, alive_nodes)
             return recreated
+
+    def _changing(self, name: str) -> bool:
+        """Return whether a spawn or a stop of agent ``name`` is under way."""
+        return name in self._inflight or self._names.busy(name)
 
     def _holds_lease(self) -> bool:
         return self._lease is None or self._lease.holder == self._cluster_id
@@ -999,7 +1010,7 @@ class Registry:
         `_MISSING`: Ray has no actor of that name. `_MOVE`: the actor is pinned with hard
         affinity to a node that is gone, so Ray can never schedule it again.
         """
-        if record.name in self._inflight or record.status not in (RUNNING, STARTING):
+        if record.status not in (RUNNING, STARTING) or self._changing(record.name):
             return None
         if record.status == STARTING and record.updated_at is not None:
             age = time.time() - record.updated_at.timestamp()
@@ -1037,6 +1048,27 @@ class Registry:
         self, record: AgentRecord, alive_nodes: set[str], moving: bool = False
     ) -> bool:
         """Create the agent's actor again from its checkpoint; returns whether it did.
+
+        The pass read ``record`` before it got here, so the agent is read again under its
+        name's lock: one stopped, purged or spawned anew since then is left alone.
+        """
+        if self._changing(record.name):
+            return False
+        async with self._names.hold(record.name):
+            current = await asyncio.to_thread(self._store.get_agent, record.name)
+            if (
+                current is None
+                or current.spawn_id != record.spawn_id
+                or current.status not in (RUNNING, STARTING)
+                or record.name in self._inflight
+            ):
+                return False
+            return await self._recreate_current(current, alive_nodes, moving)
+
+    async def _recreate_current(
+        self, record: AgentRecord, alive_nodes: set[str], moving: bool
+    ) -> bool:
+        """Create the actor of an agent whose record was just read.
 
         A moving agent (its hard-pinned node is gone) loses the pin and gets a fresh Ray
         actor name, since the old actor may keep its name after the failed node.
