@@ -559,7 +559,7 @@ def _agents(args: argparse.Namespace, console: Console) -> int:
         table.add_row(
             info.name,
             info.type,
-            info.status,
+            f"{info.status}, passivated" if info.passivated else info.status,
             (info.node_id or "-")[:12],
             str(info.incarnation),
             str(info.checkpoint_version),

@@ -539,6 +539,8 @@ def _agent_info(item: dict[str, Any]) -> AgentInfo:
         started_at=_time(item["started_at"]),
         checkpointed_at=_time(item["checkpointed_at"]),
         last_error=item["last_error"],
+        placement=item.get("placement", "dedicated"),
+        passivated=item.get("passivated", False),
     )
 
 

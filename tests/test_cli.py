@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -108,6 +109,8 @@ def test_up_agents_status_down(tmp_path: Path) -> None:
                 sys.executable,
                 "-c",
                 "import arbor; from tests.agents import Counter; arbor.init(address='auto'); "
+                "print(arbor.spawn(Counter, 'cli/idle', placement='hosted', "
+                "passivate_idle_s=0.2).ask('add', 1)); "
                 "print(arbor.spawn(Counter, 'cli/counter', start=4).ask('add', 1))",
             ],
             env={**os.environ, **env},
@@ -122,10 +125,15 @@ def test_up_agents_status_down(tmp_path: Path) -> None:
         assert "cli/counter" in agents.stdout
         assert "tests.agents:Counter" in agents.stdout
         assert "running" in agents.stdout
+        deadline = time.monotonic() + 30
+        while "passivated" not in agents.stdout and time.monotonic() < deadline:
+            time.sleep(0.5)
+            agents = run_arbor("agents", env=env)
+        assert "passivated" in agents.stdout, agents.stdout
 
         status = run_arbor("status", env=env)
         assert status.returncode == 0, status.stderr
-        assert "1 running" in status.stdout
+        assert "2 running" in status.stdout
         assert "lease:        held by this cluster" in status.stdout
 
         lease = run_arbor("lease", env=env)

@@ -170,11 +170,16 @@ def test_passivated_agent_keeps_state_and_comes_back() -> None:
     host = host_of("h/idle")
 
     wait_for(lambda: "h/idle" not in ray.get(host.active_agents.remote()), 10, "the passivation")
+    listed = next(info for info in arbor.list_agents() if info.name == "h/idle")
+    assert listed.status == "running"
+    assert listed.passivated
 
     # Reactivation restores the checkpoint; it is no recovery, so on_recover is not called.
     assert ref.ask("state") == {"count": 2, "recoveries": []}
     assert "h/idle" in ray.get(host.active_agents.remote())
     assert ref.info()["incarnation"] == 2
+    listed = next(info for info in arbor.list_agents() if info.name == "h/idle")
+    assert not listed.passivated
 
 
 def test_stop_of_passivated_agent(cluster: str) -> None:

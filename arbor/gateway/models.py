@@ -176,6 +176,7 @@ class AgentView(BaseModel):
     checkpointed_at: datetime | None
     last_error: str | None
     placement: str = "dedicated"
+    passivated: bool = False
 
     @classmethod
     def of(cls, info: AgentInfo) -> AgentView:
@@ -192,6 +193,7 @@ class AgentView(BaseModel):
             checkpointed_at=info.checkpointed_at,
             last_error=info.last_error,
             placement=info.placement,
+            passivated=info.passivated,
         )
 
 

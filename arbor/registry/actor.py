@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -925,7 +926,18 @@ class Registry:
         records = await asyncio.to_thread(
             self._store.list_agents, status, namespace, prefix=prefix, after=after, limit=limit
         )
-        return [AgentInfo.from_record(record) for record in records]
+        infos = [AgentInfo.from_record(record) for record in records]
+        passivated = await self._hosts.passivated(
+            [
+                (info.actor, info.name)
+                for info in infos
+                if info.placement == "hosted" and info.status == RUNNING
+            ]
+        )
+        return [
+            dataclasses.replace(info, passivated=True) if info.name in passivated else info
+            for info in infos
+        ]
 
     async def checkpoints(self, name: str) -> list[CheckpointInfo]:
         """Return the kept checkpoint versions of an agent, newest first."""

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from arbor.config import NAMESPACE, Settings
 from arbor.observability import metrics
@@ -23,6 +24,10 @@ _REBALANCE_SLACK = 0.2
 
 # The maximum number of agents one reconciler pass moves, so that a pass stays short.
 _REBALANCE_BATCH = 100
+
+# Seconds a listing waits for a host to name its passivated agents. A host that is
+# restarting replies late, and the listing then shows its agents as active.
+_PASSIVATED_TIMEOUT_S = 5.0
 
 
 class HostPool:
@@ -79,6 +84,36 @@ class HostPool:
             self._nodes.pop(name, None)
             return True
         return False
+
+    async def passivated(self, agents: list[tuple[str, str]]) -> set[str]:
+        """Return the names of the agents that their hosts have passivated.
+
+        Args:
+            agents: (host, agent name) pairs of running hosted agents.
+        """
+        by_host: dict[str, list[str]] = collections.defaultdict(list)
+        for host, name in agents:
+            by_host[host].append(name)
+
+        async def query_host(host: str, names: list[str]) -> list[str]:
+            try:
+                return await asyncio.wait_for(  # type: ignore[no-any-return]
+                    self.handle(host).passivated.remote(names), _PASSIVATED_TIMEOUT_S
+                )
+            except (ValueError, RayActorError, asyncio.TimeoutError) as error:
+                logger.warning(
+                    "host %s did not report which of its %d agents are passivated, so they "
+                    "are listed as active: %s",
+                    host,
+                    len(names),
+                    type(error).__name__,
+                )
+                return []
+
+        replies = await asyncio.gather(
+            *(query_host(host, names) for host, names in by_host.items())
+        )
+        return {name for reply in replies for name in reply}
 
     def forget_agent(self, host: str) -> None:
         """Count one agent less on ``host``, after a stop or a failed spawn."""

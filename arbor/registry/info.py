@@ -29,6 +29,9 @@ class AgentInfo:
             that claimed a warm actor that actor's ``arbor-warm-...`` name, and for a
             hosted agent its host's ``arbor-host-...`` name.
         placement: ``dedicated`` (a Ray actor of its own) or ``hosted``.
+        passivated: whether a hosted agent is out of its host's memory after
+            ``passivate_idle_s`` without messages. Its status stays ``running``, and its
+            next message starts it again from its checkpoint.
     """
 
     name: str
@@ -43,6 +46,7 @@ class AgentInfo:
     last_error: str | None
     actor: str = ""
     placement: str = "dedicated"
+    passivated: bool = False
 
     @property
     def namespace(self) -> str:

@@ -352,6 +352,18 @@ class HostActor:
         """Return the names of the agents whose objects are in this host's memory, sorted."""
         return sorted(name for name, slot in self._slots.items() if slot.cell is not None)
 
+    async def passivated(self, names: list[str]) -> list[str]:
+        """Return those of ``names`` that this host runs and has no object of in memory.
+
+        A passivated agent's slot goes once its mailbox is empty.
+        """
+        passivated = []
+        for name in names:
+            slot = self._slots.get(name)
+            if name in self._owned and (slot is None or slot.cell is None):
+                passivated.append(name)
+        return passivated
+
     async def ping(self) -> dict[str, Any]:
         """Return the host's process id, node and agent counts."""
         active = sum(1 for slot in self._slots.values() if slot.cell is not None)
