@@ -356,7 +356,12 @@ class Registry:
                     f"{error}; check the placement options {spec.options}"
                 ) from None
             try:
-                await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
+                # Without retries: an __init__ that raises ends the actor for good, and a
+                # retried call only makes Ray log "infinite retries remaining".
+                await asyncio.wait_for(
+                    handle.info.options(max_task_retries=0).remote(),
+                    self._settings.spawn_timeout_s,
+                )
             except RayActorError as error:
                 await asyncio.to_thread(self._store.delete_agent, spec.name)
                 # The new incarnation may have found that another cluster took the lease.
@@ -659,7 +664,10 @@ class Registry:
                 name = f"{WARM_PREFIX}{uuid.uuid4().hex[:16]}"
                 handle = create_warm_actor(name, agent_class, self._settings, missing[0])
                 try:
-                    await asyncio.wait_for(handle.info.remote(), self._settings.spawn_timeout_s)
+                    await asyncio.wait_for(
+                        handle.info.options(max_task_retries=0).remote(),
+                        self._settings.spawn_timeout_s,
+                    )
                 except Exception as error:
                     ray.kill(handle, no_restart=True)
                     logger.warning(
