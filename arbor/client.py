@@ -118,9 +118,16 @@ def init(
         try:
             ray.init(address=target, **options)
         except ConnectionError as error:
-            raise ClusterUnavailable(
-                f"no Ray cluster at {target!r}: {error}; start one with `arbor up`"
-            ) from error
+            hint = "start one with `arbor up`"
+            if os.environ.get("RAY_AUTH_MODE") != "token":
+                # Without the token setting, joining a cluster that requires it fails the
+                # same way as joining no cluster at all.
+                hint = (
+                    "if the cluster runs, it may require Ray's token authentication (the "
+                    "default for local clusters in Ray 2.60): set RAY_AUTH_MODE=token in this "
+                    f"process; otherwise {hint}"
+                )
+            raise ClusterUnavailable(f"no Ray cluster at {target!r}: {error}; {hint}") from error
     ensure_registry(settings)
 
 

@@ -194,6 +194,7 @@ class Settings(BaseSettings):
     passivate_idle_s: float = Field(
         default=0.0,
         ge=0,
+        allow_inf_nan=False,
         description="Seconds without messages after which a hosted agent is passivated: "
         "its state is checkpointed and its object dropped until the next message; 0 "
         "means never. The spawn option passivate_idle_s sets it per agent.",

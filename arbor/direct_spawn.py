@@ -6,7 +6,8 @@ ready warm actor of a type at a time. The caller's next spawn of that type claim
 actor itself, with one call, and then reports the spawn to the registry. The request for
 the next loan goes out as the claim starts. The registry must check or count some spawns
 itself, so these go through it: spawns with capabilities, from inside an agent, with Ray
-placement options or ``max_pending``, and into a namespace with a cap on agents.
+placement options, ``max_pending`` or ``passivate_idle_s``, and into a namespace with a
+cap on agents.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ def _direct(spec: SpawnSpec) -> bool:
         and not spec.capabilities
         and options.get("placement", "dedicated") == "dedicated"
         and "max_pending" not in options
+        and "passivate_idle_s" not in options
         and not any(key in RAY_ACTOR_KEYS for key in options)
     )
 

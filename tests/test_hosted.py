@@ -80,11 +80,30 @@ def test_hosted_agents_share_a_host_process() -> None:
         ({"passivate_idle_s": 5}, "hosted agents only"),
         ({"placement": "hosted", "passivate_idle_s": -1}, "passivate_idle_s=-1"),
         ({"placement": "hosted", "passivate_idle_s": "soon"}, "passivate_idle_s='soon'"),
+        ({"placement": "hosted", "passivate_idle_s": float("inf")}, "passivate_idle_s=inf"),
+        ({"placement": "hosted", "passivate_idle_s": float("nan")}, "passivate_idle_s=nan"),
+        ({"placement": "dedicated", "passivate_idle_s": 5}, "hosted agents only"),
     ],
 )
 def test_invalid_hosted_options_are_rejected(options: dict[str, Any], message: str) -> None:
     with pytest.raises(arbor.InvalidArguments, match=message):
         arbor.spawn(Counter, "h/bad-options", **options)
+    assert "h/bad-options" not in {info.name for info in arbor.list_agents()}
+
+
+def test_passivation_uses_cluster_placement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's ARBOR_DEFAULT_PLACEMENT decides, not the spawning process's."""
+    from arbor.config import reset_settings
+
+    monkeypatch.setenv("ARBOR_DEFAULT_PLACEMENT", "hosted")
+    reset_settings()
+    try:
+        with pytest.raises(arbor.InvalidArguments, match="ARBOR_DEFAULT_PLACEMENT is 'dedicated'"):
+            arbor.spawn(Counter, "h/driver-default", passivate_idle_s=5)
+    finally:
+        monkeypatch.undo()
+        reset_settings()
+    assert "h/driver-default" not in {info.name for info in arbor.list_agents()}
 
 
 def run_poisoned(poison: arbor.AgentRef, handler: str, mates: list[arbor.AgentRef]) -> None:

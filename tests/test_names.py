@@ -236,25 +236,29 @@ def test_namespace_caps_fall_back_to_max_agents() -> None:
     assert settings.agent_cap("team-c") == 5
 
 
-def test_passivation_follows_default_placement(monkeypatch: pytest.MonkeyPatch) -> None:
-    from arbor.config import reset_settings
-    from arbor.registry.spec import build_spawn_spec
-    from tests.agents import Counter
-
-    monkeypatch.setenv("ARBOR_DEFAULT_PLACEMENT", "hosted")
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_passivate_setting_rejects_value(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("ARBOR_PASSIVATE_IDLE_S", value)
     reset_settings()
     try:
-        spec = build_spawn_spec(Counter, "c1", (), {"passivate_idle_s": 5})
-        assert spec.options["passivate_idle_s"] == 5
-        with pytest.raises(InvalidArguments, match="hosted agents only"):
-            build_spawn_spec(Counter, "c2", (), {"passivate_idle_s": 5, "num_cpus": 1})
-        monkeypatch.setenv("ARBOR_DEFAULT_PLACEMENT", "dedicated")
-        reset_settings()
-        with pytest.raises(InvalidArguments, match="hosted agents only"):
-            build_spawn_spec(Counter, "c3", (), {"passivate_idle_s": 5})
+        with pytest.raises(ConfigError, match=f"ARBOR_PASSIVATE_IDLE_S='{value}'"):
+            get_settings()
     finally:
         monkeypatch.undo()
         reset_settings()
+
+
+def test_passivation_check_left_to_registry() -> None:
+    """Without placement, the registry's default placement decides, so the spec passes."""
+    from arbor.registry.spec import build_spawn_spec
+    from tests.agents import Counter
+
+    spec = build_spawn_spec(Counter, "c1", (), {"passivate_idle_s": 5})
+    assert spec.options["passivate_idle_s"] == 5
+    with pytest.raises(InvalidArguments, match="hosted agents only"):
+        build_spawn_spec(Counter, "c2", (), {"passivate_idle_s": 5, "num_cpus": 1})
+    with pytest.raises(InvalidArguments, match="hosted agents only"):
+        build_spawn_spec(Counter, "c3", (), {"passivate_idle_s": 5, "placement": "dedicated"})
 
 
 def test_spawn_error_drops_colour_codes() -> None:

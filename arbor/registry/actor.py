@@ -24,6 +24,7 @@ from arbor.errors import (
     ArborError,
     CheckpointNotFound,
     ClusterLeaseLost,
+    InvalidArguments,
     QuotaExceeded,
 )
 from arbor.names import namespace_of
@@ -279,6 +280,12 @@ class Registry:
             and not any(key in RAY_ACTOR_KEYS for key in spec.options)
         ):
             spec.options = {**spec.options, "placement": "hosted"}
+        if "passivate_idle_s" in spec.options and not is_hosted(spec.options):
+            raise InvalidArguments(
+                f"passivate_idle_s applies to hosted agents only, and this cluster's "
+                f"ARBOR_DEFAULT_PLACEMENT is {self._settings.default_placement!r}; add "
+                "placement='hosted' to the spawn"
+            )
         if spec.spawner is not None and self._settings.enforce_capabilities:
             await asyncio.to_thread(
                 self._security.guard.require,

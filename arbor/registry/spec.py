@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from arbor.agent import Agent, type_path
-from arbor.config import Settings, get_settings
+from arbor.config import Settings
 from arbor.errors import ArborError, HandlerError, InvalidAgentName, InvalidArguments
 from arbor.names import local_name, namespace_problem
 from arbor.persistence import ALLOWED, AuditEntry
@@ -246,15 +247,20 @@ def _check_hosted_options(options: dict[str, Any]) -> None:
         )
     idle = options.get("passivate_idle_s")
     if idle is not None:
-        if not isinstance(idle, int | float) or isinstance(idle, bool) or not idle >= 0:
+        if (
+            not isinstance(idle, int | float)
+            or isinstance(idle, bool)
+            or not math.isfinite(idle)
+            or idle < 0
+        ):
             raise InvalidArguments(
-                f"passivate_idle_s={idle!r} is invalid; pass seconds >= 0 (0 never passivates)"
+                f"passivate_idle_s={idle!r} is invalid; pass a finite number of seconds >= 0 "
+                "(0 never passivates)"
             )
-        effective = placement
-        if effective is None and not any(key in RAY_ACTOR_KEYS for key in options):
-            # The registry gives such a spawn ARBOR_DEFAULT_PLACEMENT.
-            effective = get_settings().default_placement
-        if effective != "hosted":
+        # Without placement or Ray options, the registry applies its own
+        # ARBOR_DEFAULT_PLACEMENT and checks there that the agent is hosted.
+        dedicated = placement == "dedicated" or any(key in RAY_ACTOR_KEYS for key in options)
+        if dedicated and placement != "hosted":
             raise InvalidArguments(
                 "passivate_idle_s applies to hosted agents only; add placement='hosted'"
             )

@@ -9,6 +9,7 @@ class keeps the account of them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -17,6 +18,8 @@ from typing import Any
 
 from arbor.config import Settings
 from arbor.registry.spec import WARM_LEND_S
+
+logger = logging.getLogger(__name__)
 
 # Seconds of recent spawns that size the pool.
 WINDOW_S = 10.0
@@ -37,6 +40,15 @@ class WarmPool:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        if settings.warm_pool_size > settings.warm_pool_max:
+            logger.warning(
+                "ARBOR_WARM_POOL_SIZE=%d is above ARBOR_WARM_POOL_MAX=%d, so the pool keeps %d "
+                "warm actors per agent class and node and does not grow; raise "
+                "ARBOR_WARM_POOL_MAX to let it grow with spawns",
+                settings.warm_pool_size,
+                settings.warm_pool_max,
+                settings.warm_pool_size,
+            )
         # Ready actors per type path, oldest first.
         self._ready: dict[str, deque[WarmActor]] = {}
         # Actors lent to clients, by Ray name, as (type path, actor, time lent).
