@@ -242,14 +242,23 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
         # The registry could not unpickle the request, almost always because the agent's
         # module is importable here but not in the cluster's worker processes.
         text = str(error)
-        if "No module named" not in text:
-            raise
-        missing = next(line for line in text.splitlines() if "No module named" in line)
-        raise AgentTypeNotImportable(
-            f"agent type {spec.type_path} cannot be imported in the Ray workers "
-            f"({missing.strip()}); install its module on every node, or add its folder "
-            "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
-        ) from None
+        lines = text.splitlines()
+        if "No module named" in text:
+            missing = next(line for line in lines if "No module named" in line)
+            raise AgentTypeNotImportable(
+                f"agent type {spec.type_path} cannot be imported in the Ray workers "
+                f"({missing.strip()}); install its module on every node, or add its folder "
+                "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
+            ) from None
+        if "Can't get attribute" in text:
+            missing = next(line for line in lines if "Can't get attribute" in line)
+            raise AgentTypeNotImportable(
+                f"agent type {spec.type_path} is not in the copy of its module that the "
+                f"registry imported ({missing.strip()}); a Ray worker process imports a "
+                "module once, so a class added or renamed since then needs a new cluster "
+                "(`arbor down`, then `arbor up`) or a module of its own"
+            ) from None
+        raise
     if lent:
         direct_spawn.keep(spec.type_path, registry, lent, requested_at)
     elif lent is None and lend:

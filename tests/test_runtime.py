@@ -119,6 +119,27 @@ def test_spawn_of_driver_only_module_is_named(
         arbor.get("rt/hidden")
 
 
+def test_spawn_of_class_added_after_import_is_named() -> None:
+    """A class added to a module after the registry imported it is reported by name."""
+    # Ray's workers find modules in the directory the driver started in.
+    path = Path.cwd() / "rt_grown_agents.py"
+    source = "import arbor\n\n\nclass First(arbor.Agent):\n    pass\n"
+    path.write_text(source, encoding="utf-8")
+    try:
+        module = importlib.import_module("rt_grown_agents")
+        arbor.spawn(module.First, "rt/grown-first")
+        path.write_text(source + "\n\nclass Second(arbor.Agent):\n    pass\n", encoding="utf-8")
+        module = importlib.reload(module)
+        with pytest.raises(arbor.AgentTypeNotImportable, match="'Second'.*a new cluster"):
+            arbor.spawn(module.Second, "rt/grown-second")
+    finally:
+        path.unlink()
+        for cached in (Path.cwd() / "__pycache__").glob("rt_grown_agents.*"):
+            cached.unlink()
+    with pytest.raises(arbor.AgentNotFound):
+        arbor.get("rt/grown-second")
+
+
 def test_spawn_with_broken_init_raises_and_frees_name() -> None:
     with pytest.raises(arbor.HandlerError, match="license key"):
         arbor.spawn(BrokenInit, "rt/broken")
