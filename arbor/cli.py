@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -90,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
 
     down = commands.add_parser(
         "down",
-        help="stop every Ray process on this machine (ray stop); agent state stays in the store",
+        help="stop the Ray cluster that the other commands join (ARBOR_RAY_ADDRESS, else the "
+        "latest local one), and no other; agent state stays in the store",
     )
     down.set_defaults(run=_down)
 
@@ -326,8 +328,17 @@ def time_bound(text: str) -> datetime:
 
 
 def _connect_existing() -> None:
+    from ray._private.utils import read_ray_address
+
+    from arbor.client import probe_address
+
     address = get_settings().ray_address
     try:
+        latest = read_ray_address()
+        if not address and latest:
+            # Ray's "auto" retries the latest `ray start` cluster for over 100 s when its
+            # processes were killed, so a closed port ends the attempt here.
+            probe_address(latest)
         arbor.init(address=address or "auto")
     except ClusterUnavailable:
         if address:
@@ -409,17 +420,62 @@ def _free_port() -> int:
 
 
 def _down(args: argparse.Namespace, console: Console) -> int:
-    ray_command = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    result = subprocess.run([ray_command, "stop"], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines()
-        raise ArborError(f"`ray stop` failed: {lines[-1] if lines else 'no output'}")
+    import ray
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import read_ray_address
+
+    try:
+        _connect_existing()
+    except ClusterUnavailable as error:
+        console.print(f"nothing to stop: {error}")
+        return 0
+    address = ray.get_runtime_context().gcs_address
+    # Each node's sockets live in its session directory, which appears in the command
+    # lines of that node's Ray processes. `ray stop` would stop every cluster here.
+    sessions = {
+        os.path.dirname(os.path.dirname(node["ObjectStoreSocketName"])) for node in ray.nodes()
+    }
+    arbor.shutdown()
+    stopped = _stop_processes(sessions, address)
+    if read_ray_address() == address:
+        # As `ray stop` does, so that the next "auto" address finds no stopped cluster.
+        reset_ray_address()
     console.print(
-        "stopped the local Ray cluster; agent state stays in "
+        f"stopped the Ray cluster at {address} ({stopped} processes); agent state stays in "
         f"{redact_url(absolute_database_url(get_settings().database_url))} and `arbor up` "
         "brings the agents back"
     )
     return 0
+
+
+def _stop_processes(sessions: set[str], address: str, grace_s: float = 10.0) -> int:
+    """End this machine's processes of the Ray cluster at ``address``; returns their number.
+
+    A process belongs to the cluster when its command line names one of its ``sessions``
+    directories or its address (the Ray client server), or when such a process started it
+    (workers and agents, which rename themselves ``ray::...``).
+    """
+    import psutil
+
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if process.pid != os.getpid() and (
+            any(session in command for session in sessions) or f"--address={address}" in command
+        ):
+            found[process.pid] = process
+    for process in list(found.values()):
+        with contextlib.suppress(psutil.Error):
+            for child in process.children(recursive=True):
+                found.setdefault(child.pid, child)
+    for process in found.values():
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(list(found.values()), timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return len(found)
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:

@@ -114,7 +114,7 @@ def init(
             options.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
             options.update(include_dashboard=settings.dashboard, dashboard_host="127.0.0.1")
             _warn_if_network_bound()
-        _probe(target)
+        probe_address(target)
         try:
             ray.init(address=target, **options)
         except ConnectionError as error:
@@ -563,7 +563,7 @@ def _tune_ray_retries() -> None:
     os.environ.setdefault("RAY_core_worker_internal_heartbeat_ms", RETRY_TIMER_MS)
 
 
-def _probe(address: str | None) -> None:
+def probe_address(address: str | None) -> None:
     """Fail fast on a ``host:port`` where no server listens, because ``ray.init`` waits minutes."""
     if address is None or "://" in address or ":" not in address:
         return

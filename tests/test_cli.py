@@ -146,3 +146,54 @@ def test_up_agents_status_down(tmp_path: Path) -> None:
         down = run_arbor("down", env=env)
     assert down.returncode == 0, down.stderr
     assert "agent state stays in" in down.stdout
+    assert "Ray address:  127.0.0.1:" in up.stdout
+    ray_port = int(up.stdout.split("Ray address:  127.0.0.1:")[1].split()[0])
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ray_port), timeout=5).close()
+
+
+def test_down_leaves_other_clusters_running(tmp_path: Path) -> None:
+    """`arbor down` stops the cluster it joins, not a private cluster of another process."""
+    import ray
+
+    env = {
+        "ARBOR_DATABASE_URL": f"sqlite:///{tmp_path}/arbor.db",
+        "RAY_ADDRESS": "",
+        "ARBOR_RAY_ADDRESS": "",
+    }
+    up = run_arbor(
+        "up", "--num-cpus", "1", "--no-gateway", "--dashboard-port", str(closed_port()), env=env
+    )
+    assert up.returncode == 0, up.stderr
+    address = up.stdout.split("Ray address:  ")[1].split()[0]
+    # Joining by address, not as the latest cluster, needs RAY_AUTH_MODE=token.
+    env.update(ARBOR_RAY_ADDRESS=address, RAY_AUTH_MODE="token")
+    try:
+        ray.init(
+            address="local",
+            num_cpus=1,
+            object_store_memory=100 * 1024**2,
+            include_dashboard=False,
+        )
+        down = run_arbor("down", env=env)
+        assert down.returncode == 0, down.stderr
+        assert f"stopped the Ray cluster at {address}" in down.stdout
+
+        @ray.remote
+        def still_running() -> int:
+            return 7
+
+        assert ray.get(still_running.remote(), timeout=60) == 7
+    finally:
+        ray.shutdown()
+        run_arbor("down", env=env)
+
+
+def test_down_without_cluster_stops_nothing(tmp_path: Path) -> None:
+    env = {
+        "ARBOR_DATABASE_URL": f"sqlite:///{tmp_path}/arbor.db",
+        "ARBOR_RAY_ADDRESS": f"127.0.0.1:{closed_port()}",
+    }
+    down = run_arbor("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert "nothing to stop" in down.stdout
