@@ -239,25 +239,14 @@ def spawn(agent_class: type[Agent], name: str, *args: Any, **kwargs: Any) -> Age
             registry.spawn.remote(spec, with_handle=True, lend=lend), timeout=timeout
         )
     except RayTaskError as error:
-        # The registry could not unpickle the request, almost always because the agent's
-        # module is importable here but not in the cluster's worker processes.
-        text = str(error)
-        lines = text.splitlines()
-        if "No module named" in text:
-            missing = next(line for line in lines if "No module named" in line)
-            raise AgentTypeNotImportable(
-                f"agent type {spec.type_path} cannot be imported in the Ray workers "
-                f"({missing.strip()}); install its module on every node, or add its folder "
-                "to PYTHONPATH before the cluster starts (for example before `arbor up`)"
-            ) from None
-        if "Can't get attribute" in text:
-            missing = next(line for line in lines if "Can't get attribute" in line)
-            raise AgentTypeNotImportable(
-                f"agent type {spec.type_path} is not in the copy of its module that the "
-                f"registry imported ({missing.strip()}); a Ray worker process imports a "
-                "module once, so a class added or renamed since then needs a new cluster "
-                "(`arbor down`, then `arbor up`) or a module of its own"
-            ) from None
+        # The registry could not unpickle the request: the agent's module is missing in
+        # the cluster's workers, or the registry imported it before the class existed.
+        for line in str(error).splitlines():
+            for marker, problem, fix in _UNPICKLE_PROBLEMS:
+                if marker in line:
+                    raise AgentTypeNotImportable(
+                        f"agent type {spec.type_path} {problem} ({line.strip()}); {fix}"
+                    ) from None
         raise
     if lent:
         direct_spawn.keep(spec.type_path, registry, lent, requested_at)
@@ -534,6 +523,23 @@ def _registry() -> Any:
         return ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
     except ValueError:
         return ensure_registry()
+
+
+# Messages of a failed unpickling in the registry, each with what it means and its fix.
+_UNPICKLE_PROBLEMS = (
+    (
+        "No module named",
+        "cannot be imported in the Ray workers",
+        "install its module on every node, or add its folder to PYTHONPATH before the "
+        "cluster starts (for example before `arbor up`)",
+    ),
+    (
+        "Can't get attribute",
+        "is not in the copy of its module that the registry imported",
+        "a Ray worker process imports a module once, so a class added or renamed since "
+        "then needs a new cluster (`arbor down`, then `arbor up`) or a module of its own",
+    ),
+)
 
 
 def _call(object_ref: Any, timeout: float) -> Any:
