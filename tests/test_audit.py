@@ -40,7 +40,11 @@ from arbor.persistence.audit import (
     MAX_TEXT_LENGTH,
     PREV_HASH_MISMATCH,
     SEQ_GAP,
+    hash_parts,
+    row_hash,
+    seal_row,
 )
+from arbor.persistence.base import STARTING, AgentRecord
 
 RETRY_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.05
@@ -134,6 +138,68 @@ def test_each_row_links_to_previous(store: CheckpointStore) -> None:
         assert row.prev_hash == previous.hash
     for row in appended:
         assert row.hash == expected_hash(row)
+
+
+# Texts that look like the keys the hash's document is split at, with quotes, backslashes
+# and characters outside ASCII.
+AWKWARD_TEXTS = [
+    ',"prev_hash":"',
+    ',"prev_hash":""',
+    ',"seq":0,',
+    '\\","seq":0,',
+    "caf\u00e9 \u2603 \U0001f600",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXTS)
+@pytest.mark.parametrize(("seq", "prev_hash"), [(1, GENESIS_HASH), (12345, "ab" * 32)])
+def test_hash_parts_rebuild_the_hashed_document(text: str, seq: int, prev_hash: str) -> None:
+    sealed = seal_row(
+        entry(
+            principal=f"agent:{text}",
+            resource=f"arbor://agent/spawn/{text}",
+            detail={text: text, "n": seq},
+            trace_id=text or None,
+        ),
+        seq,
+        prev_hash,
+    )
+
+    first, second, third = hash_parts(sealed)
+
+    document = first + prev_hash + second + str(seq) + third
+    assert hashlib.sha256(document.encode("ascii")).hexdigest() == row_hash(sealed)
+    assert row_hash(sealed) == expected_hash(sealed.to_entry())
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXTS[:5])
+def test_first_incarnation_extends_chain(store: CheckpointStore, text: str) -> None:
+    before = append_many(store, 2)
+    spawn = entry(
+        principal=f"operator {text}",
+        action="spawn",
+        resource=f"arbor://agent/spawn/{text}",
+        detail={"note": text},
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+    )
+    record = AgentRecord(name="alpha", type_path="m:C", status=STARTING, spawn_id="s-1")
+
+    assert store.create_first_incarnation(record, spawn, "node-a", None, "{}") is not None
+
+    rows = store.list_audit()
+    assert rows[:2] == before
+    (created,) = rows[2:]
+    assert (created.seq, created.prev_hash) == (3, before[-1].hash)
+    assert (created.principal, created.resource, created.detail) == (
+        spawn.principal,
+        spawn.resource,
+        spawn.detail,
+    )
+    assert created.hash == expected_hash(created)
+    assert store.verify_audit().ok
+    assert store.append_audit(entry()).prev_hash == created.hash
+    assert store.verify_audit().ok
 
 
 def test_append_assigns_time_and_ignores_given_seq(store: CheckpointStore) -> None:

@@ -158,6 +158,25 @@ def seal_row(entry: AuditEntry, seq: int, prev_hash: str, at: datetime | None = 
 
 def row_hash(row: AuditRow) -> str:
     """Return the SHA-256 hex digest of every field of ``row`` except its own hash."""
+    return hashlib.sha256(_canonical(row).encode("ascii")).hexdigest()
+
+
+def hash_parts(row: AuditRow) -> tuple[str, str, str]:
+    """Split the document that `row_hash` hashes around the values of prev_hash and seq.
+
+    The document of ``row`` with prev_hash P and seq N is ``first + P + second + str(N) +
+    third``, so a store can hash a row whose predecessor it reads in the same statement.
+    """
+    # The canonical form sorts its keys, so prev_hash comes before principal, and seq
+    # between resource and trace_id. Inside an encoded string, every quote follows a
+    # backslash, so only the keys themselves match the separators below.
+    canonical = _canonical(row._replace(prev_hash="", seq=0))
+    before, after_prev = canonical.split(',"prev_hash":""', 1)
+    middle, tail = after_prev.split(',"seq":0,', 1)
+    return before + ',"prev_hash":"', '"' + middle + ',"seq":', "," + tail
+
+
+def _canonical(row: AuditRow) -> str:
     document = {
         "seq": row.seq,
         "at": format_time(row.at),
@@ -169,8 +188,7 @@ def row_hash(row: AuditRow) -> str:
         "trace_id": row.trace_id,
         "prev_hash": row.prev_hash,
     }
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def format_time(at: datetime) -> str:

@@ -14,7 +14,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from arbor.errors import AgentNotFound, CheckpointConflict, NameTaken
+from arbor.errors import AgentNotFound, CheckpointConflict, ClusterLeaseLost, NameTaken
 from arbor.persistence.audit import (
     ALLOWED,
     GENESIS_HASH,
@@ -23,6 +23,7 @@ from arbor.persistence.audit import (
     AuditRow,
     AuditVerification,
     check_query,
+    hash_parts,
     seal_row,
     verify_chain,
 )
@@ -78,6 +79,43 @@ _AGENT_COLUMNS = (
     "name, type_path, status, spawn_id, options, node_id, epoch, checkpoint_version, "
     "last_error, created_at, updated_at, started_at, checkpointed_at"
 )
+
+# A spawn's commit in one statement: the agent's record unless the name is taken or
+# another cluster holds the lease, then the audit row that follows the chain's head and
+# the first checkpoint, both only with the record. The lock taken before it serialises
+# audit appends, and the statement's snapshot, taken after the lock, reads the newest head.
+_CREATE_FIRST = f"""
+WITH lease AS (
+    SELECT holder FROM arbor_cluster_lease WHERE id = 1
+), agent AS (
+    INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, node_id, epoch,
+        checkpoint_version, created_at, updated_at, started_at, checkpointed_at)
+    SELECT %(name)s, %(type_path)s, %(status)s, %(spawn_id)s, %(options)s, %(node_id)s, 1, 1,
+        now(), now(), now(), now()
+    WHERE %(cluster)s::text IS NULL
+        OR NOT EXISTS (SELECT FROM lease WHERE holder <> %(cluster)s::text)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING {_AGENT_COLUMNS}
+), head AS (
+    SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1
+), link AS (
+    SELECT COALESCE((SELECT seq FROM head), 0) + 1 AS seq,
+        COALESCE((SELECT hash FROM head), %(genesis)s) AS prev_hash
+), audit AS (
+    INSERT INTO audit_log (seq, at, principal, action, resource, decision, detail, trace_id,
+        prev_hash, hash)
+    SELECT link.seq, %(at)s, %(principal)s, %(action)s, %(resource)s, %(decision)s,
+        %(detail)s::json, %(trace_id)s, link.prev_hash,
+        encode(sha256(convert_to(
+            %(first)s || link.prev_hash || %(second)s || link.seq::text || %(third)s, 'UTF8'
+        )), 'hex')
+    FROM agent, link
+), checkpoint AS (
+    INSERT INTO arbor_checkpoints (agent, version, epoch, state, processed, outbox, created_at)
+    SELECT name, 1, 1, %(state)s::jsonb, '[]'::jsonb, '[]'::jsonb, now() FROM agent
+)
+SELECT (SELECT holder FROM lease), agent.* FROM (VALUES (1)) AS one LEFT JOIN agent ON true
+"""
 
 
 class PostgresStore(
@@ -312,10 +350,13 @@ class PostgresStore(
         state_json: str,
     ) -> AgentRecord | None:
         def step() -> AgentRecord | None:
-            with self._transaction(pipelined=True) as connection:
-                return self._create_first(
-                    connection, record, entry, node_id, cluster_id, state_json
-                )
+            with self._pool.connection() as connection:
+                with connection.pipeline(), connection.transaction():
+                    created = self._create_first(
+                        connection, record, entry, node_id, cluster_id, state_json
+                    )
+                # The row arrives with the commit's reply. A refused lease wrote nothing.
+                return _created(created, cluster_id)
 
         return self._retry("create_first_incarnation", step)
 
@@ -329,12 +370,10 @@ class PostgresStore(
             resource=f"arbor://agent/spawn/{REHEARSAL_NAME}",
             decision=ALLOWED,
         )
-        with (
-            self._pool.connection() as connection,
-            connection.pipeline(),
-            connection.transaction(force_rollback=True),
-        ):
-            self._create_first(connection, record, entry, None, cluster_id, "{}")
+        with self._pool.connection() as connection:
+            with connection.pipeline(), connection.transaction(force_rollback=True):
+                created = self._create_first(connection, record, entry, None, cluster_id, "{}")
+            _created(created, cluster_id)
 
     def _create_first(
         self,
@@ -344,31 +383,44 @@ class PostgresStore(
         node_id: str | None,
         cluster_id: str | None,
         state_json: str,
-    ) -> AgentRecord | None:
-        # In a pipelined transaction, the statements up to the first fetch travel in one
-        # round trip, and the two inserts after it with COMMIT in a second.
-        inserted = connection.execute(
-            "INSERT INTO arbor_agents (name, type_path, status, spawn_id, options, node_id, "
-            "epoch, checkpoint_version, created_at, updated_at, started_at, checkpointed_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, 1, 1, now(), now(), now(), now()) "
-            f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
-            (
-                record.name,
-                record.type_path,
-                RUNNING,
-                record.spawn_id,
-                Jsonb(record.options),
-                node_id,
-            ),
+    ) -> psycopg.Cursor[TupleRow]:
+        """Send the statements of `create_first_incarnation`, and return the cursor of its row.
+
+        The row contains the lease's holder, then the agent's columns, all None when the name
+        was taken. Nothing reads a result before COMMIT, so in a pipelined transaction the
+        whole commit takes one round trip.
+        """
+        # seal_row validates the entry. The statement fills in seq and prev_hash and the hash.
+        row = seal_row(entry, 0, GENESIS_HASH)
+        first, second, third = hash_parts(row)
+        # Prepared at once, so that the claim after a warm actor's rehearsal, the second
+        # run on its connection, skips parsing and planning.
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK_KEY,), prepare=True)
+        return connection.execute(
+            _CREATE_FIRST,
+            {
+                "name": record.name,
+                "type_path": record.type_path,
+                "status": RUNNING,
+                "spawn_id": record.spawn_id,
+                "options": Jsonb(record.options),
+                "node_id": node_id,
+                "cluster": cluster_id,
+                "genesis": GENESIS_HASH,
+                "at": row.at,
+                "principal": row.principal,
+                "action": row.action,
+                "resource": row.resource,
+                "decision": row.decision,
+                "detail": row.detail_text,
+                "trace_id": row.trace_id,
+                "first": first,
+                "second": second,
+                "third": third,
+                "state": state_json,
+            },
+            prepare=True,
         )
-        head = self._audit_head(connection)
-        self.check_cluster_lease(connection, cluster_id)
-        row = inserted.fetchone()
-        if row is None:
-            return None
-        self._append_audit_after(connection, entry, head.fetchone())
-        _insert_first_checkpoint(connection, record.name, 1, state_json)
-        return _record(row)
 
     def fence(self, name: str) -> int:
         def step() -> int:
@@ -645,6 +697,20 @@ def _insert_agent(connection: psycopg.Connection[Any], record: AgentRecord) -> A
         f"ON CONFLICT (name) DO NOTHING RETURNING {_AGENT_COLUMNS}",
         (record.name, record.type_path, record.status, record.spawn_id, Jsonb(record.options)),
     ).fetchone()
+
+
+def _created(cursor: psycopg.Cursor[TupleRow], cluster_id: str | None) -> AgentRecord | None:
+    """Read the row of `PostgresStore._create_first`: the new record, or None for a taken name.
+
+    Raises:
+        ClusterLeaseLost: another cluster has the lease, so nothing was written.
+    """
+    row = cursor.fetchone()
+    assert row is not None
+    holder, *agent = row
+    if cluster_id is not None and holder not in (None, cluster_id):
+        raise ClusterLeaseLost(cluster_id, holder)
+    return None if agent[0] is None else _record(tuple(agent))
 
 
 def _record(row: tuple[Any, ...]) -> AgentRecord:
