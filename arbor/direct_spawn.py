@@ -166,8 +166,6 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
     if namespace_of(spec.name) in loan.capped:
         _give_back(spec.type_path, loan)
         return None
-    # The next loan is on its way while this claim runs, for a spawn right after this one.
-    request(spec.type_path, loan.registry)
     record = AgentRecord(
         name=spec.name,
         type_path=spec.type_path,
@@ -181,6 +179,9 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
         claim = loan.handle.claim.remote(
             spec.name, spec.init_args, spec.init_kwargs, durability, record, spawn_audit(spec)
         )
+        # The next loan is on its way while this claim runs, for a spawn right after this
+        # one. Asking after sending the claim keeps the request off the claim's path.
+        request(spec.type_path, loan.registry)
         try:
             report = ray.get(claim, timeout=settings.spawn_timeout_s)
         except RayTaskError as error:

@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
     parser.add_argument("--hosted-spawns", type=int, default=200, help="(default: 200)")
-    parser.add_argument("--actor-spawns", type=int, default=10, help="per kind (default: 10)")
+    parser.add_argument("--actor-spawns", type=int, default=20, help="per kind (default: 20)")
     parser.add_argument("--asks", type=int, default=2000, help="per kind (default: 2000)")
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="per throughput run (default: 3)"
