@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -383,6 +383,18 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
 
+def _setting_problem(problem: Any) -> str:
+    """Describe one invalid setting: its variable, value, rule and default."""
+    location = problem["loc"]
+    variable = f"ARBOR_{'_'.join(str(part) for part in location).upper()}"
+    text = f"{variable}={problem.get('input')!r}: {problem['msg']}"
+    field = Settings.model_fields.get(str(location[0])) if location else None
+    if field is None or field.is_required():
+        return text
+    default = field.get_default(call_default_factory=True)
+    return f"{text} (unset {variable} for the default, {default!r})"
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Return the process-wide settings, read once from the environment.
@@ -393,11 +405,7 @@ def get_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        problems = "; ".join(
-            f"ARBOR_{'_'.join(str(part) for part in problem['loc']).upper()}"
-            f"={problem.get('input')!r}: {problem['msg']}"
-            for problem in error.errors()
-        )
+        problems = "; ".join(_setting_problem(problem) for problem in error.errors())
         raise ConfigError(f"invalid settings: {problems}") from None
     except SettingsError as error:
         # A value that must be JSON, such as ARBOR_NAMESPACE_MAX_AGENTS, did not parse.

@@ -212,6 +212,8 @@ def test_invalid_full_names_are_rejected(name: str, rule: str) -> None:
         ("ARBOR_NAMESPACE_MAX_AGENTS", '{"team": -1}', "use 0 or more"),
         ("ARBOR_MAX_AGENTS", "abc", "ARBOR_MAX_AGENTS='abc'"),
         ("ARBOR_NAMESPACE", "Team_A", "ARBOR_NAMESPACE='Team_A'"),
+        ("ARBOR_DURABILITY", "fast", "(unset ARBOR_DURABILITY for the default, 'durable')"),
+        ("ARBOR_WARM_POOL_SIZE", "-1", "(unset ARBOR_WARM_POOL_SIZE for the default, 0)"),
     ],
 )
 def test_bad_settings_raise_config_error_naming_variable(
