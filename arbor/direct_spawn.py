@@ -4,7 +4,7 @@ A warm spawn through the registry makes four Ray calls: from the caller to the r
 from the registry to a warm actor, and both replies. So the registry lends the caller one
 ready warm actor of a type at a time. The caller's next spawn of that type claims the lent
 actor itself, with one call, and then reports the spawn to the registry. The request for
-the next loan goes out as the claim starts. The registry must check or count some spawns
+the next loan goes out right after the claim. The registry must check or count some spawns
 itself, so these go through it: spawns with capabilities, from inside an agent, with Ray
 placement options, ``max_pending`` or ``passivate_idle_s``, and into a namespace with a
 cap on agents.

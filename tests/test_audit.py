@@ -142,7 +142,7 @@ def test_each_row_links_to_previous(store: CheckpointStore) -> None:
 
 # Texts that look like the keys the hash's document is split at, with quotes, backslashes
 # and characters outside ASCII.
-AWKWARD_TEXTS = [
+EDGE_CASE_TEXTS = [
     ',"prev_hash":"',
     ',"prev_hash":""',
     ',"seq":0,',
@@ -152,7 +152,7 @@ AWKWARD_TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("text", AWKWARD_TEXTS)
+@pytest.mark.parametrize("text", EDGE_CASE_TEXTS)
 @pytest.mark.parametrize(("seq", "prev_hash"), [(1, GENESIS_HASH), (12345, "ab" * 32)])
 def test_hash_parts_rebuild_the_hashed_document(text: str, seq: int, prev_hash: str) -> None:
     sealed = seal_row(
@@ -173,7 +173,7 @@ def test_hash_parts_rebuild_the_hashed_document(text: str, seq: int, prev_hash: 
     assert row_hash(sealed) == expected_hash(sealed.to_entry())
 
 
-@pytest.mark.parametrize("text", AWKWARD_TEXTS[:5])
+@pytest.mark.parametrize("text", EDGE_CASE_TEXTS[:5])
 def test_first_incarnation_extends_chain(store: CheckpointStore, text: str) -> None:
     before = append_many(store, 2)
     spawn = entry(

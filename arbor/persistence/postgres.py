@@ -80,10 +80,10 @@ _AGENT_COLUMNS = (
     "last_error, created_at, updated_at, started_at, checkpointed_at"
 )
 
-# A spawn's commit in one statement: the agent's record unless the name is taken or
-# another cluster holds the lease, then the audit row that follows the chain's head and
-# the first checkpoint, both only with the record. The lock taken before it serialises
-# audit appends, and the statement's snapshot, taken after the lock, reads the newest head.
+# A spawn's commit in one statement. It inserts the agent's record unless the name is
+# taken or another cluster has the lease, and only with the record, the audit row after
+# the chain's head and the first checkpoint. The audit lock is taken by the statement
+# before it, so this statement's snapshot reads the newest head.
 _CREATE_FIRST = f"""
 WITH lease AS (
     SELECT holder FROM arbor_cluster_lease WHERE id = 1
@@ -105,7 +105,7 @@ WITH lease AS (
     INSERT INTO audit_log (seq, at, principal, action, resource, decision, detail, trace_id,
         prev_hash, hash)
     SELECT link.seq, %(at)s, %(principal)s, %(action)s, %(resource)s, %(decision)s,
-        %(detail)s::json, %(trace_id)s, link.prev_hash,
+        %(detail_text)s::json, %(trace_id)s, link.prev_hash,
         encode(sha256(convert_to(
             %(first)s || link.prev_hash || %(second)s || link.seq::text || %(third)s, 'UTF8'
         )), 'hex')
@@ -355,7 +355,8 @@ class PostgresStore(
                     created = self._create_first(
                         connection, record, entry, node_id, cluster_id, state_json
                     )
-                # The row arrives with the commit's reply. A refused lease wrote nothing.
+                # The row arrives with the reply to COMMIT. When another cluster has the
+                # lease, nothing was written.
                 return _created(created, cluster_id)
 
         return self._retry("create_first_incarnation", step)
@@ -390,7 +391,7 @@ class PostgresStore(
         was taken. Nothing reads a result before COMMIT, so in a pipelined transaction the
         whole commit takes one round trip.
         """
-        # seal_row validates the entry. The statement fills in seq and prev_hash and the hash.
+        # seal_row validates the entry. The statement fills in seq, prev_hash and hash.
         row = seal_row(entry, 0, GENESIS_HASH)
         first, second, third = hash_parts(row)
         # Prepared at once, so that the claim after a warm actor's rehearsal, the second
@@ -399,6 +400,7 @@ class PostgresStore(
         return connection.execute(
             _CREATE_FIRST,
             {
+                **row._asdict(),
                 "name": record.name,
                 "type_path": record.type_path,
                 "status": RUNNING,
@@ -407,13 +409,6 @@ class PostgresStore(
                 "node_id": node_id,
                 "cluster": cluster_id,
                 "genesis": GENESIS_HASH,
-                "at": row.at,
-                "principal": row.principal,
-                "action": row.action,
-                "resource": row.resource,
-                "decision": row.decision,
-                "detail": row.detail_text,
-                "trace_id": row.trace_id,
                 "first": first,
                 "second": second,
                 "third": third,
