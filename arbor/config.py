@@ -22,7 +22,8 @@ REGISTRY_NAME = "arbor-registry"
 class Settings(BaseSettings):
     """Runtime settings; each field maps to the variable ``ARBOR_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="ARBOR_", extra="ignore")
+    # Every float setting is a number of seconds or a ratio, so inf and nan are rejected.
+    model_config = SettingsConfigDict(env_prefix="ARBOR_", extra="ignore", allow_inf_nan=False)
 
     database_url: str = Field(
         default="sqlite:///.arbor/arbor.db",
@@ -194,7 +195,6 @@ class Settings(BaseSettings):
     passivate_idle_s: float = Field(
         default=0.0,
         ge=0,
-        allow_inf_nan=False,
         description="Seconds without messages after which a hosted agent is passivated: "
         "its state is checkpointed and its object dropped until the next message; 0 "
         "means never. The spawn option passivate_idle_s sets it per agent.",

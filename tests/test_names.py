@@ -214,6 +214,8 @@ def test_invalid_full_names_are_rejected(name: str, rule: str) -> None:
         ("ARBOR_NAMESPACE", "Team_A", "ARBOR_NAMESPACE='Team_A'"),
         ("ARBOR_DURABILITY", "fast", "(unset ARBOR_DURABILITY for the default, 'durable')"),
         ("ARBOR_WARM_POOL_SIZE", "-1", "(unset ARBOR_WARM_POOL_SIZE for the default, 0)"),
+        ("ARBOR_ASK_TIMEOUT_S", "inf", "ARBOR_ASK_TIMEOUT_S='inf': Input should be a finite"),
+        ("ARBOR_TRACE_SAMPLE_RATIO", "nan", "ARBOR_TRACE_SAMPLE_RATIO='nan'"),
     ],
 )
 def test_bad_settings_raise_config_error_naming_variable(
