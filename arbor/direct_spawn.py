@@ -3,15 +3,24 @@
 A warm spawn through the registry makes four Ray calls: from the caller to the registry,
 from the registry to a warm actor, and both replies. So the registry lends the caller one
 ready warm actor of a type at a time. The caller's next spawn of that type claims the lent
-actor itself, with one call, and then reports the spawn to the registry. The request for
-the next loan goes out right after the claim. The registry must check or count some spawns
-itself, so these go through it: spawns with capabilities, from inside an agent, with Ray
-placement options, ``max_pending`` or ``passivate_idle_s``, and into a namespace with a
-cap on agents.
+actor itself, with one call, and then reports the spawn to the registry.
+
+The reply that lends an actor also names a spare: another ready actor, which stays in
+the pool. A spawn whose loan is spent, and whose next loan has not arrived, claims the
+spare. The warm actor takes the first claim that reaches it, so a spawn that loses the
+spare to another goes through the registry. With a spare in hand, a spawn asks for its
+next loan after its claim returns; without one, right after sending the claim, so that
+a spawn right after it finds a loan. Asking during the claim slows the claim by about a
+millisecond on a busy machine.
+
+The registry must check or count some spawns itself, so these go through it: spawns
+with capabilities, from inside an agent, with Ray placement options, ``max_pending`` or
+``passivate_idle_s``, and into a namespace with a cap on agents.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -40,7 +49,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Loan:
-    """A warm actor lent to this process, as the registry's ``_lend_warm`` describes it."""
+    """A warm actor lent to this process, as the registry's ``_lend_warm`` describes it.
+
+    A spare is kept as a loan with ``lent`` false.
+    """
 
     actor: str
     handle: Any
@@ -51,16 +63,24 @@ class _Loan:
     registry: Any
     # When the request whose reply lent the actor was sent, on the monotonic clock.
     requested_at: float
+    lent: bool = True
 
 
 # Seconds a spawn waits for a reply that may lend it a warm actor.
 _REPLY_WAIT_S = 0.05
+# Seconds after a claim that spent a loan, with a spare in hand, before asking for the
+# next loan.
+_ASK_LATER_S = 0.02
 
 _lock = threading.Lock()
 # Lent warm actors by agent type path.
 _loans: dict[str, _Loan] = {}
 # By agent type path, the future of a `lend` reply, as (registry handle, future, time sent).
 _replies: dict[str, tuple[Any, Any, float]] = {}
+# Spares by agent type path.
+_spares: dict[str, list[_Loan]] = {}
+# Warm actors this process claimed lately, which a later reply may still lend or name.
+_claimed: collections.deque[str] = collections.deque(maxlen=64)
 # Makes the first call to each lent actor, off the spawn path.
 _warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arbor-loan")
 
@@ -79,17 +99,22 @@ def keep(
     """
     if lent is None:
         return
-    loan = _Loan(
-        lent["actor"],
-        lent["handle"],
-        lent["durability"],
-        frozenset(lent["capped"]),
-        registry,
-        requested_at,
-    )
-    _give_back(type_path, loan)
+    described = [(lent["actor"], lent["handle"], True)]
+    described += [(spare["actor"], spare["handle"], False) for spare in lent.get("spares", ())]
+    durability, capped = lent["durability"], frozenset(lent["capped"])
+    with _lock:
+        fresh = [
+            _Loan(actor, handle, durability, capped, registry, requested_at, is_lent)
+            for actor, handle, is_lent in described
+            if actor not in _claimed
+        ]
+        loan = fresh[0] if fresh and fresh[0].lent else None
+        _spares[type_path] = [spare for spare in fresh if not spare.lent]
+    if loan is not None:
+        _give_back(type_path, loan)
     if first_call:
-        _warmer.submit(_first_call, lent["handle"])
+        for actor in fresh:
+            _warmer.submit(_first_call, actor.handle)
 
 
 def _first_call(handle: Any) -> None:
@@ -106,12 +131,13 @@ def _first_call(handle: Any) -> None:
 
 
 def _lent_reply(reply: concurrent.futures.Future[Any]) -> None:
-    """Make the first call to the actor that a `lend` reply names, once the reply arrives."""
+    """Make the first call to the actors that a `lend` reply names, once the reply arrives."""
     if reply.cancelled() or reply.exception() is not None:
         return
     lent = reply.result()
     if lent is not None:
-        _warmer.submit(_first_call, lent["handle"])
+        for described in (lent, *lent.get("spares", ())):
+            _warmer.submit(_first_call, described["handle"])
 
 
 def request(type_path: str, registry: Any) -> None:
@@ -143,6 +169,8 @@ def reset() -> None:
     with _lock:
         _loans.clear()
         _replies.clear()
+        _spares.clear()
+        _claimed.clear()
 
 
 def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
@@ -160,11 +188,12 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
     """
     if not _direct(spec):
         return None
-    loan = _take(spec.type_path)
+    type_path = spec.type_path
+    loan = _take(type_path, wait=not _has_spare(type_path)) or _take_spare(type_path)
     if loan is None:
         return None
     if namespace_of(spec.name) in loan.capped:
-        _give_back(spec.type_path, loan)
+        _give_back(type_path, loan)
         return None
     record = AgentRecord(
         name=spec.name,
@@ -179,9 +208,12 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
         claim = loan.handle.claim.remote(
             spec.name, spec.init_args, spec.init_kwargs, durability, record, spawn_audit(spec)
         )
-        # The next loan is on its way while this claim runs, for a spawn right after this
-        # one. Asking after sending the claim keeps the request off the claim's path.
-        request(spec.type_path, loan.registry)
+        # Without a spare, the next loan is on its way while this claim runs, for a spawn
+        # right after this one. Asking after sending the claim keeps the request off the
+        # claim's path.
+        ask_later = _has_spare(type_path)
+        if not ask_later:
+            request(type_path, loan.registry)
         try:
             report = ray.get(claim, timeout=settings.spawn_timeout_s)
         except RayTaskError as error:
@@ -202,13 +234,30 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
             return None
     if report.get("taken"):
         # Nothing was written and the actor is still ready for another spawn.
-        _give_back(spec.type_path, loan)
+        _give_back(type_path, loan)
         return None
     if report.get("runs") is not None:
+        # Another spawn claimed the actor first, and it keeps that agent.
         return None
+    with _lock:
+        _claimed.append(loan.actor)
     info = AgentInfo.from_record(report["record"])
     loan.registry.claimed_directly.remote(spec, loan.actor, info)
+    if ask_later:
+        _warmer.submit(_request_later, type_path, loan.registry)
     return info, loan.handle
+
+
+def _request_later(type_path: str, registry: Any) -> None:
+    """Request the next loan after _ASK_LATER_S, unless a spawn has requested it meanwhile.
+
+    A spawn right after this one claims the spare and sends the request during its
+    claim, so this request does not run beside that claim. The report of the claim that
+    spent the loan went out before, so the registry counts that claim before it lends
+    again.
+    """
+    time.sleep(_ASK_LATER_S)
+    request(type_path, registry)
 
 
 def _direct(spec: SpawnSpec) -> bool:
@@ -224,8 +273,30 @@ def _direct(spec: SpawnSpec) -> bool:
     )
 
 
-def _take(type_path: str) -> _Loan | None:
-    """Remove and return the loan for ``type_path``, or None when there is none to use."""
+def _has_spare(type_path: str) -> bool:
+    """Return whether a spare for ``type_path`` named recently enough is held."""
+    now = time.monotonic()
+    with _lock:
+        spares = _spares.get(type_path, [])
+        spares[:] = [spare for spare in spares if now - spare.requested_at <= WARM_LEND_USE_S]
+        return bool(spares)
+
+
+def _take_spare(type_path: str) -> _Loan | None:
+    """Remove and return a spare for ``type_path`` named recently enough, or None."""
+    if not _has_spare(type_path):
+        return None
+    with _lock:
+        spares = _spares.get(type_path)
+        return spares.pop(0) if spares else None
+
+
+def _take(type_path: str, wait: bool = True) -> _Loan | None:
+    """Remove and return the loan for ``type_path``, or None when there is none to use.
+
+    ``wait`` waits a moment for a reply on its way; without it, only a reply that has
+    arrived counts.
+    """
     with _lock:
         loan = _loans.pop(type_path, None)
         pending = _replies.pop(type_path, None) if loan is None else None
@@ -234,7 +305,7 @@ def _take(type_path: str) -> _Loan | None:
         try:
             # A reply on its way takes a few milliseconds, less than a spawn through the
             # registry. One that takes longer waits for a refill: no actor is ready.
-            lent = reply.result(timeout=_REPLY_WAIT_S)
+            lent = reply.result(timeout=_REPLY_WAIT_S if wait else 0)
         except concurrent.futures.TimeoutError:
             with _lock:
                 _replies.setdefault(type_path, pending)
@@ -260,6 +331,10 @@ def _take(type_path: str) -> _Loan | None:
 
 def _give_back(type_path: str, loan: _Loan) -> None:
     """Keep ``loan`` for the next spawn, or return it to the registry when one is held."""
+    if not loan.lent:
+        with _lock:
+            _spares.setdefault(type_path, []).insert(0, loan)
+        return
     with _lock:
         held = _loans.setdefault(type_path, loan)
     if held is not loan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,11 +19,12 @@ import arbor.client
 from arbor import direct_spawn
 from arbor.config import NAMESPACE, reset_settings
 from arbor.names import qualify
-from arbor.persistence import CheckpointStore, open_store
-from arbor.registry.spec import build_spawn_spec
+from arbor.persistence import STARTING, AgentRecord, CheckpointStore, open_store
+from arbor.registry.info import AgentInfo
+from arbor.registry.spec import build_spawn_spec, spawn_audit
 from arbor.runtime.actor import WARM_PREFIX
 from arbor.runtime.ref import registry_handle
-from tests.agents import Counter, Picky, Relay
+from tests.agents import Counter, Explicit, Picky, Relay, Sleeper
 
 POOL_SIZE = 2
 
@@ -368,3 +370,131 @@ def test_old_loan_goes_through_registry(monkeypatch: pytest.MonkeyPatch) -> None
     assert calls == [1]
     assert actor_of("warm/old").startswith(WARM_PREFIX)
     assert arbor.get("warm/old").ask("get") == 3
+
+
+@pytest.fixture(autouse=True)
+def stop_new_agents() -> Iterator[None]:
+    """Stop and purge the agents each test spawned: each holds database connections."""
+    before = {agent.name for agent in arbor.list_agents()}
+    yield
+    for agent in arbor.list_agents():
+        if agent.name not in before:
+            with contextlib.suppress(arbor.AgentNotFound):
+                arbor.stop(agent.name, purge=True)
+
+
+def spec_of(agent_class: type[arbor.Agent], name: str) -> Any:
+    return build_spawn_spec(agent_class, qualify(name, arbor.current_namespace()), (), {})
+
+
+def warm_names(type_path: str) -> set[str]:
+    """Return the Ray names of the registry's ready and lent warm actors of ``type_path``."""
+    actors = ray.get(registry_handle().warm_actors.remote())
+    return {actor["name"] for actor in actors if actor["type_path"] == type_path}
+
+
+def loan_with_spare(agent_class: type[arbor.Agent], name: str) -> str:
+    """Spawn the first ``agent_class`` agent, then wait for a reply that names a spare.
+
+    Returns the agent class's type path.
+    """
+    path = f"{agent_class.__module__}:{agent_class.__qualname__}"
+    arbor.spawn(agent_class, name)
+    wait_for_pool(path)
+    # The request for the loan goes out a moment after the spawn, and its reply once the
+    # pool has refilled.
+    deadline = time.monotonic() + 30
+    while path not in direct_spawn._loans and time.monotonic() < deadline:
+        pending = direct_spawn._replies.get(path)
+        if pending is not None and pending[1].done():
+            break
+        time.sleep(0.05)
+    # Taking the loan reads the reply; giving it back keeps it for the next spawn.
+    loan = direct_spawn._take(path)
+    assert loan is not None
+    direct_spawn._give_back(path, loan)
+    assert direct_spawn._has_spare(path)
+    return path
+
+
+def test_spawn_right_after_another_claims_spare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = loan_with_spare(Explicit, "warm/spare-first")
+
+    def no_registry() -> None:
+        raise AssertionError("the spawn called the registry")
+
+    # The first spawn claims the loan, the second the spare, neither through the registry.
+    monkeypatch.setattr(arbor.client, "_registry", no_registry)
+    first = arbor.spawn(Explicit, "warm/spare-a")
+    second = arbor.spawn(Explicit, "warm/spare-b")
+    monkeypatch.undo()
+
+    assert (first.ask("add", 2), second.ask("add", 3)) == (2, 3)
+    actors = {actor_of("warm/spare-a"), actor_of("warm/spare-b")}
+    assert len(actors) == 2
+    assert all(actor.startswith(WARM_PREFIX) for actor in actors)
+    # The registry counted both claims: neither actor is in its pool, which refills.
+    wait_for_pool(path)
+    assert not actors & warm_names(path)
+    for name in ("warm/spare-a", "warm/spare-b"):
+        with pytest.raises(arbor.NameTaken):
+            arbor.spawn(Explicit, name)
+
+
+def test_registry_spawn_moves_on_when_a_client_claimed_its_actor() -> None:
+    path = "tests.agents:Sleeper"
+    registry = registry_handle()
+    # Through the registry without a loan, so that this process has no loan of Sleeper.
+    ray.get(registry.spawn.remote(spec_of(Sleeper, "warm/race-first")))
+    wait_for_pool(path)
+    lent = ray.get(registry.lend.remote(path))
+    (spare,) = lent["spares"]
+
+    # A client claims the spare, and the registry has not heard of it yet.
+    client = spec_of(Sleeper, "warm/race-client")
+    record = AgentRecord(
+        name=client.name,
+        type_path=client.type_path,
+        status=STARTING,
+        spawn_id=client.spawn_id,
+        options={"actor": spare["actor"]},
+    )
+    report = ray.get(
+        spare["handle"].claim.remote(client.name, (), {}, "durable", record, spawn_audit(client))
+    )
+    # The spare is the only ready actor, so the registry's next spawn takes it, finds it
+    # claimed, and starts its agent elsewhere.
+    other = ray.get(registry.spawn.remote(spec_of(Sleeper, "warm/race-registry")))
+    ray.get(
+        registry.claimed_directly.remote(
+            client, spare["actor"], AgentInfo.from_record(report["record"])
+        )
+    )
+    ray.get(registry.return_loan.remote(lent["actor"]))
+
+    assert other.actor != spare["actor"]
+    assert actor_of("warm/race-client") == spare["actor"]
+    assert arbor.get("warm/race-client").ask("nap", 0) == 0
+    assert arbor.get("warm/race-registry").ask("nap", 0) == 0
+    assert spare["actor"] not in warm_names(path)
+
+
+def test_spawn_whose_spare_was_taken_goes_through_registry() -> None:
+    path = loan_with_spare(Explicit, "warm/taken-first")
+    # The loan is held elsewhere, so the next spawn in this process uses the spare.
+    loan = direct_spawn._take(path)
+    assert loan is not None
+    registry = registry_handle()
+    # A spawn through the registry takes the spare first: it is the only ready actor.
+    taker = ray.get(registry.spawn.remote(spec_of(Explicit, "warm/taken-registry")))
+    spare = direct_spawn._spares[path][0].actor
+    assert taker.actor == spare
+
+    ref = arbor.spawn(Explicit, "warm/taken-client")
+    direct_spawn._give_back(path, loan)
+
+    assert actor_of("warm/taken-client") not in (spare, loan.actor)
+    assert ref.ask("add", 1) == 1
+    assert arbor.get("warm/taken-registry").ask("add", 2) == 2

@@ -80,6 +80,12 @@ _MOVE = "move"
 # reply leaves first. Creating a named actor blocks this event loop until the GCS has
 # registered the name, and the actor's new worker process then keeps a CPU core busy.
 _REFILL_DELAY_S = 0.05
+# Ready warm actors a loan's reply names as spares. A client claims a spare when its
+# loan is spent and the next has not arrived, as for a spawn right after another.
+_SPARES = 1
+# Warm actors a registry spawn tries before it starts cold, when clients claimed the
+# ones it took first.
+_WARM_RETRIES = 3
 
 
 class Registry:
@@ -196,13 +202,13 @@ class Registry:
         return info, handle, self._lend_warm(spec.type_path) if self._lends() else False
 
     async def claimed_directly(self, spec: SpawnSpec, actor: str, info: AgentInfo | None) -> None:
-        """Record a spawn that a client made in the lent warm actor ``actor``.
+        """Record a spawn that a client made in the warm actor ``actor``, lent or a spare.
 
         ``info`` is None when the claim failed: the actor is then killed, and the record
         of ``spec``, if its first commit stored one, is deleted. Either way the pool
         refills.
         """
-        lent = self._warm.end_loan(actor)
+        lent = self._warm.claimed(actor)
         if info is None:
             handle = lent.handle if lent is not None else None
             if handle is None:
@@ -231,15 +237,17 @@ class Registry:
     async def lend(self, type_path: str) -> dict[str, Any] | None:
         """Lend a warm actor of ``type_path`` to the caller, as `_lend_warm` does.
 
-        When none is ready, this waits up to WARM_LEND_WAIT_S for the refill. The caller
-        does not wait for the reply: its next spawn uses the loan if the reply is there.
+        While the pool refills, this waits up to WARM_LEND_WAIT_S for a second ready
+        actor, so that the reply also names a spare. The caller does not wait for the
+        reply: its next spawn uses the loan if the reply is there.
         """
         deadline = time.monotonic() + WARM_LEND_WAIT_S
-        while True:
-            lent = self._lend_warm(type_path)
-            if lent is not None or not self._lends() or time.monotonic() > deadline:
-                return lent
+        while self._lends() and time.monotonic() < deadline:
+            ready = self._warm.ready(type_path)
+            if ready >= 1 + _SPARES or (ready and type_path not in self._refilling):
+                break
             await asyncio.sleep(0.05)
+        return self._lend_warm(type_path)
 
     def _lends(self) -> bool:
         """Return whether this registry lends warm actors at all; see `_lend_warm`."""
@@ -267,6 +275,10 @@ class Registry:
         return {
             "actor": actor.name,
             "handle": actor.handle,
+            "spares": [
+                {"actor": spare.name, "handle": spare.handle}
+                for spare in self._warm.name_spares(type_path, _SPARES)
+            ],
             "durability": self._settings.durability,
             "capped": sorted(
                 namespace for namespace, cap in self._settings.namespace_max_agents.items() if cap
@@ -274,6 +286,22 @@ class Registry:
         }
 
     async def _spawn(self, spec: SpawnSpec) -> tuple[AgentInfo, Any]:
+        """Run `_spawn_once`, again while a client claims the warm actor it took first."""
+        for _ in range(_WARM_RETRIES):
+            try:
+                return await self._spawn_once(spec)
+            except _WarmTaken as taken:
+                # Nothing of this attempt is stored. The next takes another warm actor or
+                # starts cold.
+                logger.info(
+                    "warm actor %s started agent %s for a client first; agent %s takes another",
+                    taken.actor,
+                    taken.runs,
+                    spec.name,
+                )
+        return await self._spawn_once(spec, warm=False)
+
+    async def _spawn_once(self, spec: SpawnSpec, warm: bool = True) -> tuple[AgentInfo, Any]:
         if (
             self._settings.default_placement == "hosted"
             and "placement" not in spec.options
@@ -296,7 +324,7 @@ class Registry:
         self._inflight.add(spec.name)
         granted = False
         try:
-            slot = self._take_warm(spec)
+            slot = self._take_warm(spec) if warm else None
             options = spec.options if slot is None else {**spec.options, "actor": slot.name}
             if is_hosted(spec.options):
                 options = {**spec.options, "host": await self._hosts.choose()}
@@ -593,18 +621,10 @@ class Registry:
             await asyncio.to_thread(self._delete_spawned, spec)
             raise start_error(spec.name, error, f"warm actor {name}", self._settings) from None
         if report.get("runs") is not None:
-            # A client claimed this actor directly after its loan ended, and it keeps that agent.
-            logger.warning(
-                "warm actor %s already runs agent %s, so agent %s did not start in it",
-                name,
-                report["runs"],
-                spec.name,
-            )
+            # A client claimed this actor directly, as a spare or after its loan ended,
+            # and it keeps that agent.
             await asyncio.to_thread(self._delete_spawned, spec)
-            raise ArborError(
-                f"agent {spec.name!r} did not start because warm actor {name} was claimed "
-                f"by a spawn of {report['runs']!r} at the same time; spawn it again"
-            )
+            raise _WarmTaken(name, report["runs"])
         return handle, report
 
     def _delete_spawned(self, spec: SpawnSpec) -> None:
@@ -1323,6 +1343,15 @@ def _cluster_identity() -> tuple[str, bool]:
 
 class _HostGone(Exception):
     """The host chosen for a spawn is gone for good; nothing of the spawn was stored."""
+
+
+class _WarmTaken(Exception):
+    """A client claimed the warm actor of a spawn first; nothing of the spawn is stored."""
+
+    def __init__(self, actor: str, runs: str) -> None:
+        super().__init__(actor, runs)
+        self.actor = actor
+        self.runs = runs
 
 
 def _publish_mailbox_limit(name: str, options: dict[str, Any]) -> None:

@@ -53,14 +53,57 @@ class WarmPool:
         self._ready: dict[str, deque[WarmActor]] = {}
         # Actors lent to clients, by Ray name, as (type path, actor, time lent).
         self._lent: dict[str, tuple[str, WarmActor, float]] = {}
+        # Ready actors named to a client as a spare, by Ray name, with the time named.
+        # The client may claim one directly, so the registry does not kill it meanwhile.
+        self._spares: dict[str, float] = {}
         # Monotonic times of the spawns of each type in the last WINDOW_S.
         self._spawns: dict[str, deque[float]] = {}
 
     def take(self, type_path: str) -> WarmActor | None:
-        """Remove and return the oldest ready actor of ``type_path``, or None."""
+        """Remove and return a ready actor of ``type_path``, or None.
+
+        The oldest actor that was not named to a client as a spare goes first, so that a
+        client's claim of its spare rarely meets another spawn in the same actor.
+        """
         self._reclaim()
         ready = self._ready.get(type_path)
-        return ready.popleft() if ready else None
+        if not ready:
+            return None
+        for actor in ready:
+            if actor.name not in self._spares:
+                ready.remove(actor)
+                return actor
+        return ready.popleft()
+
+    def ready(self, type_path: str) -> int:
+        """Return the number of ready actors of ``type_path``."""
+        self._reclaim()
+        return len(self._ready.get(type_path, ()))
+
+    def name_spares(self, type_path: str, limit: int) -> list[WarmActor]:
+        """Return up to ``limit`` ready actors of ``type_path`` for a client to hold as spares.
+
+        They stay ready for any spawn, and the first claim of one wins. The pool keeps
+        them for WARM_LEND_S, as it keeps lent actors.
+        """
+        now = time.monotonic()
+        spares = list(self._ready.get(type_path, ()))[-limit:] if limit > 0 else []
+        for actor in spares:
+            self._spares[actor.name] = now
+        return spares
+
+    def claimed(self, name: str) -> WarmActor | None:
+        """Forget actor ``name``, which a client claimed, lent or not; returns it, or None."""
+        self._spares.pop(name, None)
+        entry = self._lent.pop(name, None)
+        if entry is not None:
+            return entry[1]
+        for ready in self._ready.values():
+            for actor in ready:
+                if actor.name == name:
+                    ready.remove(actor)
+                    return actor
+        return None
 
     def put_back(self, type_path: str, actor: WarmActor) -> None:
         """Return an actor that a spawn took but did not use, first in line."""
@@ -76,11 +119,6 @@ class WarmPool:
         if actor is not None:
             self._lent[actor.name] = (type_path, actor, time.monotonic())
         return actor
-
-    def end_loan(self, name: str) -> WarmActor | None:
-        """Forget the loan of actor ``name``, which was claimed; returns it, or None."""
-        entry = self._lent.pop(name, None)
-        return entry[1] if entry is not None else None
 
     def return_loan(self, name: str) -> None:
         """Put the lent actor ``name``, which its borrower does not need, back first in line."""
@@ -118,6 +156,7 @@ class WarmPool:
         every += [actor for _, actor, _ in self._lent.values()]
         self._ready.clear()
         self._lent.clear()
+        self._spares.clear()
         return every
 
     def note_spawn(self, type_path: str) -> None:
@@ -161,7 +200,10 @@ class WarmPool:
         # The newest go first, so the oldest ones stay.
         for actor in reversed(self._ready.get(type_path, deque())):
             node = actor.node_id
-            if node not in nodes or have.get(node, 0) > target:
+            if actor.name in self._spares and node in nodes:
+                # A client may be claiming it right now.
+                remaining.appendleft(actor)
+            elif node not in nodes or have.get(node, 0) > target:
                 removed.append(actor)
                 have[node] = have.get(node, 0) - 1
             else:
@@ -184,8 +226,14 @@ class WarmPool:
         return have
 
     def _reclaim(self) -> None:
-        """Put actors lent longer than WARM_LEND_S back among the ready ones."""
+        """Put actors lent longer than WARM_LEND_S back among the ready ones.
+
+        Spares named longer ago than that are no client's any more.
+        """
         now = time.monotonic()
+        for name, named_at in list(self._spares.items()):
+            if now - named_at > WARM_LEND_S:
+                del self._spares[name]
         for name, (type_path, actor, lent_at) in list(self._lent.items()):
             if now - lent_at > WARM_LEND_S:
                 del self._lent[name]
