@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +116,15 @@ def keep(
         _give_back(type_path, loan)
     if first_call:
         for actor in fresh:
-            _warmer.submit(_first_call, actor.handle)
+            _in_background(_first_call, actor.handle)
+
+
+def _in_background(work: Callable[..., None], *args: Any) -> None:
+    """Run ``work`` on the loan thread, unless the interpreter is exiting."""
+    with contextlib.suppress(RuntimeError):
+        # The executor rejects work once interpreter shutdown has begun, as when a
+        # `lend` reply arrives while the process exits.
+        _warmer.submit(work, *args)
 
 
 def _first_call(handle: Any) -> None:
@@ -137,7 +147,7 @@ def _lent_reply(reply: concurrent.futures.Future[Any]) -> None:
     lent = reply.result()
     if lent is not None:
         for described in (lent, *lent.get("spares", ())):
-            _warmer.submit(_first_call, described["handle"])
+            _in_background(_first_call, described["handle"])
 
 
 def request(type_path: str, registry: Any) -> None:
@@ -244,7 +254,7 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
     info = AgentInfo.from_record(report["record"])
     loan.registry.claimed_directly.remote(spec, loan.actor, info)
     if ask_later:
-        _warmer.submit(_request_later, type_path, loan.registry)
+        _in_background(_request_later, type_path, loan.registry)
     return info, loan.handle
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -498,3 +499,15 @@ def test_spawn_whose_spare_was_taken_goes_through_registry() -> None:
     assert actor_of("warm/taken-client") not in (spare, loan.actor)
     assert ref.ask("add", 1) == 1
     assert arbor.get("warm/taken-registry").ask("add", 2) == 2
+
+
+def test_lend_reply_while_the_process_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # At interpreter exit the loan thread's executor rejects new work; a reply that
+    # arrives then is dropped instead of raising in Ray's callback thread.
+    stopped = concurrent.futures.ThreadPoolExecutor(1)
+    stopped.shutdown()
+    monkeypatch.setattr(direct_spawn, "_warmer", stopped)
+    reply: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    reply.set_result({"actor": "arbor-warm-x", "handle": None, "spares": []})
+
+    direct_spawn._lent_reply(reply)
