@@ -8,10 +8,10 @@ actor itself, with one call, and then reports the spawn to the registry.
 The reply that lends an actor also names a spare: another ready actor, which stays in
 the pool. A spawn whose loan is spent, and whose next loan has not arrived, claims the
 spare. The warm actor takes the first claim that reaches it, so a spawn that loses the
-spare to another goes through the registry. With a spare in hand, a spawn asks for its
-next loan after its claim returns; without one, right after sending the claim, so that
-a spawn right after it finds a loan. Asking during the claim slows the claim by about a
-millisecond on a busy machine.
+spare to another goes through the registry. With a spare in hand, a spawn requests its
+next loan 20 ms after its claim returns. Without one, it sends the request right after
+the claim, so that a spawn right after it finds a loan. A request during the claim slows
+the claim by about a millisecond on a busy machine.
 
 The registry must check or count some spawns itself, so these go through it: spawns
 with capabilities, from inside an agent, with Ray placement options, ``max_pending`` or
@@ -70,8 +70,8 @@ class _Loan:
 
 # Seconds a spawn waits for a reply that may lend it a warm actor.
 _REPLY_WAIT_S = 0.05
-# Seconds after a claim that spent a loan, with a spare in hand, before asking for the
-# next loan.
+# Seconds after a claim that spent a loan, with a spare in hand, before the request for
+# the next loan.
 _ASK_LATER_S = 0.02
 
 _lock = threading.Lock()
