@@ -68,7 +68,7 @@ class _Loan:
     lent: bool = True
 
 
-# Seconds a spawn waits for a reply that may lend it a warm actor.
+# Seconds after a loan request until which a spawn waits for the reply.
 _REPLY_WAIT_S = 0.05
 # Seconds after a claim that spent a loan, with a spare in hand, before the request for
 # the next loan.
@@ -81,7 +81,8 @@ _loans: dict[str, _Loan] = {}
 _replies: dict[str, tuple[Any, Any, float]] = {}
 # Spares by agent type path.
 _spares: dict[str, list[_Loan]] = {}
-# Warm actors this process claimed lately, which a later reply may still lend or name.
+# Warm actors whose claim by this process ran or failed lately, which a later reply may
+# still lend or name.
 _claimed: collections.deque[str] = collections.deque(maxlen=64)
 # Makes the first call to each lent actor, off the spawn path.
 _warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arbor-loan")
@@ -226,10 +227,14 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
             request(type_path, loan.registry)
         try:
             report = ray.get(claim, timeout=settings.spawn_timeout_s)
+            if not report.get("taken"):
+                _forget(loan.actor)
         except RayTaskError as error:
+            _forget(loan.actor)
             _failed(spec, loan)
             raise start_error(spec.name, error, f"warm actor {loan.actor}", settings) from None
         except (RayActorError, GetTimeoutError) as error:
+            _forget(loan.actor)
             # The actor is gone (a new registry removes unclaimed warm actors) or does not
             # reply in time. The registry path then starts the agent or reports why not.
             logger.warning(
@@ -249,13 +254,20 @@ def spawn(spec: SpawnSpec) -> tuple[AgentInfo, Any] | None:
     if report.get("runs") is not None:
         # Another spawn claimed the actor first, and it keeps that agent.
         return None
-    with _lock:
-        _claimed.append(loan.actor)
     info = AgentInfo.from_record(report["record"])
     loan.registry.claimed_directly.remote(spec, loan.actor, info)
     if ask_later:
         _in_background(_request_later, type_path, loan.registry)
     return info, loan.handle
+
+
+def _forget(actor: str) -> None:
+    """Never use ``actor`` again: this process's claim made it an agent or failed in it.
+
+    A reply sent before the registry heard of the claim may still lend or name it.
+    """
+    with _lock:
+        _claimed.append(actor)
 
 
 def _request_later(type_path: str, registry: Any) -> None:
@@ -312,10 +324,12 @@ def _take(type_path: str, wait: bool = True) -> _Loan | None:
         pending = _replies.pop(type_path, None) if loan is None else None
     if pending is not None:
         registry, reply, requested_at = pending
+        # A reply on its way arrives within a few milliseconds of its request, less than
+        # a spawn through the registry takes. One that takes longer waits for a refill,
+        # so a spawn waits only until _REPLY_WAIT_S after the request.
+        timeout = max(0.0, requested_at + _REPLY_WAIT_S - time.monotonic()) if wait else 0
         try:
-            # A reply on its way takes a few milliseconds, less than a spawn through the
-            # registry. One that takes longer waits for a refill: no actor is ready.
-            lent = reply.result(timeout=_REPLY_WAIT_S if wait else 0)
+            lent = reply.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             with _lock:
                 _replies.setdefault(type_path, pending)

@@ -394,28 +394,39 @@ def warm_names(type_path: str) -> set[str]:
     return {actor["name"] for actor in actors if actor["type_path"] == type_path}
 
 
+def wait_for_reply(path: str) -> None:
+    """Wait until this process holds a loan of ``path`` or the reply of its request."""
+    deadline = time.monotonic() + 30
+    while path not in direct_spawn._loans and time.monotonic() < deadline:
+        pending = direct_spawn._replies.get(path)
+        if pending is not None and pending[1].done():
+            return
+        time.sleep(0.05)
+
+
 def loan_with_spare(agent_class: type[arbor.Agent], name: str) -> str:
-    """Spawn the first ``agent_class`` agent, then wait for a reply that names a spare.
+    """Spawn an ``agent_class`` agent, then hold a loan whose reply named a spare.
 
     Returns the agent class's type path.
     """
     path = f"{agent_class.__module__}:{agent_class.__qualname__}"
     arbor.spawn(agent_class, name)
-    wait_for_pool(path)
-    # The request for the loan goes out a moment after the spawn, and its reply once the
-    # pool has refilled.
-    deadline = time.monotonic() + 30
-    while path not in direct_spawn._loans and time.monotonic() < deadline:
-        pending = direct_spawn._replies.get(path)
-        if pending is not None and pending[1].done():
-            break
-        time.sleep(0.05)
-    # Taking the loan reads the reply; giving it back keeps it for the next spawn.
-    loan = direct_spawn._take(path)
-    assert loan is not None
-    direct_spawn._give_back(path, loan)
-    assert direct_spawn._has_spare(path)
-    return path
+    for _ in range(3):
+        wait_for_pool(path)
+        # The request for the loan goes out a moment after the spawn.
+        time.sleep(0.1)
+        wait_for_reply(path)
+        # Taking the loan reads the reply; giving it back keeps it for the next spawn.
+        loan = direct_spawn._take(path)
+        if loan is not None and direct_spawn._has_spare(path):
+            direct_spawn._give_back(path, loan)
+            return path
+        # A reply sent when one actor was ready names no spare. A request to a full pool
+        # gets one.
+        if loan is not None:
+            ray.get(loan.registry.return_loan.remote(loan.actor))
+        direct_spawn.request(path, registry_handle())
+    pytest.fail(f"no loan reply for {path} named a spare")
 
 
 def test_spawn_right_after_another_claims_spare(
@@ -502,7 +513,7 @@ def test_spawn_whose_spare_was_taken_goes_through_registry() -> None:
 
 
 def test_lend_reply_while_the_process_exits(monkeypatch: pytest.MonkeyPatch) -> None:
-    # At interpreter exit the loan thread's executor rejects new work; a reply that
+    # At interpreter exit the loan thread's executor rejects new work. A reply that
     # arrives then is dropped instead of raising in Ray's callback thread.
     stopped = concurrent.futures.ThreadPoolExecutor(1)
     stopped.shutdown()
@@ -511,3 +522,28 @@ def test_lend_reply_while_the_process_exits(monkeypatch: pytest.MonkeyPatch) -> 
     reply.set_result({"actor": "arbor-warm-x", "handle": None, "spares": []})
 
     direct_spawn._lent_reply(reply)
+
+
+def test_keep_drops_actor_whose_claim_failed() -> None:
+    path = "tests.agents:Picky"
+    warm_spawn(Picky, "warm/failed-claim-first")
+    wait_for_pool(path)
+    loan = direct_spawn._take(path)
+    assert loan is not None
+    direct_spawn._give_back(path, loan)
+
+    with pytest.raises(arbor.HandlerError):
+        arbor.spawn(Picky, "warm/failed-claim", fail=True)
+
+    # A reply that the registry sent before it heard of the failed claim, and so lends
+    # the actor it has since killed, gives this process nothing to claim.
+    with direct_spawn._lock:
+        direct_spawn._loans.pop(path, None)
+        direct_spawn._spares.pop(path, None)
+    lent = {"actor": loan.actor, "handle": loan.handle, "durability": "durable", "capped": []}
+    direct_spawn.keep(path, loan.registry, lent, time.monotonic(), first_call=False)
+    # Another reply on its way may lend another actor.
+    taken = direct_spawn._take(path)
+    assert taken is None or taken.actor != loan.actor
+    if taken is not None:
+        direct_spawn._give_back(path, taken)
