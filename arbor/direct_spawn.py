@@ -295,21 +295,27 @@ def _direct(spec: SpawnSpec) -> bool:
     )
 
 
-def _has_spare(type_path: str) -> bool:
-    """Return whether a spare for ``type_path`` named recently enough is held."""
+def _usable_spares(type_path: str) -> list[_Loan]:
+    """Drop the spares for ``type_path`` named too long ago, and return the rest.
+
+    The caller must hold ``_lock``.
+    """
     now = time.monotonic()
+    spares = _spares.setdefault(type_path, [])
+    spares[:] = [spare for spare in spares if now - spare.requested_at <= WARM_LEND_USE_S]
+    return spares
+
+
+def _has_spare(type_path: str) -> bool:
+    """Return whether this process has a usable spare for ``type_path``."""
     with _lock:
-        spares = _spares.get(type_path, [])
-        spares[:] = [spare for spare in spares if now - spare.requested_at <= WARM_LEND_USE_S]
-        return bool(spares)
+        return bool(_usable_spares(type_path))
 
 
 def _take_spare(type_path: str) -> _Loan | None:
-    """Remove and return a spare for ``type_path`` named recently enough, or None."""
-    if not _has_spare(type_path):
-        return None
+    """Remove and return a usable spare for ``type_path``, or None."""
     with _lock:
-        spares = _spares.get(type_path)
+        spares = _usable_spares(type_path)
         return spares.pop(0) if spares else None
 
 

@@ -24,7 +24,7 @@ def names(actors: list[WarmActor]) -> list[str]:
     return [actor.name for actor in actors]
 
 
-def test_spares_are_the_newest_ready_actors_and_stay_ready(pool: WarmPool) -> None:
+def test_spares_are_newest_and_ready(pool: WarmPool) -> None:
     lent = pool.lend(TYPE)
     assert lent is not None and lent.name == "a"
     assert names(pool.name_spares(TYPE, 1)) == ["c"]

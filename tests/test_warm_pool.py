@@ -375,7 +375,7 @@ def test_old_loan_goes_through_registry(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.fixture(autouse=True)
 def stop_new_agents() -> Iterator[None]:
-    """Stop and purge the agents each test spawned: each holds database connections."""
+    """Stop and purge the agents each test spawned, which frees their database connections."""
     before = {agent.name for agent in arbor.list_agents()}
     yield
     for agent in arbor.list_agents():
@@ -395,7 +395,7 @@ def warm_names(type_path: str) -> set[str]:
 
 
 def wait_for_reply(path: str) -> None:
-    """Wait until this process holds a loan of ``path`` or the reply of its request."""
+    """Wait until this process has a loan of ``path`` or the reply to its request."""
     deadline = time.monotonic() + 30
     while path not in direct_spawn._loans and time.monotonic() < deadline:
         pending = direct_spawn._replies.get(path)
@@ -455,7 +455,7 @@ def test_spawn_right_after_another_claims_spare(
             arbor.spawn(Explicit, name)
 
 
-def test_registry_spawn_moves_on_when_a_client_claimed_its_actor() -> None:
+def test_registry_spawn_skips_claimed_spare() -> None:
     path = "tests.agents:Sleeper"
     registry = registry_handle()
     # Through the registry without a loan, so that this process has no loan of Sleeper.
